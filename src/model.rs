@@ -1,0 +1,382 @@
+//! Domain types shared by the server and the browser.
+//!
+//! Everything here compiles for both `ssr` and `hydrate`: the server serializes
+//! these types into the first HTML render, `GET /api/devices` and the SSE
+//! stream; the browser deserializes the very same types.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Event ids only grow. See `server::hub` for how they start.
+pub type EventId = u64;
+
+/// Most extra metrics one device may carry; keeps a status small.
+pub const MAX_METRICS: usize = 32;
+/// Longest device name, in characters.
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// A device id that can only hold a valid id: 1–64 of `a-z 0-9 - _`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    pub fn parse(id: &str) -> Result<Self, &'static str> {
+        if id.is_empty() || id.len() > 64 {
+            return Err("a device id is 1 to 64 characters long");
+        }
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return Err("a device id may only contain a-z, 0-9, '-' and '_'");
+        }
+        Ok(Self(id.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for DeviceId {
+    type Error = &'static str;
+    fn try_from(id: String) -> Result<Self, Self::Error> {
+        Self::parse(&id)
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(id: DeviceId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The full current status of one device. Absent readings are `null`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub temperature: Option<f64>,
+    pub humidity: Option<f64>,
+    pub power_on: Option<bool>,
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// One device as `GET /api/devices` and the snapshot show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: DeviceId,
+    pub name: String,
+    pub status: Status,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Every device (or the filtered ones) at one event id: the body of
+/// `GET /api/devices` and the data of the SSE `snapshot` event.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub event_id: EventId,
+    pub devices: Vec<Device>,
+}
+
+/// The data of an SSE `status` event: one device's full status after a change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    pub device: DeviceId,
+    pub name: String,
+    pub status: Status,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<&Device> for StatusEvent {
+    fn from(d: &Device) -> Self {
+        Self {
+            device: d.id.clone(),
+            name: d.name.clone(),
+            status: d.status.clone(),
+            updated_at: d.updated_at,
+        }
+    }
+}
+
+impl StatusEvent {
+    pub fn into_device(self) -> Device {
+        Device {
+            id: self.device,
+            name: self.name,
+            status: self.status,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
+/// A partial update, as a device reports it. Fields left out keep their value.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub humidity: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_on: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<BTreeMap<String, f64>>,
+}
+
+/// Why an update was refused, and which field is at fault.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl StatusUpdate {
+    /// Checks every field; the first fault found is returned.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if let Some(t) = self.temperature {
+            if !t.is_finite() || !(-273.15..=10_000.0).contains(&t) {
+                return Err(FieldError::new(
+                    "temperature",
+                    "temperature must be a number of °C between -273.15 and 10000",
+                ));
+            }
+        }
+        if let Some(h) = self.humidity {
+            if !h.is_finite() || !(0.0..=100.0).contains(&h) {
+                return Err(FieldError::new(
+                    "humidity",
+                    "humidity must be a percentage between 0 and 100",
+                ));
+            }
+        }
+        if let Some(name) = &self.name {
+            let chars = name.chars().count();
+            if name.trim().is_empty() || chars > MAX_NAME_CHARS {
+                return Err(FieldError::new(
+                    "name",
+                    format!("name must be 1 to {MAX_NAME_CHARS} characters, not blank"),
+                ));
+            }
+            if name.chars().any(char::is_control) {
+                return Err(FieldError::new(
+                    "name",
+                    "name must not contain control characters",
+                ));
+            }
+        }
+        if let Some(metrics) = &self.metrics {
+            if metrics.len() > MAX_METRICS {
+                return Err(FieldError::new(
+                    "metrics",
+                    format!("at most {MAX_METRICS} metrics per update"),
+                ));
+            }
+            for (key, value) in metrics {
+                let field = format!("metrics.{key}");
+                if key.is_empty()
+                    || key.len() > 64
+                    || !key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+                {
+                    return Err(FieldError::new(
+                        field,
+                        "a metric name is 1 to 64 of a-z, A-Z, 0-9, '_', '-', '.'",
+                    ));
+                }
+                if !value.is_finite() {
+                    return Err(FieldError::new(field, "a metric must be a finite number"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies this update to a device; returns whether anything changed.
+    pub fn apply_to(&self, device: &mut Device) -> bool {
+        let before = (device.name.clone(), device.status.clone());
+        let status = &mut device.status;
+        if let Some(t) = self.temperature {
+            status.temperature = Some(t);
+        }
+        if let Some(h) = self.humidity {
+            status.humidity = Some(h);
+        }
+        if let Some(p) = self.power_on {
+            status.power_on = Some(p);
+        }
+        if let Some(metrics) = &self.metrics {
+            status
+                .metrics
+                .extend(metrics.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+        if let Some(name) = &self.name {
+            device.name = name.trim().to_owned();
+        }
+        (device.name.as_str(), &device.status) != (before.0.as_str(), &before.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> Device {
+        Device {
+            id: DeviceId::parse("rack-1").unwrap(),
+            name: "Rack".into(),
+            status: Status {
+                temperature: Some(20.0),
+                humidity: Some(40.0),
+                power_on: Some(true),
+                metrics: BTreeMap::from([("load".into(), 0.5)]),
+            },
+            updated_at: DateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn device_ids_follow_the_rule() {
+        assert!(DeviceId::parse("a").is_ok());
+        assert!(DeviceId::parse("rack_2-b").is_ok());
+        assert!(DeviceId::parse(&"x".repeat(64)).is_ok());
+        assert!(DeviceId::parse("").is_err());
+        assert!(DeviceId::parse(&"x".repeat(65)).is_err());
+        assert!(DeviceId::parse("Rack").is_err());
+        assert!(DeviceId::parse("a b").is_err());
+        assert!(DeviceId::parse("a/b").is_err());
+        assert!(DeviceId::parse("é").is_err());
+    }
+
+    #[test]
+    fn device_id_deserialization_validates() {
+        assert!(serde_json::from_str::<DeviceId>("\"ok-1\"").is_ok());
+        assert!(serde_json::from_str::<DeviceId>("\"NOT OK\"").is_err());
+    }
+
+    #[test]
+    fn partial_update_keeps_missing_fields() {
+        let mut d = device();
+        let changed = StatusUpdate {
+            temperature: Some(21.5),
+            ..Default::default()
+        }
+        .apply_to(&mut d);
+        assert!(changed);
+        assert_eq!(d.status.temperature, Some(21.5));
+        assert_eq!(d.status.humidity, Some(40.0));
+        assert_eq!(d.status.power_on, Some(true));
+        assert_eq!(d.status.metrics["load"], 0.5);
+    }
+
+    #[test]
+    fn same_values_are_no_change() {
+        let mut d = device();
+        let update = StatusUpdate {
+            temperature: Some(20.0),
+            power_on: Some(true),
+            name: Some("Rack".into()),
+            metrics: Some(BTreeMap::from([("load".into(), 0.5)])),
+            ..Default::default()
+        };
+        assert!(!update.apply_to(&mut d));
+        assert!(!StatusUpdate::default().apply_to(&mut d));
+        assert_eq!(d, device());
+    }
+
+    #[test]
+    fn metrics_merge_and_name_counts_as_change() {
+        let mut d = device();
+        let update = StatusUpdate {
+            metrics: Some(BTreeMap::from([("fan".into(), 1200.0)])),
+            ..Default::default()
+        };
+        assert!(update.apply_to(&mut d));
+        assert_eq!(d.status.metrics.len(), 2);
+        let rename = StatusUpdate {
+            name: Some("  Rack A ".into()),
+            ..Default::default()
+        };
+        assert!(rename.apply_to(&mut d));
+        assert_eq!(d.name, "Rack A");
+    }
+
+    fn field_of(update: StatusUpdate) -> String {
+        update.validate().unwrap_err().field
+    }
+
+    #[test]
+    fn validation_names_the_faulty_field() {
+        let ok = StatusUpdate {
+            temperature: Some(-40.0),
+            humidity: Some(100.0),
+            power_on: Some(false),
+            name: Some("Freezer ❄".into()),
+            metrics: Some(BTreeMap::from([("fan_rpm".into(), 900.0)])),
+        };
+        assert_eq!(ok.validate(), Ok(()));
+
+        let t = |t| StatusUpdate {
+            temperature: Some(t),
+            ..Default::default()
+        };
+        assert_eq!(field_of(t(-300.0)), "temperature");
+        assert_eq!(field_of(t(f64::NAN)), "temperature");
+        assert_eq!(field_of(t(f64::INFINITY)), "temperature");
+
+        let h = |h| StatusUpdate {
+            humidity: Some(h),
+            ..Default::default()
+        };
+        assert_eq!(field_of(h(-0.1)), "humidity");
+        assert_eq!(field_of(h(100.1)), "humidity");
+
+        let n = |n: &str| StatusUpdate {
+            name: Some(n.into()),
+            ..Default::default()
+        };
+        assert_eq!(field_of(n("")), "name");
+        assert_eq!(field_of(n("   ")), "name");
+        assert_eq!(field_of(n(&"x".repeat(65))), "name");
+        assert_eq!(field_of(n("a\nb")), "name");
+
+        let m = |k: &str, v| StatusUpdate {
+            metrics: Some(BTreeMap::from([(k.into(), v)])),
+            ..Default::default()
+        };
+        assert_eq!(field_of(m("bad key", 1.0)), "metrics.bad key");
+        assert_eq!(field_of(m("", 1.0)), "metrics.");
+        assert_eq!(field_of(m("ok", f64::NAN)), "metrics.ok");
+        let many = StatusUpdate {
+            metrics: Some((0..=MAX_METRICS).map(|i| (format!("m{i}"), 1.0)).collect()),
+            ..Default::default()
+        };
+        assert_eq!(field_of(many), "metrics");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_json::from_str::<StatusUpdate>(r#"{"temprature": 1}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `temprature`"));
+    }
+}

@@ -1,0 +1,66 @@
+//! The API's errors: one enum, turned into a status and
+//! `{"error": "...", "field": "..."}` in one place.
+
+use crate::model::FieldError;
+use axum::Json;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or wrong token: send `Authorization: Bearer <ingest token>`")]
+    Unauthorized,
+    #[error("the body must be JSON: send `Content-Type: application/json`")]
+    UnsupportedMediaType,
+    #[error("the body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("{}", .0.message)]
+    Invalid(FieldError),
+    #[error("unknown device `{0}`")]
+    UnknownDevice(String),
+    #[error("could not read the request body: {0}")]
+    BadBody(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid(FieldError::new(field, message))
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MalformedJson(_) | Self::BadBody(_) => StatusCode::BAD_REQUEST,
+            Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::UnknownDevice(_) => StatusCode::NOT_FOUND,
+        }
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        Self::Invalid(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match &self {
+            Self::Invalid(e) => json!({ "error": self.to_string(), "field": e.field }),
+            _ => json!({ "error": self.to_string() }),
+        };
+        let mut response = (self.status(), Json(body)).into_response();
+        if matches!(self, Self::Unauthorized) {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}

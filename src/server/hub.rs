@@ -1,0 +1,405 @@
+//! The hub: the one owner of live device state and event ids.
+//!
+//! Every change goes through [`Hub::apply`]; the SSE route, the page's first
+//! render and `GET /api/devices` all read from here, so they always agree.
+//!
+//! Guarantees:
+//! - Event ids are contiguous and only grow. The first id of a process is the
+//!   start time in microseconds, so a client that saw ids from an earlier run
+//!   of the server can never mistake the new run's ids for ones it has seen:
+//!   its old id is either below the ring (snapshot) or above the current id
+//!   (unknown, snapshot).
+//! - A subscription's starting point (snapshot or replay) and its live
+//!   receiver are taken under the same lock as publishing, so a subscriber
+//!   sees every later event exactly once, in order.
+//! - Each event is serialized once, when it is published; subscribers share
+//!   it through an `Arc`.
+//! - Fan-out is a `tokio::sync::broadcast` channel: the publisher never waits
+//!   for a subscriber, and a subscriber that falls more than `client_queue`
+//!   events behind is told it lagged and resynchronises with a snapshot.
+//!
+//! The public methods are the interface a broker-backed hub (Redis) must offer.
+
+use crate::model::{Device, DeviceId, EventId, Snapshot, StatusEvent, StatusUpdate};
+use axum::response::sse::Event;
+use chrono::Utc;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::broadcast;
+
+/// One published change, serialized once for every subscriber.
+#[derive(Debug)]
+pub struct Published {
+    pub id: EventId,
+    pub device: DeviceId,
+    /// The JSON of a [`StatusEvent`].
+    pub json: Box<str>,
+    /// The complete SSE frame (`event: status`, `id`, `data`).
+    pub sse: Event,
+}
+
+/// What [`Hub::apply`] did: the current event id and whether it was a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Applied {
+    pub id: EventId,
+    pub changed: bool,
+}
+
+/// Which devices a subscriber wants; empty means all.
+#[derive(Clone, Debug, Default)]
+pub struct Filter(BTreeSet<DeviceId>);
+
+impl Filter {
+    pub fn new(ids: impl IntoIterator<Item = DeviceId>) -> Self {
+        Self(ids.into_iter().collect())
+    }
+
+    pub fn matches(&self, id: &DeviceId) -> bool {
+        self.0.is_empty() || self.0.contains(id)
+    }
+}
+
+/// Where a new subscriber starts.
+#[derive(Debug)]
+pub enum Start {
+    /// The full (filtered) state: the client knew nothing, or too little.
+    Snapshot(Snapshot),
+    /// Exactly the events the client missed, oldest first (possibly none).
+    Replay(Vec<Arc<Published>>),
+}
+
+pub struct Subscription {
+    pub start: Start,
+    pub events: broadcast::Receiver<Arc<Published>>,
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    sender: broadcast::Sender<Arc<Published>>,
+    ring_capacity: usize,
+}
+
+struct State {
+    devices: BTreeMap<DeviceId, Device>,
+    last_id: EventId,
+    /// The newest events, ids `last_id - ring.len() + 1 ..= last_id`.
+    ring: VecDeque<Arc<Published>>,
+}
+
+impl Hub {
+    /// `ring_capacity` events are kept for replay; a subscriber may fall
+    /// `client_queue` events behind before it is resynchronised.
+    pub fn new(ring_capacity: usize, client_queue: usize) -> Self {
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        Self::starting_at(start, ring_capacity, client_queue)
+    }
+
+    fn starting_at(last_id: EventId, ring_capacity: usize, client_queue: usize) -> Self {
+        let (sender, _) = broadcast::channel(client_queue.max(1));
+        Self {
+            state: Mutex::new(State {
+                devices: BTreeMap::new(),
+                last_id,
+                ring: VecDeque::with_capacity(ring_capacity),
+            }),
+            sender,
+            ring_capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is only changed by code that cannot panic halfway, so a
+        // poisoned lock still guards consistent data.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies a validated update. A new id registers the device; only a real
+    /// change is published.
+    pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Applied {
+        let mut state = self.lock();
+        let mut device = state.devices.get(id).cloned().unwrap_or_else(|| Device {
+            id: id.clone(),
+            name: id.to_string(),
+            status: Default::default(),
+            updated_at: Utc::now(),
+        });
+        let is_new = !state.devices.contains_key(id);
+        if !update.apply_to(&mut device) && !is_new {
+            return Applied {
+                id: state.last_id,
+                changed: false,
+            };
+        }
+        device.updated_at = Utc::now();
+        state.last_id += 1;
+        let id = state.last_id;
+        let json: Box<str> = serde_json::to_string(&StatusEvent::from(&device))
+            .expect("a status always serializes")
+            .into();
+        let published = Arc::new(Published {
+            id,
+            sse: Event::default()
+                .event("status")
+                .id(id.to_string())
+                .data(&*json),
+            device: device.id.clone(),
+            json,
+        });
+        state.devices.insert(device.id.clone(), device);
+        if state.ring.len() == self.ring_capacity {
+            state.ring.pop_front();
+        }
+        if self.ring_capacity > 0 {
+            state.ring.push_back(published.clone());
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.sender.send(published);
+        Applied { id, changed: true }
+    }
+
+    pub fn snapshot(&self, filter: &Filter) -> Snapshot {
+        Self::snapshot_of(&self.lock(), filter)
+    }
+
+    fn snapshot_of(state: &State, filter: &Filter) -> Snapshot {
+        Snapshot {
+            event_id: state.last_id,
+            devices: state
+                .devices
+                .values()
+                .filter(|d| filter.matches(&d.id))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    pub fn device(&self, id: &DeviceId) -> Option<Device> {
+        self.lock().devices.get(id).cloned()
+    }
+
+    /// Starts a subscription. With the last event id a client saw, it gets
+    /// exactly the events after it when the ring still holds them all;
+    /// otherwise (no id, too old, or unknown) it starts from a snapshot.
+    pub fn subscribe(&self, last_seen: Option<EventId>, filter: &Filter) -> Subscription {
+        let state = self.lock();
+        let events = self.sender.subscribe();
+        let start = match last_seen {
+            Some(seen)
+                if seen <= state.last_id && state.last_id - seen <= state.ring.len() as u64 =>
+            {
+                let missed = (state.last_id - seen) as usize;
+                Start::Replay(
+                    state
+                        .ring
+                        .range(state.ring.len() - missed..)
+                        .filter(|e| filter.matches(&e.device))
+                        .cloned()
+                        .collect(),
+                )
+            }
+            _ => Start::Snapshot(Self::snapshot_of(&state, filter)),
+        };
+        Subscription { start, events }
+    }
+
+    /// How many subscriptions are open right now.
+    pub fn subscribers(&self) -> usize {
+        self.sender.receiver_count()
+    }
+
+    /// The current event id and number of devices.
+    pub fn stats(&self) -> (EventId, usize) {
+        let state = self.lock();
+        (state.last_id, state.devices.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::broadcast::error::TryRecvError;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    fn temp(t: f64) -> StatusUpdate {
+        StatusUpdate {
+            temperature: Some(t),
+            ..Default::default()
+        }
+    }
+
+    fn replay_ids(start: &Start) -> Vec<EventId> {
+        match start {
+            Start::Replay(events) => events.iter().map(|e| e.id).collect(),
+            Start::Snapshot(_) => panic!("expected a replay, got a snapshot"),
+        }
+    }
+
+    #[test]
+    fn ids_grow_by_one_per_change_and_only_changes_publish() {
+        let hub = Hub::starting_at(100, 8, 8);
+        let mut sub = hub.subscribe(None, &Filter::default());
+        assert_eq!(
+            hub.apply(&id("a"), &temp(1.0)),
+            Applied {
+                id: 101,
+                changed: true
+            }
+        );
+        assert_eq!(
+            hub.apply(&id("a"), &temp(1.0)),
+            Applied {
+                id: 101,
+                changed: false
+            }
+        );
+        assert_eq!(
+            hub.apply(&id("b"), &StatusUpdate::default()),
+            Applied {
+                id: 102,
+                changed: true
+            }
+        );
+        assert_eq!(
+            hub.apply(&id("a"), &temp(2.0)),
+            Applied {
+                id: 103,
+                changed: true
+            }
+        );
+        let got: Vec<_> = std::iter::from_fn(|| sub.events.try_recv().ok())
+            .map(|e| (e.id, e.device.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [(101, "a".into()), (102, "b".into()), (103, "a".into())]
+        );
+        assert!(matches!(sub.events.try_recv(), Err(TryRecvError::Empty)));
+    }
+
+    #[test]
+    fn new_hub_ids_start_above_any_earlier_run() {
+        let earlier = Hub::new(8, 8);
+        for t in 0..100 {
+            earlier.apply(&id("a"), &temp(t as f64));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        assert!(Hub::new(8, 8).stats().0 > earlier.stats().0);
+    }
+
+    #[test]
+    fn replays_exactly_the_missed_events_in_order() {
+        let hub = Hub::starting_at(0, 8, 8);
+        for t in 1..=5 {
+            hub.apply(&id("a"), &temp(t as f64));
+        }
+        assert_eq!(
+            replay_ids(&hub.subscribe(Some(2), &Filter::default()).start),
+            [3, 4, 5]
+        );
+        assert_eq!(
+            replay_ids(&hub.subscribe(Some(5), &Filter::default()).start),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            replay_ids(&hub.subscribe(Some(0), &Filter::default()).start),
+            [1, 2, 3, 4, 5]
+        );
+    }
+
+    #[test]
+    fn replay_respects_the_filter() {
+        let hub = Hub::starting_at(0, 8, 8);
+        hub.apply(&id("a"), &temp(1.0));
+        hub.apply(&id("b"), &temp(1.0));
+        hub.apply(&id("a"), &temp(2.0));
+        let sub = hub.subscribe(Some(0), &Filter::new([id("a")]));
+        assert_eq!(replay_ids(&sub.start), [1, 3]);
+    }
+
+    #[test]
+    fn ring_overflow_falls_back_to_a_snapshot() {
+        let hub = Hub::starting_at(0, 3, 8);
+        for t in 1..=5 {
+            hub.apply(&id("a"), &temp(t as f64));
+        }
+        // The ring holds 3, 4, 5: a client that saw 2 missed only those.
+        assert_eq!(
+            replay_ids(&hub.subscribe(Some(2), &Filter::default()).start),
+            [3, 4, 5]
+        );
+        // A client that saw 1 missed 2, which is gone: snapshot.
+        let Start::Snapshot(snap) = hub.subscribe(Some(1), &Filter::default()).start else {
+            panic!("expected a snapshot");
+        };
+        assert_eq!(snap.event_id, 5);
+        assert_eq!(snap.devices[0].status.temperature, Some(5.0));
+    }
+
+    #[test]
+    fn unknown_future_id_gets_a_snapshot() {
+        let hub = Hub::starting_at(10, 8, 8);
+        hub.apply(&id("a"), &temp(1.0));
+        assert!(matches!(
+            hub.subscribe(Some(999), &Filter::default()).start,
+            Start::Snapshot(Snapshot { event_id: 11, .. })
+        ));
+    }
+
+    #[test]
+    fn snapshot_is_filtered_and_current() {
+        let hub = Hub::starting_at(0, 8, 8);
+        hub.apply(&id("a"), &temp(1.0));
+        hub.apply(&id("b"), &temp(2.0));
+        let snap = hub.snapshot(&Filter::new([id("b")]));
+        assert_eq!(snap.event_id, 2);
+        assert_eq!(snap.devices.len(), 1);
+        assert_eq!(snap.devices[0].id, id("b"));
+    }
+
+    #[test]
+    fn a_lagging_subscriber_is_told_and_others_are_not_held_back() {
+        let hub = Hub::starting_at(0, 8, 2);
+        let mut slow = hub.subscribe(None, &Filter::default());
+        for t in 1..=5 {
+            hub.apply(&id("a"), &temp(t as f64));
+        }
+        assert!(matches!(
+            slow.events.try_recv(),
+            Err(TryRecvError::Lagged(3))
+        ));
+        let mut fresh = hub.subscribe(None, &Filter::default());
+        hub.apply(&id("a"), &temp(6.0));
+        assert_eq!(fresh.events.try_recv().unwrap().id, 6);
+    }
+
+    #[test]
+    fn each_event_is_serialized_once_as_a_status_event() {
+        let hub = Hub::starting_at(0, 8, 8);
+        hub.apply(&id("a"), &temp(21.5));
+        let Start::Replay(events) = hub.subscribe(Some(0), &Filter::default()).start else {
+            panic!("expected a replay");
+        };
+        let ev: StatusEvent = serde_json::from_str(&events[0].json).unwrap();
+        assert_eq!(ev.device, id("a"));
+        assert_eq!(ev.name, "a");
+        assert_eq!(ev.status.temperature, Some(21.5));
+    }
+
+    #[test]
+    fn dropped_subscriptions_are_released() {
+        let hub = Hub::starting_at(0, 8, 8);
+        let a = hub.subscribe(None, &Filter::default());
+        let b = hub.subscribe(None, &Filter::default());
+        assert_eq!(hub.subscribers(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(hub.subscribers(), 0);
+    }
+}

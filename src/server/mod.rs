@@ -1,0 +1,134 @@
+//! The server: every route in one place, and start-up. Only built with `ssr`.
+
+mod api;
+mod assets;
+pub mod config;
+mod error;
+pub mod hub;
+mod simulator;
+mod sse;
+
+use crate::app::shell;
+use api::IngestToken;
+use axum::Router;
+use axum::extract::FromRef;
+use axum::routing::{get, post};
+use config::Config;
+use hub::Hub;
+use leptos::config::LeptosOptions;
+use leptos::prelude::provide_context;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::compression::CompressionLayer;
+use tower_http::trace::TraceLayer;
+
+#[derive(Clone, FromRef)]
+pub struct AppState {
+    pub leptos_options: LeptosOptions,
+    pub hub: Arc<Hub>,
+    pub token: IngestToken,
+    pub heartbeat: Duration,
+    /// Cancelled once on shutdown; every endless stream ends on it.
+    pub shutdown: CancellationToken,
+}
+
+/// Every route. Tests and `main` build the same router.
+pub fn app(state: AppState) -> Router {
+    let hub = state.hub.clone();
+    let options = state.leptos_options.clone();
+    let page = leptos_axum::render_app_to_stream_with_context(
+        move || provide_context(hub.clone()),
+        move || shell(options.clone()),
+    );
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(api::healthz))
+        .route("/api/devices", get(api::list_devices))
+        .route("/api/devices/{id}", get(api::get_device))
+        .route("/api/devices/{id}/status", post(api::post_status))
+        .route("/api/events", get(sse::events))
+        .fallback(assets::serve)
+        // The default predicate leaves `text/event-stream` uncompressed, so
+        // events are never held back in a compressor's buffer.
+        .layer(CompressionLayer::new())
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Runs the server until ctrl-c or SIGTERM.
+pub async fn run(config: Config) -> std::io::Result<()> {
+    let listener = TcpListener::bind(config.addr).await?;
+    let addr = listener.local_addr()?;
+    let mut leptos_options = LeptosOptions::builder()
+        .output_name("telltale")
+        .site_addr(addr)
+        .build();
+    // `cargo leptos watch` tells the page where its live-reload socket is.
+    if let Some(port) = std::env::var("LEPTOS_RELOAD_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        leptos_options.reload_port = port;
+    }
+    let token = match &config.ingest_token {
+        Some(t) if !t.is_empty() => IngestToken::new(t.as_str()),
+        _ => {
+            let token = IngestToken::random();
+            tracing::info!(
+                "no ingest token configured; this run's token is {}",
+                token.as_str()
+            );
+            token
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let hub = Arc::new(Hub::new(
+        config.replay_capacity,
+        config.client_queue as usize,
+    ));
+    if config.simulator_enabled() {
+        tokio::spawn(simulator::run(
+            hub.clone(),
+            config.simulator_interval,
+            shutdown.clone(),
+        ));
+    }
+    let state = AppState {
+        leptos_options,
+        hub,
+        token,
+        heartbeat: config.heartbeat,
+        shutdown: shutdown.clone(),
+    };
+    tracing::info!("listening on http://{addr}");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        })
+        .await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
