@@ -8,7 +8,7 @@ pub mod hub;
 mod simulator;
 mod sse;
 
-use crate::app::shell;
+use crate::app::{App, shell};
 use api::IngestToken;
 use axum::Router;
 use axum::extract::FromRef;
@@ -17,6 +17,7 @@ use config::Config;
 use hub::Hub;
 use leptos::config::LeptosOptions;
 use leptos::prelude::provide_context;
+use leptos_axum::LeptosRoutes;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -38,12 +39,16 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     let hub = state.hub.clone();
     let options = state.leptos_options.clone();
-    let page = leptos_axum::render_app_to_stream_with_context(
-        move || provide_context(hub.clone()),
-        move || shell(options.clone()),
+    // Renders the app once to list its routes (and sets up Leptos' executor),
+    // so it needs the same context as a real request.
+    let context = move || provide_context(hub.clone());
+    let (routes, _) = leptos_axum::generate_route_list_with_exclusions_and_ssg_and_context(
+        App,
+        None,
+        context.clone(),
     );
     Router::new()
-        .route("/", get(page))
+        .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
         .route("/healthz", get(api::healthz))
         .route("/api/devices", get(api::list_devices))
         .route("/api/devices/{id}", get(api::get_device))
