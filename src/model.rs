@@ -153,21 +153,21 @@ impl FieldError {
 impl StatusUpdate {
     /// Checks every field; the first fault found is returned.
     pub fn validate(&self) -> Result<(), FieldError> {
-        if let Some(t) = self.temperature {
-            if !t.is_finite() || !(-273.15..=10_000.0).contains(&t) {
-                return Err(FieldError::new(
-                    "temperature",
-                    "temperature must be a number of °C between -273.15 and 10000",
-                ));
-            }
+        if let Some(t) = self.temperature
+            && (!t.is_finite() || !(-273.15..=10_000.0).contains(&t))
+        {
+            return Err(FieldError::new(
+                "temperature",
+                "temperature must be a number of °C between -273.15 and 10000",
+            ));
         }
-        if let Some(h) = self.humidity {
-            if !h.is_finite() || !(0.0..=100.0).contains(&h) {
-                return Err(FieldError::new(
-                    "humidity",
-                    "humidity must be a percentage between 0 and 100",
-                ));
-            }
+        if let Some(h) = self.humidity
+            && (!h.is_finite() || !(0.0..=100.0).contains(&h))
+        {
+            return Err(FieldError::new(
+                "humidity",
+                "humidity must be a percentage between 0 and 100",
+            ));
         }
         if let Some(name) = &self.name {
             let chars = name.chars().count();
@@ -212,8 +212,22 @@ impl StatusUpdate {
         Ok(())
     }
 
-    /// Applies this update to a device; returns whether anything changed.
-    pub fn apply_to(&self, device: &mut Device) -> bool {
+    /// Applies this (validated) update to a device; returns whether anything
+    /// changed. Refused, leaving the device as it was, when the device would
+    /// carry more than [`MAX_METRICS`] metrics.
+    pub fn apply_to(&self, device: &mut Device) -> Result<bool, FieldError> {
+        if let Some(metrics) = &self.metrics {
+            let new = metrics
+                .keys()
+                .filter(|k| !device.status.metrics.contains_key(*k))
+                .count();
+            if device.status.metrics.len() + new > MAX_METRICS {
+                return Err(FieldError::new(
+                    "metrics",
+                    format!("a device carries at most {MAX_METRICS} metrics"),
+                ));
+            }
+        }
         let before = (device.name.clone(), device.status.clone());
         let status = &mut device.status;
         if let Some(t) = self.temperature {
@@ -233,7 +247,7 @@ impl StatusUpdate {
         if let Some(name) = &self.name {
             device.name = name.trim().to_owned();
         }
-        (device.name.as_str(), &device.status) != (before.0.as_str(), &before.1)
+        Ok((device.name.as_str(), &device.status) != (before.0.as_str(), &before.1))
     }
 }
 
@@ -281,7 +295,8 @@ mod tests {
             temperature: Some(21.5),
             ..Default::default()
         }
-        .apply_to(&mut d);
+        .apply_to(&mut d)
+        .unwrap();
         assert!(changed);
         assert_eq!(d.status.temperature, Some(21.5));
         assert_eq!(d.status.humidity, Some(40.0));
@@ -299,8 +314,8 @@ mod tests {
             metrics: Some(BTreeMap::from([("load".into(), 0.5)])),
             ..Default::default()
         };
-        assert!(!update.apply_to(&mut d));
-        assert!(!StatusUpdate::default().apply_to(&mut d));
+        assert!(!update.apply_to(&mut d).unwrap());
+        assert!(!StatusUpdate::default().apply_to(&mut d).unwrap());
         assert_eq!(d, device());
     }
 
@@ -311,14 +326,30 @@ mod tests {
             metrics: Some(BTreeMap::from([("fan".into(), 1200.0)])),
             ..Default::default()
         };
-        assert!(update.apply_to(&mut d));
+        assert!(update.apply_to(&mut d).unwrap());
         assert_eq!(d.status.metrics.len(), 2);
         let rename = StatusUpdate {
             name: Some("  Rack A ".into()),
             ..Default::default()
         };
-        assert!(rename.apply_to(&mut d));
+        assert!(rename.apply_to(&mut d).unwrap());
         assert_eq!(d.name, "Rack A");
+    }
+
+    #[test]
+    fn a_device_never_carries_more_than_max_metrics() {
+        let mut d = device(); // already carries `load`
+        let names = |from: usize, n: usize| StatusUpdate {
+            metrics: Some((from..from + n).map(|i| (format!("m{i}"), 1.0)).collect()),
+            ..Default::default()
+        };
+        assert!(names(0, MAX_METRICS - 1).apply_to(&mut d).unwrap());
+        let before = d.clone();
+        let err = names(100, 1).apply_to(&mut d).unwrap_err();
+        assert_eq!(err.field, "metrics");
+        assert_eq!(d, before, "a refused update changes nothing");
+        // Updating metrics it already carries is still fine.
+        assert!(names(0, 3).apply_to(&mut d).is_ok());
     }
 
     fn field_of(update: StatusUpdate) -> String {

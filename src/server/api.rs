@@ -39,7 +39,9 @@ impl IngestToken {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .ok_or(ApiError::Unauthorized)?;
         if bool::from(given.as_bytes().ct_eq(self.0.as_bytes())) {
             Ok(())
@@ -76,7 +78,7 @@ pub async fn post_status(
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
     let update: StatusUpdate = read_json(&headers, body).await?;
     update.validate()?;
-    Ok(Json(state.hub.apply(&id, &update)))
+    Ok(Json(state.hub.apply(&id, &update)?))
 }
 
 pub async fn healthz(State(state): State<AppState>) -> Json<Value> {
@@ -115,6 +117,15 @@ async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
             ApiError::BadBody(e.to_string())
         }
     })?;
+    // serde would also read a struct from an array: only an object is a status.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+                Ok(_) => ApiError::invalid("", "the body must be a JSON object"),
+                Err(e) => ApiError::MalformedJson(e.to_string()),
+            },
+        );
+    }
     let mut de = serde_json::Deserializer::from_slice(&bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let message = e.inner().to_string();

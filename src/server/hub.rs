@@ -20,7 +20,7 @@
 //!
 //! The public methods are the interface a broker-backed hub (Redis) must offer.
 
-use crate::model::{Device, DeviceId, EventId, Snapshot, StatusEvent, StatusUpdate};
+use crate::model::{Device, DeviceId, EventId, FieldError, Snapshot, StatusEvent, StatusUpdate};
 use axum::response::sse::Event;
 use chrono::Utc;
 use serde::Serialize;
@@ -119,7 +119,7 @@ impl Hub {
 
     /// Applies a validated update. A new id registers the device; only a real
     /// change is published.
-    pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Applied {
+    pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, FieldError> {
         let mut state = self.lock();
         let mut device = state.devices.get(id).cloned().unwrap_or_else(|| Device {
             id: id.clone(),
@@ -128,11 +128,11 @@ impl Hub {
             updated_at: Utc::now(),
         });
         let is_new = !state.devices.contains_key(id);
-        if !update.apply_to(&mut device) && !is_new {
-            return Applied {
+        if !update.apply_to(&mut device)? && !is_new {
+            return Ok(Applied {
                 id: state.last_id,
                 changed: false,
-            };
+            });
         }
         device.updated_at = Utc::now();
         state.last_id += 1;
@@ -158,7 +158,7 @@ impl Hub {
         }
         // No receivers is fine: nobody is watching.
         let _ = self.sender.send(published);
-        Applied { id, changed: true }
+        Ok(Applied { id, changed: true })
     }
 
     pub fn snapshot(&self, filter: &Filter) -> Snapshot {
@@ -246,28 +246,28 @@ mod tests {
         let hub = Hub::starting_at(100, 8, 8);
         let mut sub = hub.subscribe(None, &Filter::default());
         assert_eq!(
-            hub.apply(&id("a"), &temp(1.0)),
+            hub.apply(&id("a"), &temp(1.0)).unwrap(),
             Applied {
                 id: 101,
                 changed: true
             }
         );
         assert_eq!(
-            hub.apply(&id("a"), &temp(1.0)),
+            hub.apply(&id("a"), &temp(1.0)).unwrap(),
             Applied {
                 id: 101,
                 changed: false
             }
         );
         assert_eq!(
-            hub.apply(&id("b"), &StatusUpdate::default()),
+            hub.apply(&id("b"), &StatusUpdate::default()).unwrap(),
             Applied {
                 id: 102,
                 changed: true
             }
         );
         assert_eq!(
-            hub.apply(&id("a"), &temp(2.0)),
+            hub.apply(&id("a"), &temp(2.0)).unwrap(),
             Applied {
                 id: 103,
                 changed: true
@@ -287,7 +287,7 @@ mod tests {
     fn new_hub_ids_start_above_any_earlier_run() {
         let earlier = Hub::new(8, 8);
         for t in 0..100 {
-            earlier.apply(&id("a"), &temp(t as f64));
+            earlier.apply(&id("a"), &temp(t as f64)).unwrap();
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
         assert!(Hub::new(8, 8).stats().0 > earlier.stats().0);
@@ -297,7 +297,7 @@ mod tests {
     fn replays_exactly_the_missed_events_in_order() {
         let hub = Hub::starting_at(0, 8, 8);
         for t in 1..=5 {
-            hub.apply(&id("a"), &temp(t as f64));
+            hub.apply(&id("a"), &temp(t as f64)).unwrap();
         }
         assert_eq!(
             replay_ids(&hub.subscribe(Some(2), &Filter::default()).start),
@@ -316,9 +316,9 @@ mod tests {
     #[test]
     fn replay_respects_the_filter() {
         let hub = Hub::starting_at(0, 8, 8);
-        hub.apply(&id("a"), &temp(1.0));
-        hub.apply(&id("b"), &temp(1.0));
-        hub.apply(&id("a"), &temp(2.0));
+        hub.apply(&id("a"), &temp(1.0)).unwrap();
+        hub.apply(&id("b"), &temp(1.0)).unwrap();
+        hub.apply(&id("a"), &temp(2.0)).unwrap();
         let sub = hub.subscribe(Some(0), &Filter::new([id("a")]));
         assert_eq!(replay_ids(&sub.start), [1, 3]);
     }
@@ -327,7 +327,7 @@ mod tests {
     fn ring_overflow_falls_back_to_a_snapshot() {
         let hub = Hub::starting_at(0, 3, 8);
         for t in 1..=5 {
-            hub.apply(&id("a"), &temp(t as f64));
+            hub.apply(&id("a"), &temp(t as f64)).unwrap();
         }
         // The ring holds 3, 4, 5: a client that saw 2 missed only those.
         assert_eq!(
@@ -345,7 +345,7 @@ mod tests {
     #[test]
     fn unknown_future_id_gets_a_snapshot() {
         let hub = Hub::starting_at(10, 8, 8);
-        hub.apply(&id("a"), &temp(1.0));
+        hub.apply(&id("a"), &temp(1.0)).unwrap();
         assert!(matches!(
             hub.subscribe(Some(999), &Filter::default()).start,
             Start::Snapshot(Snapshot { event_id: 11, .. })
@@ -355,8 +355,8 @@ mod tests {
     #[test]
     fn snapshot_is_filtered_and_current() {
         let hub = Hub::starting_at(0, 8, 8);
-        hub.apply(&id("a"), &temp(1.0));
-        hub.apply(&id("b"), &temp(2.0));
+        hub.apply(&id("a"), &temp(1.0)).unwrap();
+        hub.apply(&id("b"), &temp(2.0)).unwrap();
         let snap = hub.snapshot(&Filter::new([id("b")]));
         assert_eq!(snap.event_id, 2);
         assert_eq!(snap.devices.len(), 1);
@@ -368,21 +368,21 @@ mod tests {
         let hub = Hub::starting_at(0, 8, 2);
         let mut slow = hub.subscribe(None, &Filter::default());
         for t in 1..=5 {
-            hub.apply(&id("a"), &temp(t as f64));
+            hub.apply(&id("a"), &temp(t as f64)).unwrap();
         }
         assert!(matches!(
             slow.events.try_recv(),
             Err(TryRecvError::Lagged(3))
         ));
         let mut fresh = hub.subscribe(None, &Filter::default());
-        hub.apply(&id("a"), &temp(6.0));
+        hub.apply(&id("a"), &temp(6.0)).unwrap();
         assert_eq!(fresh.events.try_recv().unwrap().id, 6);
     }
 
     #[test]
     fn each_event_is_serialized_once_as_a_status_event() {
         let hub = Hub::starting_at(0, 8, 8);
-        hub.apply(&id("a"), &temp(21.5));
+        hub.apply(&id("a"), &temp(21.5)).unwrap();
         let Start::Replay(events) = hub.subscribe(Some(0), &Filter::default()).start else {
             panic!("expected a replay");
         };

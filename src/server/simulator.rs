@@ -93,7 +93,8 @@ pub async fn run(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken)
             };
             debug_assert_eq!(update.validate(), Ok(()));
             let id = DeviceId::parse(device.id).expect("simulator ids are valid");
-            hub.apply(&id, &update);
+            hub.apply(&id, &update)
+                .expect("simulator updates are valid");
         }
     }
 }

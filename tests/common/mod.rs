@@ -1,0 +1,605 @@
+//! Shared helpers for the black-box tests: run the real `telltale` binary on a
+//! free port, talk to it over HTTP, and read its SSE stream.
+//!
+//! Every wait here is a hang guard with a generous deadline, never a timing
+//! assertion: a test fails on a deadline only when something never happens.
+
+#![allow(dead_code)]
+
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::process::{Child, Command};
+
+/// How long anything may take before the test is considered hung.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Awaits `fut`, panicking with `what` if it never completes.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(PATIENCE, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("hung for {PATIENCE:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` until it returns `true`, panicking with `what` after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    within(what, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// A running `telltale` process, killed when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub base_url: String,
+    pub token: String,
+    pub client: reqwest::Client,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+/// The answer of a successful `POST /api/devices/{id}/status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Posted {
+    pub id: u64,
+    pub changed: bool,
+}
+
+static SERVERS: AtomicUsize = AtomicUsize::new(0);
+
+impl Server {
+    /// Starts a server with no simulator and default options.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts a server with no simulator and `extra` command-line options.
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let n = SERVERS.fetch_add(1, Ordering::Relaxed);
+        let token = format!("test-token-{}-{n}", std::process::id());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
+        command
+            .args([
+                "--addr",
+                "127.0.0.1:0",
+                "--ingest-token",
+                &token,
+                "--no-simulator",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info,tower_http=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for var in [
+            "TELLTALE_ADDR",
+            "TELLTALE_INGEST_TOKEN",
+            "TELLTALE_SIMULATOR",
+            "TELLTALE_SIMULATOR_INTERVAL",
+            "TELLTALE_HEARTBEAT",
+            "TELLTALE_REPLAY_CAPACITY",
+            "TELLTALE_CLIENT_QUEUE",
+            "LEPTOS_RELOAD_PORT",
+        ] {
+            command.env_remove(var);
+        }
+        let mut child = command.spawn().expect("the telltale binary starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        drain(child.stderr.take().expect("piped stderr"), log.clone());
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+
+        let addr = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = stdout.next_line().await.expect("server stdout is readable") {
+                log.lock().unwrap().push(line.clone());
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    return Some(addr.parse::<SocketAddr>().expect("a socket address"));
+                }
+            }
+            None
+        })
+        .await;
+        let addr = match addr {
+            Ok(Some(addr)) => addr,
+            Ok(None) => panic!(
+                "the server exited before listening; output:\n{}",
+                log.lock().unwrap().join("\n")
+            ),
+            Err(_) => panic!(
+                "the server did not start listening; output:\n{}",
+                log.lock().unwrap().join("\n")
+            ),
+        };
+        // Keep reading so the pipe never fills and blocks the server's logging.
+        let log_out = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                log_out.lock().unwrap().push(line);
+            }
+        });
+        Server {
+            child,
+            addr,
+            base_url: format!("http://{addr}"),
+            token,
+            client: reqwest::Client::builder().build().expect("an HTTP client"),
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// A `POST /api/devices/{device}/status` carrying the right token; the
+    /// caller adds the body and any other header.
+    pub fn post_request(&self, device: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.url(&format!("/api/devices/{device}/status")))
+            .bearer_auth(&self.token)
+    }
+
+    /// Posts `body` as JSON and returns the raw answer: status and JSON body.
+    pub async fn try_post_status(&self, device: &str, body: &Value) -> (StatusCode, Value) {
+        let request = self
+            .post_request(device)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        send_json(request).await
+    }
+
+    /// Posts `body` as JSON and insists on a 200.
+    pub async fn post_status(&self, device: &str, body: &Value) -> Posted {
+        let (status, answer) = self.try_post_status(device, body).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "POST {device} {body} answered {answer}"
+        );
+        Posted {
+            id: answer["id"].as_u64().expect("a numeric event id"),
+            changed: answer["changed"].as_bool().expect("a boolean `changed`"),
+        }
+    }
+
+    pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
+        send_json(self.client.get(self.url(path))).await
+    }
+
+    /// `GET /healthz`.
+    pub async fn healthz(&self) -> Value {
+        let (status, body) = self.get_json("/healthz").await;
+        assert_eq!(status, StatusCode::OK, "/healthz answered {body}");
+        body
+    }
+
+    pub async fn subscribers(&self) -> u64 {
+        self.healthz().await["subscribers"]
+            .as_u64()
+            .expect("a numeric subscriber count")
+    }
+
+    /// `GET /api/devices/{id}`: `Some(device)` on 200, `None` on 404.
+    pub async fn device(&self, id: &str) -> Option<Value> {
+        let (status, body) = self.get_json(&format!("/api/devices/{id}")).await;
+        match status {
+            StatusCode::OK => Some(body),
+            StatusCode::NOT_FOUND => None,
+            other => panic!("GET /api/devices/{id} answered {other}: {body}"),
+        }
+    }
+
+    /// Opens `GET /api/events{query}` and insists on a 200. Once this returns,
+    /// the server has taken the subscription: every later event is delivered.
+    pub async fn sse(&self, query: &str) -> SseStream {
+        self.sse_with(query, &[]).await
+    }
+
+    pub async fn sse_with(&self, query: &str, headers: &[(&str, &str)]) -> SseStream {
+        let response = self.open_sse(query, headers).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "GET /api/events{query} was refused"
+        );
+        SseStream::new(response)
+    }
+
+    /// Sends `GET /api/events{query}` and returns the response, whatever its status.
+    pub async fn open_sse(&self, query: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self
+            .client
+            .get(self.url(&format!("/api/events{query}")))
+            .header("accept", "text/event-stream");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        within("the SSE response headers", request.send())
+            .await
+            .expect("GET /api/events")
+    }
+
+    /// Everything the server printed so far.
+    pub fn output(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- telltale output ---\n{}\n---", self.output());
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<Vec<String>>>) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.lock().unwrap().push(line);
+        }
+    });
+}
+
+async fn send_json(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let response = within("an HTTP answer", request.send())
+        .await
+        .expect("the request is answered");
+    let status = response.status();
+    let bytes = within("an HTTP body", response.bytes())
+        .await
+        .expect("the body is readable");
+    let body = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!(
+            "a {status} answer with a body that is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&bytes)
+        )
+    });
+    (status, body)
+}
+
+/// One dispatched SSE record. Comment-only blocks (heartbeats) are skipped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SseRecord {
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub data: String,
+    pub retry: Option<u64>,
+}
+
+impl SseRecord {
+    pub fn event(&self) -> &str {
+        self.event.as_deref().unwrap_or("message")
+    }
+
+    /// The numeric `id:` of the record.
+    pub fn id(&self) -> u64 {
+        self.id
+            .as_deref()
+            .unwrap_or_else(|| panic!("record without an id: {self:?}"))
+            .parse()
+            .unwrap_or_else(|_| panic!("record with a non-numeric id: {self:?}"))
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("record data is not JSON ({e}): {self:?}"))
+    }
+
+    pub fn is_snapshot(&self) -> bool {
+        self.event() == "snapshot"
+    }
+
+    pub fn is_status(&self) -> bool {
+        self.event() == "status"
+    }
+}
+
+/// A minimal `text/event-stream` parser: feed bytes, take records.
+#[derive(Default)]
+pub struct SseParser {
+    buf: Vec<u8>,
+    current: SseRecord,
+    has_field: bool,
+    data_lines: Vec<String>,
+    ready: VecDeque<SseRecord>,
+    /// Comment lines seen so far (heartbeats).
+    pub comments: usize,
+}
+
+impl SseParser {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = self.buf.drain(..=end).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let line = String::from_utf8(line).expect("SSE is UTF-8");
+            self.line(&line);
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        if line.is_empty() {
+            if self.has_field {
+                let mut record = std::mem::take(&mut self.current);
+                record.data = std::mem::take(&mut self.data_lines).join("\n");
+                self.ready.push_back(record);
+            }
+            self.has_field = false;
+            return;
+        }
+        if line.starts_with(':') {
+            self.comments += 1;
+            return;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+            None => (line, ""),
+        };
+        self.has_field = true;
+        match field {
+            "event" => self.current.event = Some(value.to_owned()),
+            "id" => self.current.id = Some(value.to_owned()),
+            "data" => self.data_lines.push(value.to_owned()),
+            "retry" => self.current.retry = value.parse().ok(),
+            _ => {}
+        }
+    }
+
+    pub fn pop(&mut self) -> Option<SseRecord> {
+        self.ready.pop_front()
+    }
+}
+
+/// An open SSE response read through reqwest.
+pub struct SseStream {
+    pub headers: HeaderMap,
+    response: reqwest::Response,
+    parser: SseParser,
+}
+
+/// The `snapshot` event: its id and its JSON data.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub id: u64,
+    pub data: Value,
+}
+
+impl Snapshot {
+    pub fn device_ids(&self) -> Vec<String> {
+        self.data["devices"]
+            .as_array()
+            .expect("a device list")
+            .iter()
+            .map(|d| d["id"].as_str().expect("a device id").to_owned())
+            .collect()
+    }
+
+    pub fn device(&self, id: &str) -> Option<&Value> {
+        self.data["devices"]
+            .as_array()
+            .expect("a device list")
+            .iter()
+            .find(|d| d["id"] == id)
+    }
+}
+
+impl SseStream {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            headers: response.headers().clone(),
+            response,
+            parser: SseParser::default(),
+        }
+    }
+
+    /// The next record, or `None` when the stream ends. No deadline.
+    pub async fn next_record(&mut self) -> Option<SseRecord> {
+        loop {
+            if let Some(record) = self.parser.pop() {
+                return Some(record);
+            }
+            match self.response.chunk().await {
+                Ok(Some(bytes)) => self.parser.push(&bytes),
+                Ok(None) => return None,
+                Err(e) => panic!("the SSE stream failed: {e}"),
+            }
+        }
+    }
+
+    /// Reads until `n` comment lines (heartbeats) have arrived in all.
+    pub async fn wait_for_comments(&mut self, n: usize) {
+        within("heartbeat comments", async {
+            while self.parser.comments < n {
+                match self.response.chunk().await {
+                    Ok(Some(bytes)) => self.parser.push(&bytes),
+                    Ok(None) => panic!("the SSE stream ended"),
+                    Err(e) => panic!("the SSE stream failed: {e}"),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next record; panics if the stream ends or hangs.
+    pub async fn next(&mut self) -> SseRecord {
+        within("the next SSE record", self.next_record())
+            .await
+            .expect("the SSE stream ended")
+    }
+
+    /// The `retry:` record that opens every stream; returns its value.
+    pub async fn expect_retry(&mut self) -> u64 {
+        let record = self.next().await;
+        record
+            .retry
+            .unwrap_or_else(|| panic!("expected a retry record, got {record:?}"))
+    }
+
+    pub async fn expect_snapshot(&mut self) -> Snapshot {
+        let record = self.next().await;
+        assert!(record.is_snapshot(), "expected a snapshot, got {record:?}");
+        Snapshot {
+            id: record.id(),
+            data: record.json(),
+        }
+    }
+
+    /// The opening of a fresh stream: `retry`, then a snapshot.
+    pub async fn expect_start(&mut self) -> Snapshot {
+        self.expect_retry().await;
+        self.expect_snapshot().await
+    }
+
+    pub async fn expect_status(&mut self) -> SseRecord {
+        let record = self.next().await;
+        assert!(
+            record.is_status(),
+            "expected a status event, got {record:?}"
+        );
+        record
+    }
+}
+
+/// An SSE client on a raw socket with a tiny receive buffer, for clients that
+/// stop reading. It only sends the request; reading is up to the test.
+pub struct RawSse {
+    reader: BufReader<TcpStream>,
+    parser: SseParser,
+    head_read: bool,
+    ended: bool,
+}
+
+impl RawSse {
+    pub async fn connect(addr: SocketAddr, path: &str) -> Self {
+        let socket = TcpSocket::new_v4().expect("a socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("a small receive buffer");
+        let mut stream = within("a TCP connection", socket.connect(addr))
+            .await
+            .expect("connects");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("the request is sent");
+        Self {
+            reader: BufReader::new(stream),
+            parser: SseParser::default(),
+            head_read: false,
+            ended: false,
+        }
+    }
+
+    /// The next record, decoding the chunked body; panics if the stream ends or hangs.
+    pub async fn next(&mut self) -> SseRecord {
+        within("the next raw SSE record", async {
+            loop {
+                if let Some(record) = self.parser.pop() {
+                    return record;
+                }
+                assert!(!self.ended, "the raw SSE stream ended");
+                self.read_chunk().await;
+            }
+        })
+        .await
+    }
+
+    async fn read_chunk(&mut self) {
+        if !self.head_read {
+            let mut status = String::new();
+            self.reader
+                .read_line(&mut status)
+                .await
+                .expect("a status line");
+            assert!(
+                status.starts_with("HTTP/1.1 200"),
+                "unexpected status line {status:?}"
+            );
+            let mut chunked = false;
+            loop {
+                let mut line = String::new();
+                self.reader
+                    .read_line(&mut line)
+                    .await
+                    .expect("a header line");
+                let line = line.trim_end();
+                if line.is_empty() {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                chunked |= lower.starts_with("transfer-encoding:") && lower.contains("chunked");
+            }
+            assert!(chunked, "expected a chunked SSE body");
+            self.head_read = true;
+            return;
+        }
+        let mut size = String::new();
+        let n = self
+            .reader
+            .read_line(&mut size)
+            .await
+            .expect("a chunk size");
+        assert!(n > 0, "the connection closed mid-stream");
+        let size = size.trim_end().split(';').next().unwrap_or_default();
+        let size = usize::from_str_radix(size, 16).expect("a hex chunk size");
+        if size == 0 {
+            self.ended = true;
+            return;
+        }
+        let mut chunk = vec![0; size + 2];
+        self.reader
+            .read_exact(&mut chunk)
+            .await
+            .expect("a whole chunk");
+        assert_eq!(&chunk[size..], b"\r\n", "a chunk ends with CRLF");
+        self.parser.push(&chunk[..size]);
+    }
+}
+
+/// A full status update for `i`, with values that differ for every `i`.
+pub fn full_update(name: &str, i: u32) -> Value {
+    let x = f64::from(i);
+    serde_json::json!({
+        "name": name,
+        "temperature": 20.5 + x,
+        "humidity": (40.25 + x) % 100.0,
+        "power_on": i.is_multiple_of(2),
+        "metrics": { "load": 0.125 + x },
+    })
+}
+
+/// The `status` object that [`full_update`] leaves on a device.
+pub fn full_status(i: u32) -> Value {
+    let update = full_update("", i);
+    serde_json::json!({
+        "temperature": update["temperature"],
+        "humidity": update["humidity"],
+        "power_on": update["power_on"],
+        "metrics": update["metrics"],
+    })
+}
