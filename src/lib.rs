@@ -4,15 +4,21 @@
 //! - [`model`]: the domain types (device, status, events), shared by both.
 //! - [`app`]: the Leptos UI. The server renders it with the current values;
 //!   the browser hydrates it and keeps it live from the SSE stream.
+//! - [`protocol`]: the WebSocket messages of `GET /api/ws`, shared by both.
 //! - `server` (feature `ssr`): the axum server. Its `hub` owns all live state
 //!   and event ids; `api` takes device reports in and serves reads; `sse`
-//!   streams changes; `simulator` is the built-in device source; `assets`
-//!   serves the WASM/JS/CSS embedded in the binary.
+//!   streams changes; `ws` is the two-way WebSocket (viewers, operators,
+//!   device agents); `commands` routes commands to each device's one agent;
+//!   `auth` holds the tokens and roles; `simulator` is the built-in device
+//!   source (and agent of its devices); `assets` serves the WASM/JS/CSS
+//!   embedded in the binary.
 //!
-//! Data flows one way: source → ingest → hub → (SSE | first render).
+//! Data flows one way: source (ingest, agent) → hub → (SSE | WebSocket |
+//! first render); commands flow back: operator → commands → agent.
 
 pub mod app;
 pub mod model;
+pub mod protocol;
 #[cfg(feature = "ssr")]
 pub mod server;
 

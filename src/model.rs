@@ -76,8 +76,19 @@ pub struct Device {
     pub id: DeviceId,
     pub name: String,
     pub status: Status,
+    /// The device's live link (see [`Online`]); left out of the JSON when
+    /// there is none, so HTTP-fed devices look exactly as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Online,
     pub updated_at: DateTime<Utc>,
 }
+
+/// Whether a device has a live link to the server:
+/// - `None`: it never had one (it reports over HTTP, or not at all);
+/// - `Some(true)`: an agent (or the simulator) is connected for it;
+/// - `Some(false)`: its agent went away or fell silent. That is news in
+///   itself, unlike a device whose readings merely have not changed.
+pub type Online = Option<bool>;
 
 /// Every device (or the filtered ones) at one event id: the body of
 /// `GET /api/devices` and the data of the SSE `snapshot` event.
@@ -93,6 +104,8 @@ pub struct StatusEvent {
     pub device: DeviceId,
     pub name: String,
     pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Online,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -102,6 +115,7 @@ impl From<&Device> for StatusEvent {
             device: d.id.clone(),
             name: d.name.clone(),
             status: d.status.clone(),
+            online: d.online,
             updated_at: d.updated_at,
         }
     }
@@ -113,6 +127,7 @@ impl StatusEvent {
             id: self.device,
             name: self.name,
             status: self.status,
+            online: self.online,
             updated_at: self.updated_at,
         }
     }
@@ -265,6 +280,7 @@ mod tests {
                 power_on: Some(true),
                 metrics: BTreeMap::from([("load".into(), 0.5)]),
             },
+            online: None,
             updated_at: DateTime::UNIX_EPOCH,
         }
     }
@@ -403,6 +419,20 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(field_of(many), "metrics");
+    }
+
+    #[test]
+    fn online_is_left_out_of_the_json_when_there_is_no_link() {
+        let json = serde_json::to_value(device()).unwrap();
+        assert!(json.get("online").is_none(), "{json}");
+        let linked = Device {
+            online: Some(false),
+            ..device()
+        };
+        let json = serde_json::to_value(StatusEvent::from(&linked)).unwrap();
+        assert_eq!(json["online"], false);
+        let back: StatusEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back.into_device(), linked);
     }
 
     #[test]

@@ -4,52 +4,17 @@ use super::AppState;
 use super::error::ApiError;
 use super::hub::{Applied, Filter};
 use crate::model::{Device, DeviceId, Snapshot, StatusUpdate};
+use crate::protocol::{CommandSet, Outcome};
 use axum::Json;
 use axum::body::{Body, to_bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, header};
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 
 /// Largest accepted ingest body.
 pub const MAX_BODY: usize = 16 * 1024;
-
-/// The bearer token that ingest requests must carry.
-#[derive(Clone)]
-pub struct IngestToken(std::sync::Arc<str>);
-
-impl IngestToken {
-    pub fn new(token: impl Into<std::sync::Arc<str>>) -> Self {
-        Self(token.into())
-    }
-
-    /// A random 32-character token, for when none is configured.
-    pub fn random() -> Self {
-        use rand::distr::{Alphanumeric, SampleString};
-        Self::new(Alphanumeric.sample_string(&mut rand::rng(), 32))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// Compares in constant time (for tokens of the same length).
-    fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim())
-            .ok_or(ApiError::Unauthorized)?;
-        if bool::from(given.as_bytes().ct_eq(self.0.as_bytes())) {
-            Ok(())
-        } else {
-            Err(ApiError::Unauthorized)
-        }
-    }
-}
 
 pub async fn list_devices(State(state): State<AppState>) -> Json<Snapshot> {
     Json(state.hub.snapshot(&Filter::default()))
@@ -74,11 +39,42 @@ pub async fn post_status(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Applied>, ApiError> {
-    state.token.check(&headers)?;
+    state.auth.check_ingest(&headers)?;
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
     let update: StatusUpdate = read_json(&headers, body).await?;
     update.validate()?;
     Ok(Json(state.hub.apply(&id, &update)?))
+}
+
+/// The body of `POST /api/devices/{id}/commands`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandRequest {
+    pub set: CommandSet,
+}
+
+/// `POST /api/devices/{id}/commands`: the same path as a WebSocket command
+/// (route to the device's agent, wait for its answer or the deadline), for
+/// the page and for curl. Answers once the command has ended.
+pub async fn post_command(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    state.auth.check_operator(&headers)?;
+    let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
+    let request: CommandRequest = read_json(&headers, body).await?;
+    if request.set.is_empty() {
+        return Err(ApiError::invalid("set", super::commands::EMPTY_SET));
+    }
+    let ticket = state.commands.dispatch(&id, request.set)?;
+    let settled = ticket.outcome().await;
+    match settled.outcome {
+        Outcome::Applied => Ok(Json(json!({ "outcome": "applied" }))),
+        Outcome::Failed => Err(ApiError::CommandFailed(settled.reason.unwrap_or_default())),
+        Outcome::TimedOut => Err(ApiError::CommandTimedOut(state.commands.timeout())),
+    }
 }
 
 pub async fn healthz(State(state): State<AppState>) -> Json<Value> {
@@ -117,16 +113,22 @@ async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
             ApiError::BadBody(e.to_string())
         }
     })?;
+    parse_object(&bytes)
+}
+
+/// Reads one JSON object into `T`, naming the faulty field when the JSON is
+/// well formed but does not fit. HTTP bodies and WebSocket messages alike.
+pub fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // serde would also read a struct from an array: only an object is a status.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(
-            match serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+            match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
                 Ok(_) => ApiError::invalid("", "the body must be a JSON object"),
                 Err(e) => ApiError::MalformedJson(e.to_string()),
             },
         );
     }
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let message = e.inner().to_string();
         if !e.inner().is_data() {

@@ -1,5 +1,6 @@
 //! Command-line options, each with an environment variable.
 
+use crate::model::DeviceId;
 use clap::Parser;
 use clap::builder::BoolishValueParser;
 use std::net::SocketAddr;
@@ -16,6 +17,37 @@ pub struct Config {
     /// When none is given, a random one is made at start and printed once.
     #[arg(long, env = "TELLTALE_INGEST_TOKEN", hide_env_values = true)]
     pub ingest_token: Option<String>,
+
+    /// Bearer token for commands (`POST /api/devices/{id}/commands`, the
+    /// WebSocket `operator` role). When none is given, a random one is made
+    /// at start and printed once.
+    #[arg(long, env = "TELLTALE_OPERATOR_TOKEN", hide_env_values = true)]
+    pub operator_token: Option<String>,
+
+    /// Token for the WebSocket `viewer` role. When none is given, reading is
+    /// open to anyone, as the page and the SSE stream are.
+    #[arg(long, env = "TELLTALE_VIEWER_TOKEN", hide_env_values = true)]
+    pub viewer_token: Option<String>,
+
+    /// `ID=TOKEN`: a token for the WebSocket `device` role of one device id
+    /// (repeatable; the env var takes a comma-separated list). The ingest
+    /// token is accepted for any id too.
+    #[arg(long = "device-token", env = "TELLTALE_DEVICE_TOKENS", hide_env_values = true,
+          value_delimiter = ',', value_parser = parse_device_token)]
+    pub device_tokens: Vec<(DeviceId, String)>,
+
+    /// How long a command waits for its device's answer, e.g. `5s`.
+    #[arg(long, env = "TELLTALE_COMMAND_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub command_timeout: Duration,
+
+    /// Silence (not even a pong) after which a WebSocket peer is considered
+    /// gone and disconnected; its device, if any, goes offline.
+    #[arg(long, env = "TELLTALE_AGENT_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub agent_timeout: Duration,
+
+    /// How often the server pings each WebSocket connection.
+    #[arg(long, env = "TELLTALE_WS_PING", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub ws_ping: Duration,
 
     /// Run the built-in simulator (on/off).
     #[arg(long, env = "TELLTALE_SIMULATOR", default_value = "on",
@@ -44,6 +76,18 @@ pub struct Config {
     pub client_queue: u32,
 }
 
+fn parse_device_token(s: &str) -> Result<(DeviceId, String), String> {
+    let (id, token) = s
+        .split_once('=')
+        .ok_or_else(|| "expected ID=TOKEN".to_owned())?;
+    let id = DeviceId::parse(id.trim()).map_err(str::to_owned)?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("the token is empty".into());
+    }
+    Ok((id, token.to_owned()))
+}
+
 impl Config {
     pub fn simulator_enabled(&self) -> bool {
         self.simulator && !self.no_simulator
@@ -68,5 +112,30 @@ mod tests {
         assert!(!c.simulator_enabled());
         assert!(Config::try_parse_from(["telltale", "--addr", "nonsense"]).is_err());
         assert!(Config::try_parse_from(["telltale", "--client-queue", "0"]).is_err());
+    }
+
+    #[test]
+    fn command_options() {
+        let c = Config::try_parse_from(["telltale"]).unwrap();
+        assert_eq!(c.command_timeout, Duration::from_secs(5));
+        assert_eq!(c.operator_token, None);
+        assert!(c.device_tokens.is_empty());
+        let c = Config::try_parse_from([
+            "telltale",
+            "--device-token",
+            "rack-1=s3cret",
+            "--device-token",
+            "b=t=2",
+            "--command-timeout",
+            "200ms",
+        ])
+        .unwrap();
+        assert_eq!(c.device_tokens[0].0.as_str(), "rack-1");
+        assert_eq!(c.device_tokens[0].1, "s3cret");
+        assert_eq!(c.device_tokens[1].1, "t=2");
+        assert_eq!(c.command_timeout, Duration::from_millis(200));
+        assert!(Config::try_parse_from(["telltale", "--device-token", "Bad=x"]).is_err());
+        assert!(Config::try_parse_from(["telltale", "--device-token", "a="]).is_err());
+        assert!(Config::try_parse_from(["telltale", "--device-token", "a"]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The API's errors: one enum, turned into a status and
 //! `{"error": "...", "field": "..."}` in one place.
 
+use super::commands::Refused;
 use crate::model::FieldError;
 use axum::Json;
 use axum::http::{StatusCode, header};
@@ -9,8 +10,11 @@ use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("missing or wrong token: send `Authorization: Bearer <ingest token>`")]
-    Unauthorized,
+    /// Names the token that is wanted (`ingest`, `operator`).
+    #[error("missing or wrong token: send `Authorization: Bearer <{0} token>`")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("the body must be JSON: send `Content-Type: application/json`")]
     UnsupportedMediaType,
     #[error("the body is larger than {limit} bytes")]
@@ -23,6 +27,13 @@ pub enum ApiError {
     UnknownDevice(String),
     #[error("could not read the request body: {0}")]
     BadBody(String),
+    /// The command could not be routed (no agent, or its queue is full).
+    #[error("{0}")]
+    CommandRefused(Refused),
+    #[error("the device refused the command: {0}")]
+    CommandFailed(String),
+    #[error("the device did not answer within {}", humantime::format_duration(*.0))]
+    CommandTimedOut(std::time::Duration),
 }
 
 impl ApiError {
@@ -32,12 +43,16 @@ impl ApiError {
 
     fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MalformedJson(_) | Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnknownDevice(_) => StatusCode::NOT_FOUND,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::CommandRefused(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CommandFailed(_) => StatusCode::CONFLICT,
+            Self::CommandTimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 }
@@ -48,14 +63,21 @@ impl From<FieldError> for ApiError {
     }
 }
 
+impl From<Refused> for ApiError {
+    fn from(e: Refused) -> Self {
+        Self::CommandRefused(e)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = match &self {
             Self::Invalid(e) => json!({ "error": self.to_string(), "field": e.field }),
+            Self::CommandRefused(_) => json!({ "error": self.to_string(), "field": "id" }),
             _ => json!({ "error": self.to_string() }),
         };
         let mut response = (self.status(), Json(body)).into_response();
-        if matches!(self, Self::Unauthorized) {
+        if matches!(self, Self::Unauthorized(_)) {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),

@@ -20,7 +20,10 @@
 //!
 //! The public methods are the interface a broker-backed hub (Redis) must offer.
 
-use crate::model::{Device, DeviceId, EventId, FieldError, Snapshot, StatusEvent, StatusUpdate};
+use crate::model::{
+    Device, DeviceId, EventId, FieldError, Online, Snapshot, StatusEvent, StatusUpdate,
+};
+use axum::extract::ws::Utf8Bytes;
 use axum::response::sse::Event;
 use chrono::Utc;
 use serde::Serialize;
@@ -38,6 +41,8 @@ pub struct Published {
     pub json: Box<str>,
     /// The complete SSE frame (`event: status`, `id`, `data`).
     pub sse: Event,
+    /// The complete WebSocket text frame, a `ServerMessage::Status`.
+    pub ws: Utf8Bytes,
 }
 
 /// What [`Hub::apply`] did: the current event id and whether it was a change.
@@ -125,6 +130,7 @@ impl Hub {
             id: id.clone(),
             name: id.to_string(),
             status: Default::default(),
+            online: None,
             updated_at: Utc::now(),
         });
         let is_new = !state.devices.contains_key(id);
@@ -134,6 +140,39 @@ impl Hub {
                 changed: false,
             });
         }
+        Ok(self.publish(&mut state, device))
+    }
+
+    /// Records whether `id` has a live link; publishes a status event when
+    /// that changes. An unknown id is registered (an agent said hello before
+    /// its first report).
+    pub fn set_online(&self, id: &DeviceId, online: Online) -> Applied {
+        let mut state = self.lock();
+        let device = match state.devices.get(id) {
+            Some(d) if d.online == online => {
+                return Applied {
+                    id: state.last_id,
+                    changed: false,
+                };
+            }
+            Some(d) => Device {
+                online,
+                ..d.clone()
+            },
+            None => Device {
+                id: id.clone(),
+                name: id.to_string(),
+                status: Default::default(),
+                online,
+                updated_at: Utc::now(),
+            },
+        };
+        self.publish(&mut state, device)
+    }
+
+    /// Stores a changed device under a new event id and sends it to every
+    /// subscriber, serialized once.
+    fn publish(&self, state: &mut State, mut device: Device) -> Applied {
         device.updated_at = Utc::now();
         state.last_id += 1;
         let id = state.last_id;
@@ -146,6 +185,7 @@ impl Hub {
                 .event("status")
                 .id(id.to_string())
                 .data(&*json),
+            ws: ws_frame("status", id, &json),
             device: device.id.clone(),
             json,
         });
@@ -158,7 +198,7 @@ impl Hub {
         }
         // No receivers is fine: nobody is watching.
         let _ = self.sender.send(published);
-        Ok(Applied { id, changed: true })
+        Applied { id, changed: true }
     }
 
     pub fn snapshot(&self, filter: &Filter) -> Snapshot {
@@ -216,6 +256,12 @@ impl Hub {
         let state = self.lock();
         (state.last_id, state.devices.len())
     }
+}
+
+/// A WebSocket `snapshot` or `status` message built around already
+/// serialized data: `{"type":…,"id":…,"data":…}` (see `protocol::ServerMessage`).
+pub fn ws_frame(kind: &str, id: EventId, data: &str) -> Utf8Bytes {
+    format!(r#"{{"type":"{kind}","id":{id},"data":{data}}}"#).into()
 }
 
 #[cfg(test)]
@@ -390,6 +436,45 @@ mod tests {
         assert_eq!(ev.device, id("a"));
         assert_eq!(ev.name, "a");
         assert_eq!(ev.status.temperature, Some(21.5));
+    }
+
+    #[test]
+    fn the_websocket_frame_is_a_server_status_message() {
+        use crate::protocol::ServerMessage;
+        let hub = Hub::starting_at(0, 8, 8);
+        hub.apply(&id("a"), &temp(21.5)).unwrap();
+        let Start::Replay(events) = hub.subscribe(Some(0), &Filter::default()).start else {
+            panic!("expected a replay");
+        };
+        let ServerMessage::Status { id: event_id, data } =
+            serde_json::from_str(events[0].ws.as_str()).unwrap()
+        else {
+            panic!("expected a status message");
+        };
+        assert_eq!(event_id, 1);
+        assert_eq!(data.status.temperature, Some(21.5));
+    }
+
+    #[test]
+    fn online_changes_are_events_and_repeats_are_not() {
+        let hub = Hub::starting_at(0, 8, 8);
+        assert!(hub.set_online(&id("a"), Some(true)).changed);
+        assert!(!hub.set_online(&id("a"), Some(true)).changed);
+        hub.apply(&id("a"), &temp(1.0)).unwrap();
+        assert_eq!(hub.device(&id("a")).unwrap().online, Some(true));
+        assert_eq!(
+            hub.set_online(&id("a"), Some(false)),
+            Applied {
+                id: 3,
+                changed: true
+            }
+        );
+        let Start::Replay(events) = hub.subscribe(Some(2), &Filter::default()).start else {
+            panic!("expected a replay");
+        };
+        let ev: StatusEvent = serde_json::from_str(&events[0].json).unwrap();
+        assert_eq!(ev.online, Some(false));
+        assert_eq!(ev.status.temperature, Some(1.0));
     }
 
     #[test]

@@ -2,17 +2,21 @@
 
 mod api;
 mod assets;
+pub mod auth;
+pub mod commands;
 pub mod config;
 mod error;
 pub mod hub;
 mod simulator;
 mod sse;
+pub mod ws;
 
 use crate::app::{App, shell};
-use api::IngestToken;
+use auth::{Auth, Token};
 use axum::Router;
 use axum::extract::FromRef;
 use axum::routing::{get, post};
+use commands::Commands;
 use config::Config;
 use hub::Hub;
 use leptos::config::LeptosOptions;
@@ -29,8 +33,10 @@ use tower_http::trace::TraceLayer;
 pub struct AppState {
     pub leptos_options: LeptosOptions,
     pub hub: Arc<Hub>,
-    pub token: IngestToken,
+    pub auth: Arc<Auth>,
+    pub commands: Arc<Commands>,
     pub heartbeat: Duration,
+    pub ws: ws::WsConfig,
     /// Cancelled once on shutdown; every endless stream ends on it.
     pub shutdown: CancellationToken,
 }
@@ -53,7 +59,9 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices", get(api::list_devices))
         .route("/api/devices/{id}", get(api::get_device))
         .route("/api/devices/{id}/status", post(api::post_status))
+        .route("/api/devices/{id}/commands", post(api::post_command))
         .route("/api/events", get(sse::events))
+        .route("/api/ws", get(ws::upgrade))
         .fallback(assets::serve)
         // The default predicate leaves `text/event-stream` uncompressed, so
         // events are never held back in a compressor's buffer.
@@ -77,25 +85,34 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     {
         leptos_options.reload_port = port;
     }
-    let token = match &config.ingest_token {
-        Some(t) if !t.is_empty() => IngestToken::new(t.as_str()),
-        _ => {
-            let token = IngestToken::random();
-            tracing::info!(
-                "no ingest token configured; this run's token is {}",
-                token.as_str()
-            );
-            token
-        }
-    };
+    let auth = Arc::new(Auth {
+        ingest: token_or_random("ingest", config.ingest_token.as_deref()),
+        operator: token_or_random("operator", config.operator_token.as_deref()),
+        viewer: config
+            .viewer_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(Token::new),
+        devices: config
+            .device_tokens
+            .iter()
+            .map(|(id, t)| (id.clone(), Token::new(t.as_str())))
+            .collect(),
+    });
     let shutdown = CancellationToken::new();
     let hub = Arc::new(Hub::new(
         config.replay_capacity,
         config.client_queue as usize,
     ));
+    let commands = Arc::new(Commands::new(
+        hub.clone(),
+        config.command_timeout,
+        config.client_queue as usize,
+    ));
     if config.simulator_enabled() {
         tokio::spawn(simulator::run(
             hub.clone(),
+            commands.clone(),
             config.simulator_interval,
             shutdown.clone(),
         ));
@@ -103,8 +120,13 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     let state = AppState {
         leptos_options,
         hub,
-        token,
+        auth,
+        commands,
         heartbeat: config.heartbeat,
+        ws: ws::WsConfig {
+            ping: config.ws_ping,
+            silence: config.agent_timeout,
+        },
         shutdown: shutdown.clone(),
     };
     tracing::info!("listening on http://{addr}");
@@ -115,6 +137,21 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             shutdown.cancel();
         })
         .await
+}
+
+/// The configured token, or a random one printed once (for this run only).
+fn token_or_random(kind: &str, configured: Option<&str>) -> Token {
+    match configured {
+        Some(t) if !t.is_empty() => Token::new(t),
+        _ => {
+            let token = Token::random();
+            tracing::info!(
+                "no {kind} token configured; this run's token is {}",
+                token.as_str()
+            );
+            token
+        }
+    }
 }
 
 async fn shutdown_signal() {

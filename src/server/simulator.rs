@@ -1,9 +1,15 @@
 //! The built-in device source: three devices drifting realistically, so the
 //! page is alive on first start. Each reading takes a small random step back
 //! towards its device's set point; power changes now and then.
+//!
+//! It is also the in-process agent of its devices, registered in the same
+//! command registry as a WebSocket agent: a `power_on` command is applied at
+//! once, published as a status event, then confirmed as `applied`.
 
+use super::commands::{AgentLink, Commands, Settled};
 use super::hub::Hub;
 use crate::model::{DeviceId, StatusUpdate};
+use crate::protocol::Outcome;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -50,8 +56,38 @@ fn drift(rng: &mut impl Rng, value: f64, (set_point, step): (f64, f64)) -> f64 {
     (next * 100.0).round() / 100.0
 }
 
-pub async fn run(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken) {
+pub async fn run(
+    hub: Arc<Hub>,
+    commands: Arc<Commands>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let mut rng = SmallRng::from_os_rng();
+    // One link per device, funnelled into one queue tagged with the index.
+    let (commanded, mut incoming) = tokio::sync::mpsc::channel(16);
+    let links: Vec<_> = DEVICES
+        .iter()
+        .enumerate()
+        .map(|(i, device)| {
+            let id = DeviceId::parse(device.id).expect("simulator ids are valid");
+            let AgentLink {
+                generation,
+                commands: mut queue,
+                replaced,
+                ..
+            } = commands.register(&id);
+            let commanded = commanded.clone();
+            tokio::spawn(async move {
+                while let Some(command) = queue.recv().await {
+                    if commanded.send((i, command)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            (id, generation, replaced)
+        })
+        .collect();
+    drop(commanded);
     let mut readings: Vec<(f64, f64, bool, Vec<f64>)> = DEVICES
         .iter()
         .map(|d| {
@@ -67,6 +103,26 @@ pub async fn run(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken)
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            Some((i, command)) = incoming.recv() => {
+                let (id, generation, replaced) = &links[i];
+                if replaced.is_cancelled() {
+                    // A real agent took this device over; it answers now.
+                    continue;
+                }
+                if let Some(on) = command.set.power_on {
+                    readings[i].2 = on;
+                    let update = StatusUpdate { power_on: Some(on), ..Default::default() };
+                    hub.apply(id, &update).expect("simulator updates are valid");
+                }
+                let link_state = commands.settle(id, *generation, &command.request_id, Settled {
+                    outcome: Outcome::Applied,
+                    reason: None,
+                });
+                if let Err(e) = link_state {
+                    tracing::debug!("simulator command {}: {e}", command.request_id);
+                }
+                continue;
+            }
             () = shutdown.cancelled() => return,
         }
         for (device, (t, h, on, metrics)) in DEVICES.iter().zip(readings.iter_mut()) {

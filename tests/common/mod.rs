@@ -50,6 +50,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub base_url: String,
     pub token: String,
+    /// The `--operator-token` every test server gets.
+    pub operator_token: String,
     pub client: reqwest::Client,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -71,8 +73,18 @@ impl Server {
 
     /// Starts a server with no simulator and `extra` command-line options.
     pub async fn start_with(extra: &[&str]) -> Self {
+        Self::launch(extra, false).await
+    }
+
+    /// Starts a server with the built-in simulator and `extra` options.
+    pub async fn start_with_simulator(extra: &[&str]) -> Self {
+        Self::launch(extra, true).await
+    }
+
+    async fn launch(extra: &[&str], simulator: bool) -> Self {
         let n = SERVERS.fetch_add(1, Ordering::Relaxed);
         let token = format!("test-token-{}-{n}", std::process::id());
+        let operator_token = format!("test-operator-{}-{n}", std::process::id());
         let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
         command
             .args([
@@ -80,7 +92,10 @@ impl Server {
                 "127.0.0.1:0",
                 "--ingest-token",
                 &token,
-                "--no-simulator",
+                "--operator-token",
+                &operator_token,
+                "--simulator",
+                if simulator { "on" } else { "off" },
             ])
             .args(extra)
             .env("RUST_LOG", "info,tower_http=warn")
@@ -96,6 +111,12 @@ impl Server {
             "TELLTALE_HEARTBEAT",
             "TELLTALE_REPLAY_CAPACITY",
             "TELLTALE_CLIENT_QUEUE",
+            "TELLTALE_OPERATOR_TOKEN",
+            "TELLTALE_VIEWER_TOKEN",
+            "TELLTALE_DEVICE_TOKENS",
+            "TELLTALE_COMMAND_TIMEOUT",
+            "TELLTALE_AGENT_TIMEOUT",
+            "TELLTALE_WS_PING",
             "LEPTOS_RELOAD_PORT",
         ] {
             command.env_remove(var);
@@ -139,6 +160,7 @@ impl Server {
             addr,
             base_url: format!("http://{addr}"),
             token,
+            operator_token,
             client: reqwest::Client::builder().build().expect("an HTTP client"),
             log,
         }
@@ -234,6 +256,85 @@ impl Server {
         within("the SSE response headers", request.send())
             .await
             .expect("GET /api/events")
+    }
+
+    /// Opens `GET /api/ws` without saying hello.
+    pub async fn ws(&self) -> Ws {
+        self.ws_with_bearer(None).await
+    }
+
+    /// Opens `GET /api/ws`, with `Authorization: Bearer` when given.
+    pub async fn ws_with_bearer(&self, bearer: Option<&str>) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}/api/ws", self.addr)
+            .into_client_request()
+            .expect("a WebSocket request");
+        if let Some(token) = bearer {
+            request.headers_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("a header value"),
+            );
+        }
+        let (stream, _) = within(
+            "the WebSocket handshake",
+            tokio_tungstenite::connect_async(request),
+        )
+        .await
+        .expect("the WebSocket upgrade succeeds");
+        Ws { stream }
+    }
+
+    /// Connects and says `hello`; insists on a `welcome`.
+    pub async fn ws_as(&self, hello: Value) -> Ws {
+        let mut ws = self.ws().await;
+        ws.send(&hello).await;
+        let welcome = ws.next().await;
+        assert_eq!(
+            welcome["type"], "welcome",
+            "hello {hello} answered {welcome}"
+        );
+        assert_eq!(welcome["v"], 1);
+        ws
+    }
+
+    /// A viewer (reading is open by default).
+    pub async fn viewer(&self) -> Ws {
+        self.ws_as(serde_json::json!({"type": "hello", "v": 1, "role": "viewer"}))
+            .await
+    }
+
+    /// An operator, with the operator token.
+    pub async fn operator(&self) -> Ws {
+        self.ws_as(serde_json::json!({
+            "type": "hello", "v": 1, "role": "operator", "token": self.operator_token
+        }))
+        .await
+    }
+
+    /// The agent of `device`, with the ingest token (valid for any id).
+    pub async fn agent(&self, device: &str) -> Ws {
+        self.ws_as(serde_json::json!({
+            "type": "hello", "v": 1, "role": "device", "token": self.token, "device": device
+        }))
+        .await
+    }
+
+    /// `POST /api/devices/{device}/commands` with `bearer` (if any).
+    pub async fn post_command(
+        &self,
+        device: &str,
+        bearer: Option<&str>,
+        body: &Value,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .post(self.url(&format!("/api/devices/{device}/commands")))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        send_json(request).await
     }
 
     /// Everything the server printed so far.
@@ -603,3 +704,80 @@ pub fn full_status(i: u32) -> Value {
         "metrics": update["metrics"],
     })
 }
+
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket client of `GET /api/ws` speaking JSON text frames.
+pub struct Ws {
+    stream: WsStream,
+}
+
+impl Ws {
+    pub async fn send(&mut self, message: &Value) {
+        self.send_text(message.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: String) {
+        use futures::SinkExt;
+        within("a WebSocket send", self.stream.send(WsMessage::text(text)))
+            .await
+            .expect("the message is sent");
+    }
+
+    /// The next frame that is not a ping or pong; `None` when the stream ends.
+    async fn next_frame(&mut self) -> Option<WsMessage> {
+        use futures::StreamExt;
+        loop {
+            match within("the next WebSocket frame", self.stream.next()).await {
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => {}
+                Some(Ok(frame)) => return Some(frame),
+                Some(Err(e)) => panic!("the WebSocket failed: {e}"),
+                None => return None,
+            }
+        }
+    }
+
+    /// The next JSON message; panics on a close or a non-text frame.
+    pub async fn next(&mut self) -> Value {
+        match self.next_frame().await {
+            Some(WsMessage::Text(text)) => serde_json::from_str(text.as_str())
+                .unwrap_or_else(|e| panic!("a message that is not JSON ({e}): {text}")),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+
+    /// The next message, which must be of `kind`.
+    pub async fn expect(&mut self, kind: &str) -> Value {
+        let message = self.next().await;
+        assert_eq!(message["type"], kind, "expected a {kind}, got {message}");
+        message
+    }
+
+    /// Reads until the connection ends; returns the close code, if a close
+    /// frame could still be read (a client that stopped reading may find the
+    /// socket already gone once it tries to answer the queued pings).
+    pub async fn closed(&mut self) -> Option<u16> {
+        use futures::StreamExt;
+        loop {
+            match within("the end of the WebSocket", self.stream.next()).await {
+                Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    /// Panics if anything but a close frame comes first.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        match self.next_frame().await {
+            Some(WsMessage::Close(Some(frame))) => {
+                (u16::from(frame.code), frame.reason.to_string())
+            }
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+pub use tokio_tungstenite::tungstenite::Message as WsMessage;

@@ -1,0 +1,406 @@
+//! Command routing: which agent speaks for which device, and which commands
+//! are waiting for an answer.
+//!
+//! - At most one live agent per device. [`Commands::register`] replaces the
+//!   previous agent (its [`AgentLink::replaced`] fires, and the commands
+//!   routed to it fail at once); every link carries a generation, so the
+//!   cleanup of a replaced agent ([`Commands::unregister`]) never removes
+//!   its successor.
+//! - A device's `online` flag is changed under the registry's lock, so
+//!   "connected" and "gone" events reach the hub in the order they happened.
+//! - Each agent has a bounded command queue; a full queue refuses at once.
+//! - Commands get the server's own request ids (`c-<n>`): agents never see,
+//!   and so can never answer, another operator's request id; operators'
+//!   request ids may repeat freely.
+//! - A [`Ticket`] ends in exactly one [`Settled`]: the agent's answer, a
+//!   failure when the agent goes away, or `timed_out` after the deadline.
+//!   Dropping a ticket forgets the command.
+//!
+//! The simulator registers its devices here like any agent; the WebSocket
+//! and `POST /api/devices/{id}/commands` dispatch through the same path.
+
+use super::hub::Hub;
+use crate::model::DeviceId;
+use crate::protocol::{CommandSet, Outcome};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// The reason given for a command that sets nothing.
+pub const EMPTY_SET: &str = "a command sets at least one of: power_on";
+
+/// One command on its way to an agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentCommand {
+    /// The server's id for this command; the agent's `result` names it.
+    pub request_id: String,
+    pub set: CommandSet,
+}
+
+/// How a command ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settled {
+    pub outcome: Outcome,
+    pub reason: Option<String>,
+}
+
+impl Settled {
+    pub fn failed(reason: impl Into<String>) -> Self {
+        Self {
+            outcome: Outcome::Failed,
+            reason: Some(reason.into()),
+        }
+    }
+}
+
+/// Why a command could not be routed; it fails at once.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("no agent is connected for device `{0}`")]
+    NoAgent(DeviceId),
+    #[error("the agent of device `{0}` has too many commands queued")]
+    Busy(DeviceId),
+}
+
+/// A connected agent's end: its commands, and the signal that it was replaced.
+pub struct AgentLink {
+    pub device: DeviceId,
+    pub generation: u64,
+    pub commands: mpsc::Receiver<AgentCommand>,
+    /// Cancelled when a newer agent registers for the same device.
+    pub replaced: CancellationToken,
+}
+
+pub struct Commands {
+    hub: Arc<Hub>,
+    timeout: Duration,
+    queue: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next_generation: u64,
+    next_request: u64,
+    agents: HashMap<DeviceId, Agent>,
+    pending: HashMap<String, Pending>,
+}
+
+struct Agent {
+    generation: u64,
+    commands: mpsc::Sender<AgentCommand>,
+    replaced: CancellationToken,
+}
+
+struct Pending {
+    device: DeviceId,
+    generation: u64,
+    reply: oneshot::Sender<Settled>,
+}
+
+impl State {
+    /// Fails every command routed to this agent.
+    fn fail_pending(&mut self, device: &DeviceId, generation: u64, reason: &str) {
+        let gone: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.generation == generation && &p.device == device)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = p.reply.send(Settled::failed(reason));
+            }
+        }
+    }
+}
+
+impl Commands {
+    /// Commands time out after `timeout`; each agent queues at most `queue`.
+    pub fn new(hub: Arc<Hub>, timeout: Duration, queue: usize) -> Self {
+        Self {
+            hub,
+            timeout,
+            queue: queue.max(1),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Makes the caller the one agent of `device` (online from now on),
+    /// replacing any earlier agent.
+    pub fn register(&self, device: &DeviceId) -> AgentLink {
+        let mut state = self.lock();
+        state.next_generation += 1;
+        let generation = state.next_generation;
+        let (sender, commands) = mpsc::channel(self.queue);
+        let replaced = CancellationToken::new();
+        let agent = Agent {
+            generation,
+            commands: sender,
+            replaced: replaced.clone(),
+        };
+        if let Some(old) = state.agents.insert(device.clone(), agent) {
+            old.replaced.cancel();
+            state.fail_pending(
+                device,
+                old.generation,
+                "the device's agent was replaced by a newer one",
+            );
+        }
+        self.hub.set_online(device, Some(true));
+        AgentLink {
+            device: device.clone(),
+            generation,
+            commands,
+            replaced,
+        }
+    }
+
+    /// The agent of `link` went away: its device goes offline, unless a
+    /// newer agent has taken its place. Returns whether it was still current.
+    pub fn unregister(&self, link: &AgentLink) -> bool {
+        let mut state = self.lock();
+        let current = state
+            .agents
+            .get(&link.device)
+            .is_some_and(|a| a.generation == link.generation);
+        if current {
+            state.agents.remove(&link.device);
+            state.fail_pending(
+                &link.device,
+                link.generation,
+                "the device's agent disconnected",
+            );
+            self.hub.set_online(&link.device, Some(false));
+        }
+        current
+    }
+
+    pub fn is_connected(&self, device: &DeviceId) -> bool {
+        self.lock().agents.contains_key(device)
+    }
+
+    /// Routes a command to the device's agent. Refused at once when there is
+    /// none or its queue is full.
+    pub fn dispatch(
+        self: &Arc<Self>,
+        device: &DeviceId,
+        set: CommandSet,
+    ) -> Result<Ticket, Refused> {
+        let mut state = self.lock();
+        let Some(agent) = state.agents.get(device) else {
+            return Err(Refused::NoAgent(device.clone()));
+        };
+        let generation = agent.generation;
+        let sender = agent.commands.clone();
+        let request_id = format!("c-{}", state.next_request + 1);
+        sender
+            .try_send(AgentCommand {
+                request_id: request_id.clone(),
+                set,
+            })
+            .map_err(|_| Refused::Busy(device.clone()))?;
+        state.next_request += 1;
+        let (reply, answer) = oneshot::channel();
+        state.pending.insert(
+            request_id.clone(),
+            Pending {
+                device: device.clone(),
+                generation,
+                reply,
+            },
+        );
+        Ok(Ticket {
+            request_id,
+            answer,
+            commands: self.clone(),
+        })
+    }
+
+    /// An agent's answer to one of its commands. Refused when no such
+    /// command is waiting for this agent (unknown, timed out, or another's).
+    pub fn settle(
+        &self,
+        device: &DeviceId,
+        generation: u64,
+        request_id: &str,
+        settled: Settled,
+    ) -> Result<(), &'static str> {
+        let mut state = self.lock();
+        match state.pending.get(request_id) {
+            Some(p) if p.generation == generation && &p.device == device => {}
+            _ => return Err("no command with this request_id is waiting for an answer"),
+        }
+        if let Some(p) = state.pending.remove(request_id) {
+            let _ = p.reply.send(settled);
+        }
+        Ok(())
+    }
+
+    /// Commands waiting for an answer.
+    pub fn pending(&self) -> usize {
+        self.lock().pending.len()
+    }
+}
+
+/// A routed command, waiting for its outcome.
+pub struct Ticket {
+    request_id: String,
+    answer: oneshot::Receiver<Settled>,
+    commands: Arc<Commands>,
+}
+
+impl Ticket {
+    /// The agent's answer, a failure if it went away, or `timed_out`.
+    pub async fn outcome(mut self) -> Settled {
+        match tokio::time::timeout(self.commands.timeout, &mut self.answer).await {
+            Ok(Ok(settled)) => settled,
+            Ok(Err(_)) => Settled::failed("the device's agent went away"),
+            Err(_) => Settled {
+                outcome: Outcome::TimedOut,
+                reason: Some(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.commands.timeout)
+                )),
+            },
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.commands.lock().pending.remove(&self.request_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::hub::Hub;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    fn power(on: bool) -> CommandSet {
+        CommandSet { power_on: Some(on) }
+    }
+
+    fn setup(timeout: Duration) -> (Arc<Hub>, Arc<Commands>) {
+        let hub = Arc::new(Hub::new(16, 16));
+        let commands = Arc::new(Commands::new(hub.clone(), timeout, 4));
+        (hub, commands)
+    }
+
+    #[tokio::test]
+    async fn a_routed_command_is_answered_by_its_agent() {
+        let (hub, commands) = setup(Duration::from_secs(60));
+        let mut link = commands.register(&id("a"));
+        assert_eq!(hub.device(&id("a")).unwrap().online, Some(true));
+        let ticket = commands.dispatch(&id("a"), power(false)).unwrap();
+        let cmd = link.commands.recv().await.unwrap();
+        assert_eq!(cmd.set, power(false));
+        commands
+            .settle(
+                &link.device,
+                link.generation,
+                &cmd.request_id,
+                Settled {
+                    outcome: Outcome::Applied,
+                    reason: None,
+                },
+            )
+            .unwrap();
+        assert_eq!(ticket.outcome().await.outcome, Outcome::Applied);
+        assert_eq!(commands.pending(), 0);
+        // A second answer to the same command is refused.
+        assert!(
+            commands
+                .settle(
+                    &link.device,
+                    link.generation,
+                    &cmd.request_id,
+                    Settled::failed("late")
+                )
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn no_agent_is_refused_at_once() {
+        let (_, commands) = setup(Duration::from_secs(60));
+        assert_eq!(
+            commands.dispatch(&id("a"), power(true)).err(),
+            Some(Refused::NoAgent(id("a")))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_command_times_out_and_is_forgotten() {
+        let (_, commands) = setup(Duration::from_secs(5));
+        let _link = commands.register(&id("a"));
+        let ticket = commands.dispatch(&id("a"), power(true)).unwrap();
+        assert_eq!(commands.pending(), 1);
+        assert_eq!(ticket.outcome().await.outcome, Outcome::TimedOut);
+        assert_eq!(commands.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let (_, commands) = setup(Duration::from_secs(60));
+        let _link = commands.register(&id("a"));
+        let tickets: Vec<_> = (0..4)
+            .map(|_| commands.dispatch(&id("a"), power(true)).unwrap())
+            .collect();
+        assert_eq!(
+            commands.dispatch(&id("a"), power(true)).err(),
+            Some(Refused::Busy(id("a")))
+        );
+        drop(tickets);
+        assert_eq!(commands.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_newer_agent_replaces_the_older_and_its_cleanup_keeps_the_newer() {
+        let (hub, commands) = setup(Duration::from_secs(60));
+        let first = commands.register(&id("a"));
+        let ticket = commands.dispatch(&id("a"), power(true)).unwrap();
+        let mut second = commands.register(&id("a"));
+        assert!(first.replaced.is_cancelled());
+        assert!(!second.replaced.is_cancelled());
+        // The command routed to the replaced agent fails at once.
+        assert_eq!(ticket.outcome().await.outcome, Outcome::Failed);
+        // The older agent's late cleanup leaves the newer one in place, online.
+        assert!(!commands.unregister(&first));
+        assert!(commands.is_connected(&id("a")));
+        assert_eq!(hub.device(&id("a")).unwrap().online, Some(true));
+        let ticket = commands.dispatch(&id("a"), power(false)).unwrap();
+        let cmd = second.commands.recv().await.unwrap();
+        // The replaced agent cannot answer for its successor.
+        assert!(
+            commands
+                .settle(
+                    &first.device,
+                    first.generation,
+                    &cmd.request_id,
+                    Settled::failed("x")
+                )
+                .is_err()
+        );
+        assert!(commands.unregister(&second));
+        assert!(!commands.is_connected(&id("a")));
+        assert_eq!(hub.device(&id("a")).unwrap().online, Some(false));
+        assert_eq!(ticket.outcome().await.outcome, Outcome::Failed);
+    }
+}

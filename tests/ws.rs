@@ -1,0 +1,390 @@
+#![cfg(feature = "ssr")]
+//! `GET /api/ws`: viewers, operators and device agents against the real server.
+
+mod common;
+
+use common::{Server, SseStream, Ws, eventually};
+use serde_json::{Value, json};
+
+fn command(device: &str, power_on: bool, request_id: &str) -> Value {
+    json!({"type": "command", "device": device, "set": {"power_on": power_on}, "request_id": request_id})
+}
+
+/// Reads SSE status events until one for `device` satisfies `check`.
+async fn sse_status_where(sse: &mut SseStream, device: &str, check: impl Fn(&Value) -> bool) {
+    loop {
+        let record = sse.expect_status().await;
+        let data = record.json();
+        if data["device"] == device && check(&data) {
+            return;
+        }
+    }
+}
+
+/// Answers the next command the agent receives; returns it.
+async fn answer_next_command(agent: &mut Ws, device: &str, apply: bool) -> Value {
+    let command = agent.expect("command").await;
+    assert_eq!(command["device"], device);
+    if apply {
+        let on = command["set"]["power_on"].clone();
+        agent
+            .send(&json!({"type": "status", "device": device, "update": {"power_on": on}}))
+            .await;
+    }
+    agent
+        .send(&json!({
+            "type": "result",
+            "request_id": command["request_id"],
+            "outcome": if apply { "applied" } else { "failed" },
+            "reason": if apply { Value::Null } else { json!("relay stuck") },
+        }))
+        .await;
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_sees_the_same_snapshot_and_events_as_sse() {
+    let server = Server::start().await;
+    server.post_status("a", &json!({"temperature": 1.5})).await;
+    let mut sse = server.sse("").await;
+    let sse_snapshot = sse.expect_start().await;
+    let mut viewer = server.viewer().await;
+    viewer.send(&json!({"type": "subscribe"})).await;
+    let snapshot = viewer.expect("snapshot").await;
+    assert_eq!(snapshot["id"], sse_snapshot.id);
+    assert_eq!(snapshot["data"], sse_snapshot.data);
+
+    let posted = server.post_status("a", &json!({"temperature": 2.5})).await;
+    let status = viewer.expect("status").await;
+    let record = sse.expect_status().await;
+    assert_eq!(status["id"], posted.id);
+    assert_eq!(record.id(), posted.id);
+    assert_eq!(status["data"], record.json());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_with_last_event_id_replays_exactly_the_missed_events() {
+    let server = Server::start().await;
+    let seen = server
+        .post_status("a", &json!({"temperature": 0.5}))
+        .await
+        .id;
+    let mut missed = Vec::new();
+    for i in 1..=3 {
+        let t = f64::from(i) + 0.5;
+        missed.push(server.post_status("a", &json!({"temperature": t})).await.id);
+    }
+    let mut viewer = server.viewer().await;
+    viewer
+        .send(&json!({"type": "subscribe", "last_event_id": seen}))
+        .await;
+    for id in &missed {
+        assert_eq!(viewer.expect("status").await["id"], *id);
+    }
+    // Nothing else was queued: the next message is a change made now.
+    let live = server.post_status("b", &json!({"power_on": true})).await;
+    let status = viewer.expect("status").await;
+    assert_eq!(status["id"], live.id);
+    assert_eq!(status["data"]["device"], "b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_acked_routed_applied_and_seen_on_sse() {
+    let server = Server::start().await;
+    let mut agent = server.agent("lamp").await;
+    agent
+        .send(&json!({"type": "status", "device": "lamp", "update": {"power_on": true}}))
+        .await;
+    eventually("the agent's first report", || async {
+        server
+            .device("lamp")
+            .await
+            .is_some_and(|d| d["status"]["power_on"] == true)
+    })
+    .await;
+    let mut sse = server.sse("?device=lamp").await;
+    let start = sse.expect_start().await;
+    assert_eq!(start.device("lamp").unwrap()["online"], true);
+
+    let mut operator = server.operator().await;
+    operator.send(&command("lamp", false, "r-1")).await;
+    assert_eq!(operator.expect("ack").await["request_id"], "r-1");
+    let routed = answer_next_command(&mut agent, "lamp", true).await;
+    assert_eq!(routed["set"], json!({"power_on": false}));
+    let result = operator.expect("result").await;
+    assert_eq!(result["request_id"], "r-1");
+    assert_eq!(result["outcome"], "applied");
+    sse_status_where(&mut sse, "lamp", |d| d["status"]["power_on"] == false).await;
+
+    // A refusal by the device is a failed result with its reason.
+    operator.send(&command("lamp", true, "r-2")).await;
+    operator.expect("ack").await;
+    answer_next_command(&mut agent, "lamp", false).await;
+    let result = operator.expect("result").await;
+    assert_eq!(result["outcome"], "failed");
+    assert_eq!(result["reason"], "relay stuck");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_command_takes_the_same_path() {
+    let server = Server::start().await;
+    let mut agent = server.agent("lamp").await;
+    let op = server.operator_token.clone();
+    let body = json!({"set": {"power_on": false}});
+    let (answer, _) = tokio::join!(
+        server.post_command("lamp", Some(&op), &body),
+        answer_next_command(&mut agent, "lamp", true)
+    );
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert_eq!(answer.1, json!({"outcome": "applied"}));
+    assert_eq!(
+        server.device("lamp").await.unwrap()["status"]["power_on"],
+        false
+    );
+
+    let (status, _) = server.post_command("lamp", None, &body).await;
+    assert_eq!(status, 401);
+    let (status, _) = server
+        .post_command("lamp", Some(&server.token.clone()), &body)
+        .await;
+    assert_eq!(status, 403);
+    let (status, err) = server
+        .post_command("lamp", Some(&op), &json!({"set": {}}))
+        .await;
+    assert_eq!(status, 422);
+    assert_eq!(err["field"], "set");
+    let (status, err) = server.post_command("nobody", Some(&op), &body).await;
+    assert_eq!(status, 503, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_a_device_without_an_agent_fails_at_once() {
+    let server = Server::start().await;
+    server
+        .post_status("http-only", &json!({"power_on": true}))
+        .await;
+    let mut operator = server.operator().await;
+    operator.send(&command("http-only", false, "r-1")).await;
+    let result = operator.expect("result").await;
+    assert_eq!(result["request_id"], "r-1");
+    assert_eq!(result["outcome"], "failed");
+    assert!(
+        result["reason"].as_str().unwrap().contains("no agent"),
+        "{result}"
+    );
+    assert_eq!(
+        server.device("http-only").await.unwrap()["status"]["power_on"],
+        true
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_command_times_out() {
+    let server = Server::start_with(&["--command-timeout", "300ms"]).await;
+    let mut agent = server.agent("mute").await;
+    let mut operator = server.operator().await;
+    operator.send(&command("mute", true, "r-1")).await;
+    operator.expect("ack").await;
+    let routed = agent.expect("command").await;
+    let result = operator.expect("result").await;
+    assert_eq!(result["outcome"], "timed_out");
+    // A late answer is refused; the connection stays up.
+    agent
+        .send(&json!({"type": "result", "request_id": routed["request_id"], "outcome": "applied"}))
+        .await;
+    let error = agent.expect("error").await;
+    assert_eq!(error["field"], "request_id");
+    let (status, _) = server
+        .post_command(
+            "mute",
+            Some(&server.operator_token.clone()),
+            &json!({"set": {"power_on": true}}),
+        )
+        .await;
+    assert_eq!(status, 504);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_roles_and_tokens_are_refused_and_change_nothing() {
+    let server = Server::start_with(&["--device-token", "rack=rack-secret"]).await;
+    let mut agent = server.agent("lamp").await;
+
+    // A viewer may not command.
+    let mut viewer = server.viewer().await;
+    viewer.send(&command("lamp", false, "r-1")).await;
+    assert_eq!(viewer.expect_close().await.0, 4403);
+
+    // A device may push for its own id only.
+    let mut rack = server
+        .ws_as(json!({"type": "hello", "v": 1, "role": "device", "token": "rack-secret", "device": "rack"}))
+        .await;
+    rack.send(&json!({"type": "status", "device": "other", "update": {"power_on": true}}))
+        .await;
+    assert_eq!(rack.expect_close().await.0, 4403);
+    assert_eq!(server.device("other").await, None);
+
+    // A device token is bound to its id.
+    let mut ws = server.ws().await;
+    ws.send(&json!({"type": "hello", "v": 1, "role": "device", "token": "rack-secret", "device": "other"}))
+        .await;
+    assert_eq!(ws.expect_close().await.0, 4403);
+
+    // A bad token, or none for an operator: 4401.
+    let mut ws = server.ws().await;
+    ws.send(&json!({"type": "hello", "v": 1, "role": "operator", "token": "nope"}))
+        .await;
+    assert_eq!(ws.expect_close().await.0, 4401);
+    let mut ws = server.ws().await;
+    ws.send(&json!({"type": "hello", "v": 1, "role": "operator"}))
+        .await;
+    assert_eq!(ws.expect_close().await.0, 4401);
+
+    // The token may come as a header instead; a bad one is a 401 upgrade.
+    let mut ws = server
+        .ws_with_bearer(Some(&server.operator_token.clone()))
+        .await;
+    ws.send(&json!({"type": "hello", "v": 1, "role": "operator"}))
+        .await;
+    assert_eq!(ws.expect("welcome").await["role"], "operator");
+    let refused = server
+        .client
+        .get(server.url("/api/ws"))
+        .bearer_auth("nope")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+
+    // The first message must be a hello.
+    let mut ws = server.ws().await;
+    ws.send(&json!({"type": "subscribe"})).await;
+    assert_eq!(ws.expect_close().await.0, 1008);
+
+    // Nothing reached the agent, and nothing changed.
+    let mut operator = server.operator().await;
+    operator.send(&command("lamp", true, "r-2")).await;
+    operator.expect("ack").await;
+    let routed = answer_next_command(&mut agent, "lamp", true).await;
+    assert_eq!(routed["set"], json!({"power_on": true}));
+    assert_eq!(operator.expect("result").await["request_id"], "r-2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversize_messages_are_refused_and_the_server_is_unharmed() {
+    let server = Server::start().await;
+    let mut agent = server.agent("probe").await;
+    agent.send_text("not json".into()).await;
+    assert!(agent.expect("error").await["error"].is_string());
+    agent.send(&json!({"type": "dance"})).await;
+    agent.expect("error").await;
+    agent
+        .send(&json!({"type": "status", "device": "probe", "update": {"temperature": 99999}}))
+        .await;
+    assert_eq!(agent.expect("error").await["field"], "temperature");
+    agent
+        .send(&json!({"type": "status", "device": "probe", "update": {"temprature": 1}}))
+        .await;
+    assert_eq!(agent.expect("error").await["field"], "temprature");
+
+    // The connection still works.
+    agent
+        .send(&json!({"type": "status", "device": "probe", "update": {"temperature": 20.5}}))
+        .await;
+    eventually("the valid report", || async {
+        server
+            .device("probe")
+            .await
+            .is_some_and(|d| d["status"]["temperature"] == 20.5)
+    })
+    .await;
+
+    let big = json!({"type": "status", "device": "probe", "update": {"name": "x".repeat(20_000)}});
+    agent.send(&big).await;
+    assert_eq!(agent.expect_close().await.0, 1009);
+    assert_eq!(server.healthz().await["status"], "ok");
+    let mut viewer = server.viewer().await;
+    viewer.send(&json!({"type": "subscribe"})).await;
+    viewer.expect("snapshot").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_disconnects_makes_its_device_offline_on_sse() {
+    let server = Server::start().await;
+    let agent = server.agent("lamp").await;
+    let mut sse = server.sse("?device=lamp").await;
+    assert_eq!(
+        sse.expect_start().await.device("lamp").unwrap()["online"],
+        true
+    );
+    drop(agent);
+    sse_status_where(&mut sse, "lamp", |d| d["online"] == false).await;
+    // A device fed over HTTP only has no `online` at all.
+    server
+        .post_status("plain", &json!({"power_on": true}))
+        .await;
+    assert!(
+        server
+            .device("plain")
+            .await
+            .unwrap()
+            .get("online")
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_disconnected_and_goes_offline() {
+    let server = Server::start_with(&["--ws-ping", "100ms", "--agent-timeout", "500ms"]).await;
+    let mut sse = server.sse("?device=quiet").await;
+    sse.expect_start().await;
+    // Never read again: no pongs go back.
+    let mut agent = server.agent("quiet").await;
+    sse_status_where(&mut sse, "quiet", |d| d["online"] == true).await;
+    sse_status_where(&mut sse, "quiet", |d| d["online"] == false).await;
+    let code = agent.closed().await;
+    assert!(matches!(code, None | Some(1001)), "closed with {code:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_replaces_the_first() {
+    let server = Server::start().await;
+    let mut first = server.agent("lamp").await;
+    let mut second = server.agent("lamp").await;
+    let (code, reason) = first.expect_close().await;
+    assert_eq!(code, 4409);
+    assert!(reason.contains("replaced"), "{reason}");
+    // The first one's cleanup left its successor online and in charge.
+    assert_eq!(server.device("lamp").await.unwrap()["online"], true);
+    let mut operator = server.operator().await;
+    operator.send(&command("lamp", false, "r-1")).await;
+    operator.expect("ack").await;
+    answer_next_command(&mut second, "lamp", true).await;
+    assert_eq!(operator.expect("result").await["outcome"], "applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulator_device_applies_commands() {
+    let server = Server::start_with_simulator(&["--simulator-interval", "100ms"]).await;
+    let freezer = loop {
+        if let Some(d) = server.device("freezer").await
+            && d["status"]["power_on"].is_boolean()
+        {
+            break d;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(freezer["online"], true);
+    let wanted = !freezer["status"]["power_on"].as_bool().unwrap();
+    let mut sse = server.sse("?device=freezer").await;
+    sse.expect_start().await;
+    let mut operator = server.operator().await;
+    operator.send(&command("freezer", wanted, "r-1")).await;
+    operator.expect("ack").await;
+    let result = operator.expect("result").await;
+    assert_eq!(result["outcome"], "applied", "{result}");
+    sse_status_where(&mut sse, "freezer", |d| d["status"]["power_on"] == wanted).await;
+}
