@@ -12,10 +12,14 @@
 //!   `auth` holds the tokens and roles; `simulator` is the built-in device
 //!   source (and agent of its devices); `assets` serves the WASM/JS/CSS
 //!   embedded in the binary.
+//! - `agent` (feature `ssr`): `telltale agent`, the device agent that reports
+//!   the real hardware of the machine it runs on over the WebSocket.
 //!
 //! Data flows one way: source (ingest, agent) → hub → (SSE | WebSocket |
 //! first render); commands flow back: operator → commands → agent.
 
+#[cfg(feature = "ssr")]
+pub mod agent;
 pub mod app;
 pub mod model;
 pub mod protocol;

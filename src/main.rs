@@ -1,7 +1,10 @@
-//! `telltale`: start-up only. Options → tracing → server.
+//! `telltale`: start-up only. Options → tracing → server, or `telltale agent`.
 
 use clap::Parser;
-use telltale::server::{self, config::Config};
+use telltale::server::{
+    self,
+    config::{Command, Config},
+};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -14,6 +17,9 @@ async fn main() -> std::process::ExitCode {
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
+    if let Some(Command::Agent(options)) = config.command {
+        return telltale::agent::run(options).await;
+    }
     raise_fd_limit();
     match server::run(config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

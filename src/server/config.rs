@@ -1,14 +1,27 @@
-//! Command-line options, each with an environment variable.
+//! Command-line options, each with an environment variable: the server's
+//! ([`Config`], `telltale` with no subcommand) and the device agent's
+//! ([`AgentOptions`], `telltale agent`).
 
-use crate::model::DeviceId;
-use clap::Parser;
+use crate::model::{DeviceId, MAX_NAME_CHARS};
 use clap::builder::BoolishValueParser;
+use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "telltale", version, about = "A live hardware-status dashboard")]
+#[command(
+    name = "telltale",
+    version,
+    about = "A live hardware-status dashboard",
+    long_about = "A live hardware-status dashboard. With no subcommand, runs the server; \
+                  `telltale agent` reports this machine's hardware to a server.",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Config {
+    /// `agent`, or none to run the server.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, env = "TELLTALE_ADDR", default_value = "127.0.0.1:3000")]
     pub addr: SocketAddr,
@@ -76,6 +89,87 @@ pub struct Config {
     pub client_queue: u32,
 }
 
+/// What `telltale` runs besides the server.
+#[derive(Clone, Debug, Subcommand)]
+pub enum Command {
+    /// Report this machine's hardware (CPU temperature, load, memory, CPU
+    /// use, uptime) to a Telltale server as one device, and obey its power
+    /// commands.
+    Agent(AgentOptions),
+}
+
+/// The options of `telltale agent`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct AgentOptions {
+    /// The server's WebSocket endpoint (`ws://HOST:PORT/api/ws`).
+    #[arg(long, env = "TELLTALE_SERVER", default_value = "ws://127.0.0.1:3000/api/ws",
+          value_parser = parse_ws_url)]
+    pub server: String,
+
+    /// The device id to report as (1-64 of a-z 0-9 - _). Defaults to this
+    /// machine's hostname, lowercased, up to its first dot, other characters
+    /// made `-`.
+    #[arg(long, env = "TELLTALE_DEVICE", value_parser = parse_device_id)]
+    pub device: Option<DeviceId>,
+
+    /// A token for the `device` role: the server's `--device-token` for this
+    /// id, or its ingest token.
+    #[arg(long, env = "TELLTALE_DEVICE_TOKEN", hide_env_values = true)]
+    pub token: String,
+
+    /// How often to read the hardware and report what changed, e.g. `5s`.
+    #[arg(long, env = "TELLTALE_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub interval: Duration,
+
+    /// The device's display name. Defaults to the hostname.
+    #[arg(long, env = "TELLTALE_NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+}
+
+fn parse_ws_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.starts_with("wss://") {
+        return Err(
+            "wss:// is not supported by this build; use ws:// (behind a \
+                    TLS-terminating proxy, run the agent on the same network)"
+                .into(),
+        );
+    }
+    match s.strip_prefix("ws://") {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(s.to_owned()),
+        _ => Err("expected ws://HOST:PORT/api/ws".into()),
+    }
+}
+
+fn parse_device_id(s: &str) -> Result<DeviceId, String> {
+    DeviceId::parse(s).map_err(str::to_owned)
+}
+
+/// Readings more often than this measure nothing but the agent itself.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let interval = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if interval < MIN_INTERVAL {
+        return Err(format!("the interval is at least {MIN_INTERVAL:?}"));
+    }
+    Ok(interval)
+}
+
+/// The rule of `StatusUpdate::validate` for `name`, checked at start.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+        return Err(format!(
+            "a name is 1 to {MAX_NAME_CHARS} characters, not blank"
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("a name has no control characters".into());
+    }
+    Ok(name.to_owned())
+}
+
 fn parse_device_token(s: &str) -> Result<(DeviceId, String), String> {
     let (id, token) = s
         .split_once('=')
@@ -137,5 +231,57 @@ mod tests {
         assert!(Config::try_parse_from(["telltale", "--device-token", "Bad=x"]).is_err());
         assert!(Config::try_parse_from(["telltale", "--device-token", "a="]).is_err());
         assert!(Config::try_parse_from(["telltale", "--device-token", "a"]).is_err());
+    }
+
+    fn agent(args: &[&str]) -> Result<AgentOptions, clap::Error> {
+        let c = Config::try_parse_from(["telltale", "agent"].iter().chain(args))?;
+        match c.command {
+            Some(Command::Agent(options)) => Ok(options),
+            None => panic!("`telltale agent` parsed as the server"),
+        }
+    }
+
+    #[test]
+    fn no_subcommand_is_the_server_and_agent_is_the_agent() {
+        assert!(
+            Config::try_parse_from(["telltale"])
+                .unwrap()
+                .command
+                .is_none()
+        );
+        let a = agent(&["--token", "t"]).unwrap();
+        assert_eq!(a.server, "ws://127.0.0.1:3000/api/ws");
+        assert_eq!(a.device, None);
+        assert_eq!(a.interval, Duration::from_secs(5));
+        assert_eq!(a.name, None);
+        let a = agent(&[
+            "--token",
+            "t",
+            "--server",
+            "ws://10.0.0.2:80/api/ws",
+            "--device",
+            "rack-1",
+            "--interval",
+            "200ms",
+            "--name",
+            " Rack 1 ",
+        ])
+        .unwrap();
+        assert_eq!(a.server, "ws://10.0.0.2:80/api/ws");
+        assert_eq!(a.device.unwrap().as_str(), "rack-1");
+        assert_eq!(a.interval, Duration::from_millis(200));
+        assert_eq!(a.name.as_deref(), Some("Rack 1"));
+    }
+
+    #[test]
+    fn agent_options_are_checked() {
+        assert!(agent(&[]).is_err(), "a token is required");
+        assert!(agent(&["--token", "t", "--device", "Not OK"]).is_err());
+        assert!(agent(&["--token", "t", "--server", "http://x/api/ws"]).is_err());
+        assert!(agent(&["--token", "t", "--server", "wss://x/api/ws"]).is_err());
+        assert!(agent(&["--token", "t", "--interval", "1ms"]).is_err());
+        assert!(agent(&["--token", "t", "--name", "  "]).is_err());
+        // Server options belong before no subcommand at all.
+        assert!(Config::try_parse_from(["telltale", "--addr", "127.0.0.1:1", "agent"]).is_err());
     }
 }

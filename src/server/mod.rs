@@ -154,7 +154,8 @@ fn token_or_random(kind: &str, configured: Option<&str>) -> Token {
     }
 }
 
-async fn shutdown_signal() {
+/// Ctrl-C or SIGTERM.
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
