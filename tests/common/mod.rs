@@ -54,6 +54,8 @@ pub struct Server {
     pub operator_token: String,
     pub client: reqwest::Client,
     log: Arc<Mutex<Vec<String>>>,
+    extra: Vec<String>,
+    simulator: bool,
 }
 
 /// The answer of a successful `POST /api/devices/{id}/status`.
@@ -85,76 +87,17 @@ impl Server {
         let n = SERVERS.fetch_add(1, Ordering::Relaxed);
         let token = format!("test-token-{}-{n}", std::process::id());
         let operator_token = format!("test-operator-{}-{n}", std::process::id());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
-        command
-            .args([
-                "--addr",
-                "127.0.0.1:0",
-                "--ingest-token",
-                &token,
-                "--operator-token",
-                &operator_token,
-                "--simulator",
-                if simulator { "on" } else { "off" },
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info,tower_http=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        for var in [
-            "TELLTALE_ADDR",
-            "TELLTALE_INGEST_TOKEN",
-            "TELLTALE_SIMULATOR",
-            "TELLTALE_SIMULATOR_INTERVAL",
-            "TELLTALE_HEARTBEAT",
-            "TELLTALE_REPLAY_CAPACITY",
-            "TELLTALE_CLIENT_QUEUE",
-            "TELLTALE_OPERATOR_TOKEN",
-            "TELLTALE_VIEWER_TOKEN",
-            "TELLTALE_DEVICE_TOKENS",
-            "TELLTALE_COMMAND_TIMEOUT",
-            "TELLTALE_AGENT_TIMEOUT",
-            "TELLTALE_WS_PING",
-            "LEPTOS_RELOAD_PORT",
-        ] {
-            command.env_remove(var);
-        }
-        let mut child = command.spawn().expect("the telltale binary starts");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let log = Arc::new(Mutex::new(Vec::new()));
-        drain(child.stderr.take().expect("piped stderr"), log.clone());
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-
-        let addr = tokio::time::timeout(PATIENCE, async {
-            while let Some(line) = stdout.next_line().await.expect("server stdout is readable") {
-                log.lock().unwrap().push(line.clone());
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    return Some(addr.parse::<SocketAddr>().expect("a socket address"));
-                }
-            }
-            None
-        })
+        let (child, addr) = spawn_server(
+            "127.0.0.1:0",
+            &token,
+            &operator_token,
+            &extra,
+            simulator,
+            log.clone(),
+        )
         .await;
-        let addr = match addr {
-            Ok(Some(addr)) => addr,
-            Ok(None) => panic!(
-                "the server exited before listening; output:\n{}",
-                log.lock().unwrap().join("\n")
-            ),
-            Err(_) => panic!(
-                "the server did not start listening; output:\n{}",
-                log.lock().unwrap().join("\n")
-            ),
-        };
-        // Keep reading so the pipe never fills and blocks the server's logging.
-        let log_out = log.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stdout.next_line().await {
-                log_out.lock().unwrap().push(line);
-            }
-        });
         Server {
             child,
             addr,
@@ -163,7 +106,31 @@ impl Server {
             operator_token,
             client: reqwest::Client::builder().build().expect("an HTTP client"),
             log,
+            extra,
+            simulator,
         }
+    }
+
+    /// Kills the server and starts it again on the same address, with the
+    /// same tokens and options, and nothing of its state.
+    pub async fn restart(&mut self) {
+        self.child.kill().await.expect("the server is killed");
+        let (child, addr) = spawn_server(
+            &self.addr.to_string(),
+            &self.token,
+            &self.operator_token,
+            &self.extra,
+            self.simulator,
+            self.log.clone(),
+        )
+        .await;
+        assert_eq!(addr, self.addr);
+        self.child = child;
+    }
+
+    /// The URL of `GET /api/ws`, for an agent.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/api/ws", self.addr)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -352,13 +319,172 @@ impl Drop for Server {
     }
 }
 
-fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<Vec<String>>>) {
+/// Every environment variable the binary reads, removed from its children so
+/// the developer's own settings never leak into a test.
+const TELLTALE_VARS: &[&str] = &[
+    "TELLTALE_ADDR",
+    "TELLTALE_INGEST_TOKEN",
+    "TELLTALE_SIMULATOR",
+    "TELLTALE_SIMULATOR_INTERVAL",
+    "TELLTALE_HEARTBEAT",
+    "TELLTALE_REPLAY_CAPACITY",
+    "TELLTALE_CLIENT_QUEUE",
+    "TELLTALE_OPERATOR_TOKEN",
+    "TELLTALE_VIEWER_TOKEN",
+    "TELLTALE_DEVICE_TOKENS",
+    "TELLTALE_COMMAND_TIMEOUT",
+    "TELLTALE_AGENT_TIMEOUT",
+    "TELLTALE_WS_PING",
+    "TELLTALE_SERVER",
+    "TELLTALE_DEVICE",
+    "TELLTALE_DEVICE_TOKEN",
+    "TELLTALE_INTERVAL",
+    "TELLTALE_NAME",
+    "LEPTOS_RELOAD_PORT",
+];
+
+/// Starts `telltale` on `addr`; returns it once it logs where it listens.
+async fn spawn_server(
+    addr: &str,
+    token: &str,
+    operator_token: &str,
+    extra: &[String],
+    simulator: bool,
+    log: Arc<Mutex<Vec<String>>>,
+) -> (Child, SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
+    command
+        .args([
+            "--addr",
+            addr,
+            "--ingest-token",
+            token,
+            "--operator-token",
+            operator_token,
+            "--simulator",
+            if simulator { "on" } else { "off" },
+        ])
+        .args(extra)
+        .env("RUST_LOG", "info,tower_http=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for var in TELLTALE_VARS {
+        command.env_remove(var);
+    }
+    let mut child = command.spawn().expect("the telltale binary starts");
+    drain(child.stderr.take().expect("piped stderr"), log.clone());
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = stdout.next_line().await.expect("server stdout is readable") {
+            log.lock().unwrap().push(line.clone());
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                return Some(addr.parse::<SocketAddr>().expect("a socket address"));
+            }
+        }
+        None
+    })
+    .await;
+    let addr = match addr {
+        Ok(Some(addr)) => addr,
+        Ok(None) => panic!(
+            "the server exited before listening; output:\n{}",
+            log.lock().unwrap().join("\n")
+        ),
+        Err(_) => panic!(
+            "the server did not start listening; output:\n{}",
+            log.lock().unwrap().join("\n")
+        ),
+    };
+    // Keep reading so the pipe never fills and blocks the server's logging.
+    drain_lines(stdout, log);
+    (child, addr)
+}
+
+/// A `telltale agent` process, killed when dropped; its output is kept.
+pub struct AgentProcess {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl AgentProcess {
+    /// Starts `telltale agent` with `args` and a clean environment.
+    pub fn start(args: &[&str]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
+        command
+            .arg("agent")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for var in TELLTALE_VARS {
+            command.env_remove(var);
+        }
+        let mut child = command.spawn().expect("the telltale binary starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        drain(child.stderr.take().expect("piped stderr"), log.clone());
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        drain_lines(stdout, log.clone());
+        Self { child, log }
+    }
+
+    /// Waits for the agent to exit on its own; returns its exit code.
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        within("the agent to exit", self.child.wait())
+            .await
+            .expect("the agent can be waited for")
+            .code()
+    }
+
+    /// Kills the agent (SIGKILL: no goodbye) and waits for it.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("the agent is killed");
+    }
+
+    /// Asks the agent to stop (SIGTERM) and returns its exit code.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        let pid = self.child.id().expect("the agent is running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM {pid}");
+        self.exit_code().await
+    }
+
+    /// Everything the agent printed so far.
+    pub fn output(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- telltale agent output ---\n{}\n---", self.output());
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+fn drain_lines<R: AsyncRead + Unpin + Send + 'static>(
+    mut lines: tokio::io::Lines<BufReader<R>>,
+    log: Arc<Mutex<Vec<String>>>,
+) {
     tokio::spawn(async move {
-        let mut lines = BufReader::new(pipe).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             log.lock().unwrap().push(line);
         }
     });
+}
+
+fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<Vec<String>>>) {
+    drain_lines(BufReader::new(pipe).lines(), log);
 }
 
 async fn send_json(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
