@@ -117,6 +117,7 @@ impl Server {
             "TELLTALE_COMMAND_TIMEOUT",
             "TELLTALE_AGENT_TIMEOUT",
             "TELLTALE_WS_PING",
+            "TELLTALE_SECURE_COOKIE",
             "LEPTOS_RELOAD_PORT",
         ] {
             command.env_remove(var);
