@@ -223,3 +223,30 @@ async fn signing_out_ends_the_session() {
         .unwrap();
     assert_eq!(response.status(), 204);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_renders_switches_only_for_a_live_session() {
+    let server = Server::start_with_simulator(&["--simulator-interval", "10s"]).await;
+    power_of(&server, "greenhouse").await;
+    let page = |cookie: Option<String>| {
+        let mut request = server.client.get(server.url("/"));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let anonymous = page(None).await;
+    assert!(anonymous.contains("data-device=\"greenhouse\""));
+    assert!(!anonymous.contains("power-switch"));
+    assert!(anonymous.contains("Operator token"));
+
+    let (_, cookie, _) = sign_in(&server, &server.operator_token.clone()).await;
+    let cookie = cookie_pair(&cookie.unwrap());
+    let signed_in = page(Some(cookie.clone())).await;
+    assert_eq!(signed_in.matches("data-testid=\"power-switch\"").count(), 3);
+    assert!(signed_in.contains("Sign out"));
+    assert!(!signed_in.contains(&server.operator_token));
+
+    let bogus = page(Some("telltale_session=bogus".into())).await;
+    assert!(!bogus.contains("power-switch"));
+}
