@@ -38,6 +38,8 @@ process.once("exit", () => {
 export interface ServerOptions {
   /** Bearer token for the ingest API; a fresh random one by default. */
   token?: string;
+  /** The operator token (`--operator-token`); a fresh random one by default. */
+  operatorToken?: string;
   /** Run the built-in simulator, reporting at this interval (e.g. "200ms"); off by default. */
   simulator?: string;
   /** Extra command-line arguments. */
@@ -53,6 +55,7 @@ export interface Exit {
 
 export class Server {
   readonly token: string;
+  readonly operatorToken: string;
   private child: ChildProcess | null = null;
   private exited: Promise<Exit> | null = null;
   private lines: string[] = [];
@@ -61,6 +64,7 @@ export class Server {
 
   private constructor(private readonly options: ServerOptions) {
     this.token = options.token ?? `e2e-${Math.random().toString(36).slice(2)}${Date.now()}`;
+    this.operatorToken = options.operatorToken ?? `e2e-op-${Math.random().toString(36).slice(2)}${Date.now()}`;
   }
 
   /** Starts a server on a free port and waits until it listens. */
@@ -148,7 +152,14 @@ export class Server {
   }
 
   private args(port: number): string[] {
-    const args = ["--addr", `127.0.0.1:${port}`, "--ingest-token", this.token];
+    const args = [
+      "--addr",
+      `127.0.0.1:${port}`,
+      "--ingest-token",
+      this.token,
+      "--operator-token",
+      this.operatorToken,
+    ];
     if (this.options.simulator) {
       args.push("--simulator", "on", "--simulator-interval", this.options.simulator);
     } else {
@@ -290,6 +301,17 @@ export function indicator(page: Page) {
 /** The card of one device. */
 export function card(page: Page, id: string) {
   return page.locator(`article[data-testid="device"][data-device="${id}"]`);
+}
+
+/** Every power switch on the page (there are none without operator rights). */
+export function switches(page: Page) {
+  return page.getByTestId("power-switch");
+}
+
+/** Signs the page in as operator through its header form. */
+export async function signIn(page: Page, token: string) {
+  await page.getByTestId("operator-token").fill(token);
+  await page.getByRole("button", { name: "Sign in" }).click();
 }
 
 /**

@@ -2,8 +2,13 @@
 //!
 //! Each card owns a signal for its device, so an event re-renders only the
 //! values of the card it concerns.
+//!
+//! With operator rights (an operator session cookie, known to the server when
+//! it renders and carried into hydration with the snapshot) each card has a
+//! power switch. The switch only ever shows the device's confirmed state, as
+//! the status events report it; a click only makes it pending.
 
-use super::live;
+use super::{api, live};
 use crate::model::{Device, DeviceId, Snapshot, StatusEvent};
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -39,6 +44,8 @@ pub struct Board {
     pub connection: RwSignal<Connection>,
     /// Milliseconds since the epoch; ticks so "updated N s ago" keeps counting.
     pub now_ms: RwSignal<i64>,
+    /// Whether this page has operator rights (a live session cookie).
+    pub operator: RwSignal<bool>,
 }
 
 // The server renders; only the browser applies events.
@@ -58,6 +65,7 @@ impl Board {
             cards: RwSignal::new(cards),
             connection: RwSignal::new(Connection::Offline),
             now_ms: RwSignal::new(initial.now_ms),
+            operator: RwSignal::new(initial.operator),
         }
     }
 
@@ -113,15 +121,28 @@ impl Board {
 struct Initial {
     snapshot: Snapshot,
     now_ms: i64,
+    /// The request's cookie is a live operator session: render the controls.
+    operator: bool,
 }
 
 #[cfg(feature = "ssr")]
 fn initial() -> Initial {
+    use crate::server::auth::Auth;
     use crate::server::hub::{Filter, Hub};
-    let hub = expect_context::<std::sync::Arc<Hub>>();
+    use std::sync::Arc;
+    let hub = expect_context::<Arc<Hub>>();
+    // No request parts when the app is rendered to list its routes.
+    let operator = match (
+        use_context::<axum::http::request::Parts>(),
+        use_context::<Arc<Auth>>(),
+    ) {
+        (Some(parts), Some(auth)) => auth.has_session(&parts.headers),
+        _ => false,
+    };
     Initial {
         snapshot: hub.snapshot(&Filter::default()),
         now_ms: chrono::Utc::now().timestamp_millis(),
+        operator,
     }
 }
 
@@ -141,6 +162,7 @@ pub fn Dashboard() -> impl IntoView {
     view! {
         <header class="top">
             <h1>"Telltale"</h1>
+            <SessionControl operator=board.operator />
             <span
                 class="connection"
                 class:live=move || board.connection.get() == Connection::Live
@@ -153,7 +175,7 @@ pub fn Dashboard() -> impl IntoView {
         </header>
         <main class="grid" class:stale=move || board.connection.get() != Connection::Live>
             <For each=move || board.cards.get() key=|card| card.id.clone() let:card>
-                <DeviceCard device=card.device now_ms=board.now_ms />
+                <DeviceCard device=card.device now_ms=board.now_ms operator=board.operator />
             </For>
             <Show when=move || board.cards.with(Vec::is_empty)>
                 <p class="empty">"No devices yet. They appear here as soon as they report."</p>
@@ -162,27 +184,188 @@ pub fn Dashboard() -> impl IntoView {
     }
 }
 
+/// Operator sign-in (the token is posted once, then forgotten: the server
+/// answers with an `HttpOnly` session cookie) or, when signed in, sign-out.
 #[component]
-fn DeviceCard(device: RwSignal<Device>, now_ms: RwSignal<i64>) -> impl IntoView {
+fn SessionControl(operator: RwSignal<bool>) -> impl IntoView {
+    let token = RwSignal::new(String::new());
+    let busy = RwSignal::new(false);
+    let error = RwSignal::new(None::<String>);
+    let sign_in = move |ev: leptos::ev::SubmitEvent| {
+        ev.prevent_default();
+        if busy.get_untracked() {
+            return;
+        }
+        busy.set(true);
+        let given = token.get_untracked();
+        leptos::task::spawn_local(async move {
+            let result = api::sign_in(given).await;
+            busy.set(false);
+            match result {
+                Ok(()) => {
+                    token.set(String::new());
+                    error.set(None);
+                    operator.set(true);
+                }
+                Err(failure) => error.set(Some(failure.message)),
+            }
+        });
+    };
+    let sign_out = move |_| {
+        busy.set(true);
+        leptos::task::spawn_local(async move {
+            let result = api::sign_out().await;
+            busy.set(false);
+            match result {
+                Ok(()) => {
+                    error.set(None);
+                    operator.set(false);
+                }
+                Err(failure) => error.set(Some(failure.message)),
+            }
+        });
+    };
+    view! {
+        <div class="session">
+            <Show
+                when=move || operator.get()
+                fallback=move || {
+                    // `method="post"` keeps the token out of the URL should the
+                    // form ever be sent before the page is hydrated.
+                    view! {
+                        <form
+                            method="post"
+                            action="/api/session"
+                            data-testid="sign-in"
+                            on:submit=sign_in
+                        >
+                            <label>
+                                <span>"Operator token"</span>
+                                <input
+                                    type="password"
+                                    name="token"
+                                    autocomplete="current-password"
+                                    required
+                                    data-testid="operator-token"
+                                    bind:value=token
+                                />
+                            </label>
+                            <button type="submit" disabled=move || busy.get()>
+                                "Sign in"
+                            </button>
+                        </form>
+                    }
+                }
+            >
+                <span class="role" data-testid="operator">
+                    "Operator"
+                </span>
+                <button
+                    type="button"
+                    data-testid="sign-out"
+                    disabled=move || busy.get()
+                    on:click=sign_out
+                >
+                    "Sign out"
+                </button>
+            </Show>
+            <Show when=move || error.with(Option::is_some)>
+                <span class="session-error" role="alert" data-testid="session-error">
+                    {move || error.get()}
+                </span>
+            </Show>
+        </div>
+    }
+}
+
+#[component]
+fn DeviceCard(
+    device: RwSignal<Device>,
+    now_ms: RwSignal<i64>,
+    operator: RwSignal<bool>,
+) -> impl IntoView {
     let id = device.with_untracked(|d| d.id.to_string());
     let metric_names =
         move || device.with(|d| d.status.metrics.keys().cloned().collect::<Vec<_>>());
+    let power_on = move || device.with(|d| d.status.power_on == Some(true));
+    // Its agent went away: unlike a device that never had one (`None`).
+    let offline = move || device.with(|d| d.online == Some(false));
+    let pending = RwSignal::new(false);
+    let error = RwSignal::new(None::<String>);
+    let device_id = id.clone();
+    let toggle = move |_| {
+        if pending.get_untracked() {
+            return;
+        }
+        // Asks for the opposite of the confirmed state; shows nothing new
+        // until the device's status event says it happened.
+        let want = !power_on_untracked(device);
+        pending.set(true);
+        error.set(None);
+        let device_id = device_id.clone();
+        leptos::task::spawn_local(async move {
+            let result = api::set_power(&device_id, want).await;
+            // The card may be gone by now (its device vanished).
+            let _ = pending.try_set(false);
+            if let Err(failure) = result {
+                let _ = error.try_set(Some(failure.message));
+                if failure.unauthorized {
+                    // The session ended: show the sign-in form again.
+                    let _ = operator.try_set(false);
+                }
+            }
+        });
+    };
     view! {
-        <article class="card" data-testid="device" data-device=id>
+        <article class="card" class:offline=offline data-testid="device" data-device=id>
             <header>
                 <h2 data-testid="name">{move || device.with(|d| d.name.clone())}</h2>
-                <span
-                    class="power"
-                    class:on=move || device.with(|d| d.status.power_on == Some(true))
-                    data-testid="power"
-                >
-                    {move || match device.with(|d| d.status.power_on) {
-                        Some(true) => "on",
-                        Some(false) => "off",
-                        None => "—",
-                    }}
+                <span class="badges">
+                    <Show when=offline>
+                        <span class="badge offline" data-testid="offline">
+                            "offline"
+                        </span>
+                    </Show>
+                    <span class="power" class:on=power_on data-testid="power">
+                        {move || match device.with(|d| d.status.power_on) {
+                            Some(true) => "on",
+                            Some(false) => "off",
+                            None => "—",
+                        }}
+                    </span>
                 </span>
             </header>
+            <Show when=move || operator.get()>
+                <div class="control">
+                    <button
+                        type="button"
+                        class="switch"
+                        data-testid="power-switch"
+                        aria-pressed=move || power_on().to_string()
+                        data-state=move || {
+                            if pending.get() {
+                                "pending"
+                            } else if power_on() {
+                                "on"
+                            } else {
+                                "off"
+                            }
+                        }
+                        disabled=move || pending.get()
+                        on:click=toggle.clone()
+                    >
+                        <span class="switch-track" aria-hidden="true">
+                            <span class="switch-knob"></span>
+                        </span>
+                        "Power"
+                    </button>
+                </div>
+            </Show>
+            <Show when=move || error.with(Option::is_some)>
+                <p class="command-error" role="alert" data-testid="command-error">
+                    {move || error.get()}
+                </p>
+            </Show>
             <dl class="readings">
                 <div>
                     <dt>"Temperature"</dt>
@@ -222,6 +405,10 @@ fn DeviceCard(device: RwSignal<Device>, now_ms: RwSignal<i64>) -> impl IntoView 
             </footer>
         </article>
     }
+}
+
+fn power_on_untracked(device: RwSignal<Device>) -> bool {
+    device.with_untracked(|d| d.status.power_on == Some(true))
 }
 
 fn reading(value: Option<f64>, unit: &str) -> String {

@@ -1,5 +1,6 @@
 //! The UI, shared by server rendering and hydration.
 
+mod api;
 mod dashboard;
 mod live;
 

@@ -1,4 +1,5 @@
-//! The JSON API: device reads, the ingest endpoint and `/healthz`.
+//! The JSON API: device reads, the ingest endpoint, commands, operator
+//! sessions and `/healthz`.
 
 use super::AppState;
 use super::error::ApiError;
@@ -8,7 +9,8 @@ use crate::protocol::{CommandSet, Outcome};
 use axum::Json;
 use axum::body::{Body, to_bytes};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -75,6 +77,57 @@ pub async fn post_command(
         Outcome::Failed => Err(ApiError::CommandFailed(settled.reason.unwrap_or_default())),
         Outcome::TimedOut => Err(ApiError::CommandTimedOut(state.commands.timeout())),
     }
+}
+
+/// The body of `POST /api/session`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    pub token: String,
+}
+
+/// `POST /api/session`: trades the operator token, sent once, for an
+/// `HttpOnly` session cookie; the page never keeps the token. Any other
+/// token, or none, is a 401.
+pub async fn sign_in(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: SignIn = read_json(&headers, body).await?;
+    if !state.auth.operator.matches(&request.token) {
+        return Err(ApiError::WrongOperatorToken);
+    }
+    // Signing in again replaces the session this browser had.
+    if let Some(old) = super::auth::session_cookie(&headers) {
+        state.auth.sessions.end(old);
+    }
+    let id = state.auth.sessions.create();
+    Ok(with_cookie(
+        Json(json!({ "role": "operator" })).into_response(),
+        &state.auth.session_set_cookie(&id),
+    ))
+}
+
+/// `DELETE /api/session`: ends this browser's session (if any) and clears
+/// the cookie. Always a 204, so signing out twice is harmless.
+pub async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(id) = super::auth::session_cookie(&headers) {
+        state.auth.sessions.end(id);
+    }
+    with_cookie(
+        StatusCode::NO_CONTENT.into_response(),
+        &state.auth.session_clear_cookie(),
+    )
+}
+
+fn with_cookie(mut response: Response, cookie: &str) -> Response {
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(cookie) {
+        headers.insert(header::SET_COOKIE, value);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 pub async fn healthz(State(state): State<AppState>) -> Json<Value> {

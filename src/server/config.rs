@@ -49,6 +49,14 @@ pub struct Config {
           value_delimiter = ',', value_parser = parse_device_token)]
     pub device_tokens: Vec<(DeviceId, String)>,
 
+    /// Mark the operator session cookie `Secure`, so browsers only send it
+    /// over https. Set it when the page is served over https (e.g. behind a
+    /// TLS-terminating proxy); leave it off for plain http such as
+    /// 127.0.0.1, where browsers would drop a `Secure` cookie.
+    #[arg(long, env = "TELLTALE_SECURE_COOKIE", default_value = "off",
+          value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub secure_cookie: bool,
+
     /// How long a command waits for its device's answer, e.g. `5s`.
     #[arg(long, env = "TELLTALE_COMMAND_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub command_timeout: Duration,
@@ -214,6 +222,9 @@ mod tests {
         assert_eq!(c.command_timeout, Duration::from_secs(5));
         assert_eq!(c.operator_token, None);
         assert!(c.device_tokens.is_empty());
+        assert!(!c.secure_cookie);
+        let c = Config::try_parse_from(["telltale", "--secure-cookie", "on"]).unwrap();
+        assert!(c.secure_cookie);
         let c = Config::try_parse_from([
             "telltale",
             "--device-token",

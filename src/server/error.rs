@@ -15,6 +15,14 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("{0}")]
     Forbidden(String),
+    /// `POST /api/session` with anything but the operator token.
+    #[error("wrong operator token")]
+    WrongOperatorToken,
+    /// A session cookie that is not (or no longer) a live session.
+    #[error(
+        "the operator session has ended (signed out, expired or the server restarted): sign in again"
+    )]
+    SessionEnded,
     #[error("the body must be JSON: send `Content-Type: application/json`")]
     UnsupportedMediaType,
     #[error("the body is larger than {limit} bytes")]
@@ -43,7 +51,9 @@ impl ApiError {
 
     fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized(_) | Self::WrongOperatorToken | Self::SessionEnded => {
+                StatusCode::UNAUTHORIZED
+            }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MalformedJson(_) | Self::BadBody(_) => StatusCode::BAD_REQUEST,
@@ -77,7 +87,7 @@ impl IntoResponse for ApiError {
             _ => json!({ "error": self.to_string() }),
         };
         let mut response = (self.status(), Json(body)).into_response();
-        if matches!(self, Self::Unauthorized(_)) {
+        if self.status() == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),

@@ -44,10 +44,15 @@ pub struct AppState {
 /// Every route. Tests and `main` build the same router.
 pub fn app(state: AppState) -> Router {
     let hub = state.hub.clone();
+    let auth = state.auth.clone();
     let options = state.leptos_options.clone();
     // Renders the app once to list its routes (and sets up Leptos' executor),
-    // so it needs the same context as a real request.
-    let context = move || provide_context(hub.clone());
+    // so it needs the same context as a real request. The auth lets the
+    // render tell whether the request's cookie is an operator session.
+    let context = move || {
+        provide_context(hub.clone());
+        provide_context(auth.clone());
+    };
     let (routes, _) = leptos_axum::generate_route_list_with_exclusions_and_ssg_and_context(
         App,
         None,
@@ -60,6 +65,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}", get(api::get_device))
         .route("/api/devices/{id}/status", post(api::post_status))
         .route("/api/devices/{id}/commands", post(api::post_command))
+        .route("/api/session", post(api::sign_in).delete(api::sign_out))
         .route("/api/events", get(sse::events))
         .route("/api/ws", get(ws::upgrade))
         .fallback(assets::serve)
@@ -98,6 +104,8 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             .iter()
             .map(|(id, t)| (id.clone(), Token::new(t.as_str())))
             .collect(),
+        sessions: auth::Sessions::default(),
+        secure_cookie: config.secure_cookie,
     });
     let shutdown = CancellationToken::new();
     let hub = Arc::new(Hub::new(

@@ -1,0 +1,108 @@
+//! The page's few requests to the server: operator sign-in and sign-out,
+//! and commands. All go to the page's own origin, so the browser sends the
+//! `HttpOnly` session cookie by itself; the page never sees it, and keeps the
+//! operator token only for the moment it takes to post it.
+
+/// Why a request did not succeed, in words the page can show.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub message: String,
+    /// The server answered 401: the page is not (or no longer) signed in.
+    pub unauthorized: bool,
+}
+
+/// `POST /api/session` with the operator token.
+pub async fn sign_in(token: String) -> Result<(), Failure> {
+    let body = serde_json::json!({ "token": token }).to_string();
+    send(Method::Post, "/api/session", Some(body)).await
+}
+
+/// `DELETE /api/session`.
+pub async fn sign_out() -> Result<(), Failure> {
+    send(Method::Delete, "/api/session", None).await
+}
+
+/// `POST /api/devices/{id}/commands` setting `power_on`. Ends when the device
+/// has applied the command (or refused it, or the server gave up waiting);
+/// the new state itself arrives as a status event.
+pub async fn set_power(device: &str, on: bool) -> Result<(), Failure> {
+    let body = serde_json::json!({ "set": { "power_on": on } }).to_string();
+    send(
+        Method::Post,
+        &format!("/api/devices/{device}/commands"),
+        Some(body),
+    )
+    .await
+}
+
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+enum Method {
+    Post,
+    Delete,
+}
+
+/// The server's own timeout ends a command long before this; it only guards
+/// against a request that never ends (a proxy, a dead connection).
+#[cfg(feature = "hydrate")]
+const GIVE_UP_MS: u32 = 30_000;
+
+#[cfg(feature = "hydrate")]
+async fn send(method: Method, url: &str, body: Option<String>) -> Result<(), Failure> {
+    use gloo_net::http::Request;
+
+    let fail = |message: String| Failure {
+        message,
+        unauthorized: false,
+    };
+    let builder = match method {
+        Method::Post => Request::post(url),
+        Method::Delete => Request::delete(url),
+    };
+    let signal = web_sys::AbortSignal::timeout_with_u32(GIVE_UP_MS);
+    let builder = builder.abort_signal(Some(&signal));
+    let sent = match body {
+        // `application/json` is also what keeps other sites out (see
+        // `server::auth::Auth::check_operator`).
+        Some(body) => {
+            builder
+                .header("content-type", "application/json")
+                .body(body)
+                .map_err(|e| fail(e.to_string()))?
+                .send()
+                .await
+        }
+        None => builder.send().await,
+    };
+    let response = sent.map_err(|e| {
+        if signal.aborted() {
+            fail(format!(
+                "no answer from the server within {} s",
+                GIVE_UP_MS / 1000
+            ))
+        } else {
+            fail(format!("the server could not be reached: {e}"))
+        }
+    })?;
+    if response.ok() {
+        return Ok(());
+    }
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("the server answered {status}"));
+    Err(Failure {
+        message,
+        unauthorized: status == 401,
+    })
+}
+
+/// Requests are only sent from the browser; the server renders no click.
+#[cfg(not(feature = "hydrate"))]
+async fn send(_: Method, _: &str, _: Option<String>) -> Result<(), Failure> {
+    Err(Failure {
+        message: "requests are sent from the browser only".into(),
+        unauthorized: false,
+    })
+}

@@ -1,0 +1,252 @@
+#![cfg(feature = "ssr")]
+//! `POST /api/session` and `DELETE /api/session`: the page's operator
+//! sign-in, and the session cookie as operator rights for HTTP commands.
+
+mod common;
+
+use common::Server;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// `POST /api/session` with `token`: status, `Set-Cookie` (if any), body.
+async fn sign_in(server: &Server, token: &str) -> (StatusCode, Option<String>, Value) {
+    let response = server
+        .client
+        .post(server.url("/api/session"))
+        .header("content-type", "application/json")
+        .body(json!({ "token": token }).to_string())
+        .send()
+        .await
+        .expect("POST /api/session is answered");
+    let status = response.status();
+    let cookie = set_cookie(&response);
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, cookie, body)
+}
+
+fn set_cookie(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().expect("an ASCII cookie").to_owned())
+}
+
+/// `name=value` of a `Set-Cookie` header, as a `Cookie` header sends it back.
+fn cookie_pair(set_cookie: &str) -> String {
+    set_cookie.split(';').next().unwrap().trim().to_owned()
+}
+
+/// `POST /api/devices/{device}/commands` with only a `Cookie` header.
+async fn command_with_cookie(
+    server: &Server,
+    device: &str,
+    cookie: &str,
+    on: bool,
+) -> (StatusCode, Value) {
+    let response = server
+        .client
+        .post(server.url(&format!("/api/devices/{device}/commands")))
+        .header("content-type", "application/json")
+        .header("cookie", cookie)
+        .body(json!({"set": {"power_on": on}}).to_string())
+        .send()
+        .await
+        .expect("the command is answered");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A simulator device's power state, once it has one.
+async fn power_of(server: &Server, id: &str) -> bool {
+    loop {
+        if let Some(d) = server.device(id).await
+            && let Some(on) = d["status"]["power_on"].as_bool()
+        {
+            return on;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_a_401_and_sets_no_cookie() {
+    let server = Server::start().await;
+    for token in ["nope", "", server.token.as_str()] {
+        let (status, cookie, body) = sign_in(&server, token).await;
+        assert_eq!(status, 401, "token {token:?}: {body}");
+        assert_eq!(cookie, None);
+        assert_eq!(body["error"], "wrong operator token");
+    }
+    // A form post is not JSON: refused before the token is even read.
+    let response = server
+        .client
+        .post(server.url("/api/session"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}", server.operator_token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    assert!(set_cookie(&response).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_right_token_sets_an_http_only_strict_cookie_without_the_token() {
+    let server = Server::start().await;
+    let (status, cookie, body) = sign_in(&server, &server.operator_token.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"role": "operator"}));
+    let cookie = cookie.expect("a Set-Cookie header");
+    assert!(cookie.starts_with("telltale_session="), "{cookie}");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
+    }
+    // Plain http on 127.0.0.1: a `Secure` cookie would be dropped.
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    assert!(!cookie.contains(&server.operator_token), "{cookie}");
+    let value = cookie_pair(&cookie);
+    assert!(value.len() > "telltale_session=".len() + 30, "{value}");
+
+    // With `--secure-cookie on` (behind https) the cookie says so.
+    let secure = Server::start_with(&["--secure-cookie", "on"]).await;
+    let (_, cookie, _) = sign_in(&secure, &secure.operator_token.clone()).await;
+    assert!(cookie.unwrap().contains("Secure"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cookie_authorises_commands_and_a_bogus_one_does_not() {
+    let server = Server::start_with_simulator(&["--simulator-interval", "10s"]).await;
+    let before = power_of(&server, "greenhouse").await;
+    let (_, cookie, _) = sign_in(&server, &server.operator_token.clone()).await;
+    let cookie = cookie_pair(&cookie.unwrap());
+
+    // Another cookie alongside is fine.
+    let (status, body) =
+        command_with_cookie(&server, "greenhouse", &format!("a=b; {cookie}"), !before).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, json!({"outcome": "applied"}));
+    assert_eq!(power_of(&server, "greenhouse").await, !before);
+
+    for bogus in [
+        "telltale_session=bogus".to_owned(),
+        "telltale_session=".to_owned(),
+        format!("telltale_session={}", server.operator_token),
+        "other=1".to_owned(),
+    ] {
+        let (status, body) = command_with_cookie(&server, "greenhouse", &bogus, before).await;
+        assert_eq!(status, 401, "{bogus}: {body}");
+    }
+    assert_eq!(power_of(&server, "greenhouse").await, !before);
+
+    // A bearer token still works, and a wrong one is not rescued by the cookie.
+    let (status, _) = server
+        .post_command(
+            "greenhouse",
+            Some(&server.operator_token.clone()),
+            &json!({"set": {"power_on": before}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let response = server
+        .client
+        .post(server.url("/api/devices/greenhouse/commands"))
+        .header("content-type", "application/json")
+        .header("cookie", &cookie)
+        .bearer_auth("wrong")
+        .body(json!({"set": {"power_on": !before}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+
+    // CSRF guard: with the cookie, a non-JSON body is still refused.
+    let response = server
+        .client
+        .post(server.url("/api/devices/greenhouse/commands"))
+        .header("content-type", "text/plain")
+        .header("cookie", &cookie)
+        .body(json!({"set": {"power_on": !before}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    assert_eq!(power_of(&server, "greenhouse").await, before);
+
+    // A refused command's reason reaches the page as the error.
+    server
+        .post_status("http-only", &json!({"power_on": true}))
+        .await;
+    let (status, body) = command_with_cookie(&server, "http-only", &cookie, false).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("no agent"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_out_ends_the_session() {
+    let server = Server::start_with_simulator(&["--simulator-interval", "10s"]).await;
+    let before = power_of(&server, "freezer").await;
+    let (_, cookie, _) = sign_in(&server, &server.operator_token.clone()).await;
+    let cookie = cookie_pair(&cookie.unwrap());
+    let (status, _) = command_with_cookie(&server, "freezer", &cookie, !before).await;
+    assert_eq!(status, 200);
+
+    let response = server
+        .client
+        .delete(server.url("/api/session"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let cleared = set_cookie(&response).expect("the cookie is cleared");
+    assert!(cleared.starts_with("telltale_session=;"), "{cleared}");
+    assert!(cleared.contains("Max-Age=0"), "{cleared}");
+
+    // The old cookie, sent again anyway, grants nothing.
+    let (status, body) = command_with_cookie(&server, "freezer", &cookie, before).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("sign in again"),
+        "{body}"
+    );
+    assert_eq!(power_of(&server, "freezer").await, !before);
+
+    // Signing out again (or without a session) is harmless.
+    let response = server
+        .client
+        .delete(server.url("/api/session"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_renders_switches_only_for_a_live_session() {
+    let server = Server::start_with_simulator(&["--simulator-interval", "10s"]).await;
+    power_of(&server, "greenhouse").await;
+    let page = |cookie: Option<String>| {
+        let mut request = server.client.get(server.url("/"));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let anonymous = page(None).await;
+    assert!(anonymous.contains("data-device=\"greenhouse\""));
+    assert!(!anonymous.contains("power-switch"));
+    assert!(anonymous.contains("Operator token"));
+
+    let (_, cookie, _) = sign_in(&server, &server.operator_token.clone()).await;
+    let cookie = cookie_pair(&cookie.unwrap());
+    let signed_in = page(Some(cookie.clone())).await;
+    assert_eq!(signed_in.matches("data-testid=\"power-switch\"").count(), 3);
+    assert!(signed_in.contains("Sign out"));
+    assert!(!signed_in.contains(&server.operator_token));
+
+    let bogus = page(Some("telltale_session=bogus".into())).await;
+    assert!(!bogus.contains("power-switch"));
+}
