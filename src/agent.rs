@@ -505,7 +505,8 @@ impl Agent {
     async fn session(&mut self, stop: &CancellationToken, welcomed: &mut bool) -> Ended {
         let connect = tokio::time::timeout(
             CONNECT_TIMEOUT,
-            tokio_tungstenite::connect_async(self.server.as_str()),
+            // Nagle off: `status` and `result` go out back to back.
+            tokio_tungstenite::connect_async_with_config(self.server.as_str(), None, true),
         );
         let mut ws = tokio::select! {
             () = stop.cancelled() => return Ended::Stopped,

@@ -138,6 +138,13 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         shutdown: shutdown.clone(),
     };
     tracing::info!("listening on http://{addr}");
+    // Small messages go out at once: with Nagle on, a WebSocket `result`
+    // written right after its `ack` waited ~40 ms for the peer's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
