@@ -78,7 +78,7 @@ pub fn app(state: AppState) -> Router {
 
 /// Runs the server until ctrl-c or SIGTERM.
 pub async fn run(config: Config) -> std::io::Result<()> {
-    let listener = TcpListener::bind(config.addr).await?;
+    let listener = bind(config.addr)?;
     let addr = listener.local_addr()?;
     let mut leptos_options = LeptosOptions::builder()
         .output_name("telltale")
@@ -145,7 +145,9 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, app(state))
+    // One router for all connections: `app(state)` alone is cloned per
+    // connection, ~10 KiB each that an idle SSE client would hold.
+    axum::serve(listener, app(state).into_make_service())
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             tracing::info!("shutting down");
@@ -167,6 +169,20 @@ fn token_or_random(kind: &str, configured: Option<&str>) -> Token {
             token
         }
     }
+}
+
+/// Binds with a deep accept queue (tokio's default holds 128), so thousands
+/// of browsers reconnecting after a restart are not turned away for a second.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Ctrl-C or SIGTERM.
