@@ -165,7 +165,11 @@ export class Server {
     } else {
       args.push("--no-simulator");
     }
-    return args.concat(this.options.args ?? []);
+    const extra = this.options.args ?? [];
+    // Memory only, unless the test gives a data directory of its own: never
+    // a `telltale-data` folder in the repository.
+    if (!extra.includes("--data-dir")) args.push("--memory");
+    return args.concat(extra);
   }
 
   private async spawnUntilListening(port: number): Promise<void> {

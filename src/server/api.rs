@@ -45,7 +45,13 @@ pub async fn post_status(
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
     let update: StatusUpdate = read_json(&headers, body).await?;
     update.validate()?;
-    Ok(Json(state.hub.apply(&id, &update)?))
+    // With a store, applying waits for a commit (an fsync): off the runtime's
+    // worker threads.
+    let hub = state.hub.clone();
+    let applied = tokio::task::spawn_blocking(move || hub.apply(&id, &update))
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))??;
+    Ok(Json(applied))
 }
 
 /// The body of `POST /api/devices/{id}/commands`.

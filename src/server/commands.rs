@@ -158,7 +158,9 @@ impl Commands {
                 "the device's agent was replaced by a newer one",
             );
         }
-        self.hub.set_online(device, Some(true));
+        if let Err(e) = self.hub.set_online(device, Some(true)) {
+            tracing::error!("{device} is online, but that could not be recorded: {e}");
+        }
         AgentLink {
             device: device.clone(),
             generation,
@@ -182,7 +184,12 @@ impl Commands {
                 link.generation,
                 "the device's agent disconnected",
             );
-            self.hub.set_online(&link.device, Some(false));
+            if let Err(e) = self.hub.set_online(&link.device, Some(false)) {
+                tracing::error!(
+                    "{} is offline, but that could not be recorded: {e}",
+                    link.device
+                );
+            }
         }
         current
     }

@@ -6,6 +6,7 @@ use crate::model::{DeviceId, MAX_NAME_CHARS};
 use clap::builder::BoolishValueParser;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Clone, Debug, Parser)]
@@ -87,7 +88,20 @@ pub struct Config {
     #[arg(long, env = "TELLTALE_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
 
-    /// Events kept in memory for `Last-Event-ID` replay.
+    /// Where the store (an SQLite database) keeps devices, every status event
+    /// and the readings history; created if missing.
+    #[arg(long, env = "TELLTALE_DATA_DIR", default_value = "telltale-data")]
+    pub data_dir: PathBuf,
+
+    /// Keep everything in memory only, as for tests and demos: nothing
+    /// survives a restart, and `--data-dir` is not used.
+    #[arg(long, env = "TELLTALE_MEMORY", default_value = "off",
+          value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "on")]
+    pub memory: bool,
+
+    /// Events kept in memory for `Last-Event-ID` replay (older ones are
+    /// replayed from the store).
     #[arg(long, env = "TELLTALE_REPLAY_CAPACITY", default_value_t = 4096)]
     pub replay_capacity: usize,
 
@@ -214,6 +228,13 @@ mod tests {
         assert!(!c.simulator_enabled());
         assert!(Config::try_parse_from(["telltale", "--addr", "nonsense"]).is_err());
         assert!(Config::try_parse_from(["telltale", "--client-queue", "0"]).is_err());
+        assert_eq!(c.data_dir, PathBuf::from("telltale-data"));
+        assert!(!c.memory);
+        let c = Config::try_parse_from(["telltale", "--memory", "--data-dir", "/tmp/x"]).unwrap();
+        assert!(c.memory);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        let c = Config::try_parse_from(["telltale", "--memory", "off"]).unwrap();
+        assert!(!c.memory);
     }
 
     #[test]

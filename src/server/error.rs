@@ -2,6 +2,7 @@
 //! `{"error": "...", "field": "..."}` in one place.
 
 use super::commands::Refused;
+use super::hub::ApplyError;
 use crate::model::FieldError;
 use axum::Json;
 use axum::http::{StatusCode, header};
@@ -42,6 +43,9 @@ pub enum ApiError {
     CommandFailed(String),
     #[error("the device did not answer within {}", humantime::format_duration(*.0))]
     CommandTimedOut(std::time::Duration),
+    /// The change could not be made durable; nothing changed. Retry later.
+    #[error("not stored, nothing changed: {0}")]
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -60,7 +64,7 @@ impl ApiError {
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnknownDevice(_) => StatusCode::NOT_FOUND,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::CommandRefused(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CommandRefused(_) | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::CommandFailed(_) => StatusCode::CONFLICT,
             Self::CommandTimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -70,6 +74,18 @@ impl ApiError {
 impl From<FieldError> for ApiError {
     fn from(e: FieldError) -> Self {
         Self::Invalid(e)
+    }
+}
+
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Invalid(e) => Self::Invalid(e),
+            ApplyError::Store(e) => {
+                tracing::error!("{e}");
+                Self::Unavailable(e.to_string())
+            }
+        }
     }
 }
 

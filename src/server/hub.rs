@@ -4,14 +4,22 @@
 //! render and `GET /api/devices` all read from here, so they always agree.
 //!
 //! Guarantees:
-//! - Event ids are contiguous and only grow. The first id of a process is the
-//!   start time in microseconds, so a client that saw ids from an earlier run
-//!   of the server can never mistake the new run's ids for ones it has seen:
-//!   its old id is either below the ring (snapshot) or above the current id
-//!   (unknown, snapshot).
+//! - Event ids are contiguous and only grow. With a [`Store`], every event is
+//!   committed to it (event row, device row, readings in one transaction)
+//!   before it is published or the caller answered; a failed commit publishes
+//!   nothing and uses up no id. On start the hub loads the devices and goes on
+//!   from the newest stored id, so ids are never reused across restarts.
+//!   Without a store (`--memory`), or with an empty one, the first id of a
+//!   process is the start time in microseconds, so a client that saw ids from
+//!   an earlier run of the server can never mistake the new run's ids for
+//!   ones it has seen: its old id is either below the ring (snapshot) or above
+//!   the current id (unknown, snapshot).
 //! - A subscription's starting point (snapshot or replay) and its live
 //!   receiver are taken under the same lock as publishing, so a subscriber
-//!   sees every later event exactly once, in order.
+//!   sees every later event exactly once, in order. Replay comes from the
+//!   ring, or, for an id older than the ring, from the store (read under the
+//!   same lock, so the hand-over to the live receiver has no gap and no
+//!   duplicate).
 //! - Each event is serialized once, when it is published; subscribers share
 //!   it through an `Arc`.
 //! - Fan-out is a `tokio::sync::broadcast` channel: the publisher never waits
@@ -20,6 +28,7 @@
 //!
 //! The public methods are the interface a broker-backed hub (Redis) must offer.
 
+use super::store::{Store, StoreError};
 use crate::model::{
     Device, DeviceId, EventId, FieldError, Online, Snapshot, StatusEvent, StatusUpdate,
 };
@@ -44,6 +53,42 @@ pub struct Published {
     /// The complete WebSocket text frame, a `ServerMessage::Status`.
     pub ws: Utf8Bytes,
 }
+
+impl Published {
+    fn new(id: EventId, device: DeviceId, json: Box<str>) -> Self {
+        Self {
+            id,
+            sse: Event::default()
+                .event("status")
+                .id(id.to_string())
+                .data(&*json),
+            ws: ws_frame("status", id, &json),
+            device,
+            json,
+        }
+    }
+}
+
+/// Why [`Hub::apply`] changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The update is not valid for this device.
+    #[error("{}", .0.message)]
+    Invalid(FieldError),
+    /// The change could not be made durable, so it was not made at all.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl From<FieldError> for ApplyError {
+    fn from(e: FieldError) -> Self {
+        Self::Invalid(e)
+    }
+}
+
+/// At most this many events are replayed from the store; a client further
+/// behind starts from a snapshot (cheaper than replaying them all).
+pub const MAX_STORE_REPLAY: u64 = 100_000;
 
 /// What [`Hub::apply`] did: the current event id and whether it was a change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -91,16 +136,36 @@ struct State {
     last_id: EventId,
     /// The newest events, ids `last_id - ring.len() + 1 ..= last_id`.
     ring: VecDeque<Arc<Published>>,
+    /// Where every event is made durable; `None` in memory-only mode.
+    store: Option<Store>,
 }
 
 impl Hub {
     /// `ring_capacity` events are kept for replay; a subscriber may fall
     /// `client_queue` events behind before it is resynchronised.
     pub fn new(ring_capacity: usize, client_queue: usize) -> Self {
-        let start = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        Self::starting_at(start, ring_capacity, client_queue)
+        Self::starting_at(now_micros(), ring_capacity, client_queue)
+    }
+
+    /// A hub backed by `store`: it starts with the stored devices and goes
+    /// on from the newest stored event id.
+    pub fn with_store(
+        store: Store,
+        ring_capacity: usize,
+        client_queue: usize,
+    ) -> Result<Self, StoreError> {
+        let devices = store.devices()?;
+        let last_id = match store.id_range()? {
+            Some((_, newest)) => newest,
+            None => now_micros(),
+        };
+        let hub = Self::starting_at(last_id, ring_capacity, client_queue);
+        {
+            let mut state = hub.lock();
+            state.devices = devices.into_iter().map(|d| (d.id.clone(), d)).collect();
+            state.store = Some(store);
+        }
+        Ok(hub)
     }
 
     fn starting_at(last_id: EventId, ring_capacity: usize, client_queue: usize) -> Self {
@@ -110,6 +175,7 @@ impl Hub {
                 devices: BTreeMap::new(),
                 last_id,
                 ring: VecDeque::with_capacity(ring_capacity),
+                store: None,
             }),
             sender,
             ring_capacity,
@@ -123,8 +189,8 @@ impl Hub {
     }
 
     /// Applies a validated update. A new id registers the device; only a real
-    /// change is published.
-    pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, FieldError> {
+    /// change is published, once it is durable.
+    pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, ApplyError> {
         let mut state = self.lock();
         let mut device = state.devices.get(id).cloned().unwrap_or_else(|| Device {
             id: id.clone(),
@@ -140,20 +206,20 @@ impl Hub {
                 changed: false,
             });
         }
-        Ok(self.publish(&mut state, device))
+        Ok(self.publish(&mut state, device)?)
     }
 
     /// Records whether `id` has a live link; publishes a status event when
     /// that changes. An unknown id is registered (an agent said hello before
     /// its first report).
-    pub fn set_online(&self, id: &DeviceId, online: Online) -> Applied {
+    pub fn set_online(&self, id: &DeviceId, online: Online) -> Result<Applied, StoreError> {
         let mut state = self.lock();
         let device = match state.devices.get(id) {
             Some(d) if d.online == online => {
-                return Applied {
+                return Ok(Applied {
                     id: state.last_id,
                     changed: false,
-                };
+                });
             }
             Some(d) => Device {
                 online,
@@ -170,25 +236,21 @@ impl Hub {
         self.publish(&mut state, device)
     }
 
-    /// Stores a changed device under a new event id and sends it to every
-    /// subscriber, serialized once.
-    fn publish(&self, state: &mut State, mut device: Device) -> Applied {
+    /// Stores a changed device under a new event id — durably first, when
+    /// there is a store — and sends it to every subscriber, serialized once.
+    /// When the store fails, nothing changes.
+    fn publish(&self, state: &mut State, mut device: Device) -> Result<Applied, StoreError> {
         device.updated_at = Utc::now();
-        state.last_id += 1;
-        let id = state.last_id;
+        let id = state.last_id + 1;
         let json: Box<str> = serde_json::to_string(&StatusEvent::from(&device))
             .expect("a status always serializes")
             .into();
-        let published = Arc::new(Published {
-            id,
-            sse: Event::default()
-                .event("status")
-                .id(id.to_string())
-                .data(&*json),
-            ws: ws_frame("status", id, &json),
-            device: device.id.clone(),
-            json,
-        });
+        let State { store, devices, .. } = state;
+        if let Some(store) = store {
+            store.record(id, &device, devices.get(&device.id), &json)?;
+        }
+        state.last_id = id;
+        let published = Arc::new(Published::new(id, device.id.clone(), json));
         state.devices.insert(device.id.clone(), device);
         if state.ring.len() == self.ring_capacity {
             state.ring.pop_front();
@@ -198,7 +260,7 @@ impl Hub {
         }
         // No receivers is fine: nobody is watching.
         let _ = self.sender.send(published);
-        Applied { id, changed: true }
+        Ok(Applied { id, changed: true })
     }
 
     pub fn snapshot(&self, filter: &Filter) -> Snapshot {
@@ -222,8 +284,9 @@ impl Hub {
     }
 
     /// Starts a subscription. With the last event id a client saw, it gets
-    /// exactly the events after it when the ring still holds them all;
-    /// otherwise (no id, too old, or unknown) it starts from a snapshot.
+    /// exactly the events after it when the ring, or else the store, still
+    /// holds them all; otherwise (no id, too old, or unknown) it starts from
+    /// a snapshot.
     pub fn subscribe(&self, last_seen: Option<EventId>, filter: &Filter) -> Subscription {
         let state = self.lock();
         let events = self.sender.subscribe();
@@ -241,9 +304,41 @@ impl Hub {
                         .collect(),
                 )
             }
+            Some(seen) if seen <= state.last_id => match Self::replay_from_store(&state, seen) {
+                Some(missed) => Start::Replay(
+                    missed
+                        .into_iter()
+                        .filter(|e| filter.matches(&e.device))
+                        .map(|e| Arc::new(Published::new(e.id, e.device, e.json.into())))
+                        .collect(),
+                ),
+                None => Start::Snapshot(Self::snapshot_of(&state, filter)),
+            },
             _ => Start::Snapshot(Self::snapshot_of(&state, filter)),
         };
         Subscription { start, events }
+    }
+
+    /// Every event after `seen`, from the store, if it holds them all (and
+    /// they are not too many).
+    fn replay_from_store(state: &State, seen: EventId) -> Option<Vec<super::store::StoredEvent>> {
+        let store = state.store.as_ref()?;
+        let missed = state.last_id - seen;
+        if missed > MAX_STORE_REPLAY {
+            return None;
+        }
+        let events = store
+            .events_between(seen, state.last_id)
+            .inspect_err(|e| {
+                tracing::warn!("replay from the store failed, sending a snapshot: {e}")
+            })
+            .ok()?;
+        // Ids are contiguous, so a complete replay starts right after `seen`
+        // and has one event per id; anything else means `seen` is older than
+        // what is retained.
+        let complete =
+            events.len() as u64 == missed && events.first().is_none_or(|e| e.id == seen + 1);
+        complete.then_some(events)
     }
 
     /// How many subscriptions are open right now.
@@ -256,6 +351,12 @@ impl Hub {
         let state = self.lock();
         (state.last_id, state.devices.len())
     }
+}
+
+fn now_micros() -> EventId {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// A WebSocket `snapshot` or `status` message built around already
@@ -458,12 +559,12 @@ mod tests {
     #[test]
     fn online_changes_are_events_and_repeats_are_not() {
         let hub = Hub::starting_at(0, 8, 8);
-        assert!(hub.set_online(&id("a"), Some(true)).changed);
-        assert!(!hub.set_online(&id("a"), Some(true)).changed);
+        assert!(hub.set_online(&id("a"), Some(true)).unwrap().changed);
+        assert!(!hub.set_online(&id("a"), Some(true)).unwrap().changed);
         hub.apply(&id("a"), &temp(1.0)).unwrap();
         assert_eq!(hub.device(&id("a")).unwrap().online, Some(true));
         assert_eq!(
-            hub.set_online(&id("a"), Some(false)),
+            hub.set_online(&id("a"), Some(false)).unwrap(),
             Applied {
                 id: 3,
                 changed: true
@@ -486,5 +587,80 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(hub.subscribers(), 0);
+    }
+
+    fn stored_hub(dir: &std::path::Path, ring: usize) -> Hub {
+        Hub::with_store(Store::open(dir).unwrap(), ring, 8).unwrap()
+    }
+
+    #[test]
+    fn a_stored_hub_goes_on_from_the_newest_stored_id_with_its_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let hub = stored_hub(dir.path(), 8);
+            let first = hub.apply(&id("a"), &temp(1.0)).unwrap().id;
+            hub.apply(&id("a"), &temp(2.0)).unwrap();
+            hub.set_online(&id("b"), Some(true)).unwrap();
+            first
+        };
+        let hub = stored_hub(dir.path(), 8);
+        assert_eq!(hub.stats(), (first + 2, 2));
+        assert_eq!(hub.device(&id("a")).unwrap().status.temperature, Some(2.0));
+        assert_eq!(hub.device(&id("b")).unwrap().online, Some(true));
+        assert_eq!(hub.apply(&id("a"), &temp(3.0)).unwrap().id, first + 3);
+        // An unchanged update is still no event after a restart.
+        assert!(!hub.apply(&id("a"), &temp(3.0)).unwrap().changed);
+    }
+
+    #[test]
+    fn replays_from_the_store_what_the_ring_no_longer_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let hub = stored_hub(dir.path(), 2);
+            let first = hub.apply(&id("a"), &temp(1.0)).unwrap().id;
+            for t in 2..=5 {
+                hub.apply(&id(if t % 2 == 0 { "b" } else { "a" }), &temp(t as f64))
+                    .unwrap();
+            }
+            // Only the last two are in the ring; the rest come from the store.
+            assert_eq!(
+                replay_ids(&hub.subscribe(Some(first), &Filter::default()).start),
+                [first + 1, first + 2, first + 3, first + 4]
+            );
+            first
+        };
+        // After a restart the ring is empty: all of it comes from the store.
+        let hub = stored_hub(dir.path(), 2);
+        let mut sub = hub.subscribe(Some(first + 1), &Filter::new([id("a")]));
+        assert_eq!(replay_ids(&sub.start), [first + 2, first + 4]);
+        let Start::Replay(events) = &sub.start else {
+            unreachable!()
+        };
+        let ev: StatusEvent = serde_json::from_str(&events[1].json).unwrap();
+        assert_eq!(ev.status.temperature, Some(5.0));
+        assert!(
+            events[1]
+                .ws
+                .as_str()
+                .contains(&format!(r#""id":{}"#, first + 4))
+        );
+        // Then live, with nothing lost or repeated between the two.
+        hub.apply(&id("a"), &temp(6.0)).unwrap();
+        assert_eq!(sub.events.try_recv().unwrap().id, first + 5);
+        assert!(matches!(sub.events.try_recv(), Err(TryRecvError::Empty)));
+        // Older than anything stored, or from the future: a snapshot.
+        assert!(matches!(
+            hub.subscribe(Some(first - 2), &Filter::default()).start,
+            Start::Snapshot(_)
+        ));
+        assert!(matches!(
+            hub.subscribe(Some(first + 99), &Filter::default()).start,
+            Start::Snapshot(_)
+        ));
+        // Exactly at the oldest stored event's predecessor: everything.
+        assert_eq!(
+            replay_ids(&hub.subscribe(Some(first - 1), &Filter::default()).start).len(),
+            6
+        );
     }
 }

@@ -9,6 +9,7 @@ mod error;
 pub mod hub;
 mod simulator;
 mod sse;
+pub mod store;
 pub mod ws;
 
 use crate::app::{App, shell};
@@ -108,10 +109,18 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         secure_cookie: config.secure_cookie,
     });
     let shutdown = CancellationToken::new();
-    let hub = Arc::new(Hub::new(
-        config.replay_capacity,
-        config.client_queue as usize,
-    ));
+    let hub = if config.memory {
+        tracing::info!("memory only (--memory): nothing is kept across restarts");
+        Hub::new(config.replay_capacity, config.client_queue as usize)
+    } else {
+        let dir = &config.data_dir;
+        let hub = store::Store::open(dir)
+            .and_then(|s| Hub::with_store(s, config.replay_capacity, config.client_queue as usize))
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", dir.display())))?;
+        tracing::info!("data directory {}", dir.display());
+        hub
+    };
+    let hub = Arc::new(hub);
     let commands = Arc::new(Commands::new(
         hub.clone(),
         config.command_timeout,

@@ -112,7 +112,9 @@ pub async fn run(
                 if let Some(on) = command.set.power_on {
                     readings[i].2 = on;
                     let update = StatusUpdate { power_on: Some(on), ..Default::default() };
-                    hub.apply(id, &update).expect("simulator updates are valid");
+                    if let Err(e) = hub.apply(id, &update) {
+                        tracing::error!("simulator {id}: {e}");
+                    }
                 }
                 let link_state = commands.settle(id, *generation, &command.request_id, Settled {
                     outcome: Outcome::Applied,
@@ -149,8 +151,9 @@ pub async fn run(
             };
             debug_assert_eq!(update.validate(), Ok(()));
             let id = DeviceId::parse(device.id).expect("simulator ids are valid");
-            hub.apply(&id, &update)
-                .expect("simulator updates are valid");
+            if let Err(e) = hub.apply(&id, &update) {
+                tracing::error!("simulator {id}: {e}");
+            }
         }
     }
 }

@@ -22,7 +22,7 @@ use super::api::parse_object;
 use super::auth::{self, Refusal};
 use super::commands::{AgentCommand, AgentLink, EMPTY_SET, Settled};
 use super::error::ApiError;
-use super::hub::{Filter, Published, Start, Subscription, ws_frame};
+use super::hub::{ApplyError, Filter, Published, Start, Subscription, ws_frame};
 use crate::model::DeviceId;
 use crate::protocol::{
     ClientMessage, MAX_MESSAGE, MAX_REQUEST_ID, Outcome, Role, ServerMessage, VERSION, close,
@@ -358,16 +358,19 @@ impl Connection {
                         ),
                     ));
                 }
-                let applied = update
-                    .validate()
-                    .and_then(|()| self.state.hub.apply(&device, &update));
-                match applied {
-                    Ok(_) => Ok(()),
-                    Err(e) => {
-                        let error = error_msg(e.message, Some(e.field), None);
-                        send_msg(socket, &error, silence).await
+                let applied = match update.validate() {
+                    Ok(()) => self.state.hub.apply(&device, &update),
+                    Err(e) => Err(e.into()),
+                };
+                let error = match applied {
+                    Ok(_) => return Ok(()),
+                    Err(ApplyError::Invalid(e)) => error_msg(e.message, Some(e.field), None),
+                    Err(ApplyError::Store(e)) => {
+                        tracing::error!("{e}");
+                        error_msg(format!("not stored, nothing changed: {e}"), None, None)
                     }
-                }
+                };
+                send_msg(socket, &error, silence).await
             }
             ClientMessage::Result {
                 request_id,

@@ -336,6 +336,8 @@ const TELLTALE_VARS: &[&str] = &[
     "TELLTALE_AGENT_TIMEOUT",
     "TELLTALE_WS_PING",
     "TELLTALE_SECURE_COOKIE",
+    "TELLTALE_DATA_DIR",
+    "TELLTALE_MEMORY",
     "TELLTALE_SERVER",
     "TELLTALE_DEVICE",
     "TELLTALE_DEVICE_TOKEN",
@@ -366,6 +368,9 @@ async fn spawn_server(
             if simulator { "on" } else { "off" },
         ])
         .args(extra)
+        // Memory only, unless the test gives a data directory of its own:
+        // never a `telltale-data` folder in the working directory.
+        .args((!extra.iter().any(|a| a == "--data-dir")).then_some("--memory"))
         .env("RUST_LOG", "info,tower_http=warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
