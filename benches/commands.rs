@@ -96,8 +96,10 @@ const TELLTALE_VARS: &[&str] = &[
 ];
 
 /// Starts the server; returns it and the address it listens on.
-async fn start_server() -> (Child, String) {
+async fn start_server(data_dir: &std::path::Path) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_telltale"));
+    // Durable, as deployed: each confirmed status is fsynced before it is sent.
+    cmd.arg("--data-dir").arg(data_dir);
     cmd.args([
         "--addr",
         "127.0.0.1:0",
@@ -304,7 +306,8 @@ fn main() {
 
 async fn run(args: Args) {
     let per_command = Duration::from_secs_f64(args.timeout);
-    let (mut server, addr) = start_server().await;
+    let data_dir = tempfile::tempdir().expect("a temporary data directory");
+    let (mut server, addr) = start_server(data_dir.path()).await;
     let device = DeviceId::parse(DEVICE).expect("a valid device id");
 
     // The viewer subscribes first, so every event of the device reaches it.

@@ -468,6 +468,8 @@ impl Server {
             "--ingest-token",
             TOKEN,
             "--no-simulator",
+            // Fan-out only: the store's fsync per event is measured elsewhere.
+            "--memory",
         ]);
         if let Some(h) = &args.heartbeat {
             cmd.args(["--heartbeat", h]);
