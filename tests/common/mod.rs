@@ -414,6 +414,8 @@ async fn spawn_server(
 pub struct AgentProcess {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// The tasks reading its output; done once it exited and all is read.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl AgentProcess {
@@ -433,18 +435,29 @@ impl AgentProcess {
         }
         let mut child = command.spawn().expect("the telltale binary starts");
         let log = Arc::new(Mutex::new(Vec::new()));
-        drain(child.stderr.take().expect("piped stderr"), log.clone());
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        drain_lines(stdout, log.clone());
-        Self { child, log }
+        let readers = vec![
+            drain(child.stderr.take().expect("piped stderr"), log.clone()),
+            drain_lines(stdout, log.clone()),
+        ];
+        Self {
+            child,
+            log,
+            readers,
+        }
     }
 
     /// Waits for the agent to exit on its own; returns its exit code.
     pub async fn exit_code(&mut self) -> Option<i32> {
-        within("the agent to exit", self.child.wait())
+        let code = within("the agent to exit", self.child.wait())
             .await
             .expect("the agent can be waited for")
-            .code()
+            .code();
+        // Its last words may still be in the pipes: read them all.
+        for reader in self.readers.drain(..) {
+            let _ = within("the agent's output to end", reader).await;
+        }
+        code
     }
 
     /// Kills the agent (SIGKILL: no goodbye) and waits for it.
@@ -481,16 +494,19 @@ impl Drop for AgentProcess {
 fn drain_lines<R: AsyncRead + Unpin + Send + 'static>(
     mut lines: tokio::io::Lines<BufReader<R>>,
     log: Arc<Mutex<Vec<String>>>,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
             log.lock().unwrap().push(line);
         }
-    });
+    })
 }
 
-fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<Vec<String>>>) {
-    drain_lines(BufReader::new(pipe).lines(), log);
+fn drain(
+    pipe: impl AsyncRead + Unpin + Send + 'static,
+    log: Arc<Mutex<Vec<String>>>,
+) -> tokio::task::JoinHandle<()> {
+    drain_lines(BufReader::new(pipe).lines(), log)
 }
 
 async fn send_json(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
