@@ -39,15 +39,15 @@
 //! of the first, about 40 ms on Linux. A send → result p50 near 40 ms means
 //! that, not slow command handling.
 
+mod support;
+
 use clap::Parser;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use telltale::model::{DeviceId, StatusUpdate};
 use telltale::protocol::{ClientMessage, CommandSet, Outcome, Role, ServerMessage, VERSION};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -77,71 +77,19 @@ struct Args {
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Every environment variable the server reads, removed so the developer's
-/// own settings never change what is measured.
-const TELLTALE_VARS: &[&str] = &[
-    "TELLTALE_ADDR",
-    "TELLTALE_INGEST_TOKEN",
-    "TELLTALE_SIMULATOR",
-    "TELLTALE_SIMULATOR_INTERVAL",
-    "TELLTALE_HEARTBEAT",
-    "TELLTALE_REPLAY_CAPACITY",
-    "TELLTALE_CLIENT_QUEUE",
-    "TELLTALE_OPERATOR_TOKEN",
-    "TELLTALE_VIEWER_TOKEN",
-    "TELLTALE_DEVICE_TOKENS",
-    "TELLTALE_COMMAND_TIMEOUT",
-    "TELLTALE_AGENT_TIMEOUT",
-    "TELLTALE_WS_PING",
-];
-
 /// Starts the server; returns it and the address it listens on.
 async fn start_server(data_dir: &std::path::Path) -> (Child, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_telltale"));
+    let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
     // Durable, as deployed: each confirmed status is fsynced before it is sent.
-    cmd.arg("--data-dir").arg(data_dir);
-    cmd.args([
-        "--addr",
-        "127.0.0.1:0",
+    command.arg("--data-dir").arg(data_dir).args([
         "--simulator",
         "off",
         "--ingest-token",
         INGEST_TOKEN,
         "--operator-token",
         OPERATOR_TOKEN,
-    ])
-    .env("RUST_LOG", "info,tower_http=warn")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit())
-    .kill_on_drop(true);
-    for var in TELLTALE_VARS {
-        cmd.env_remove(var);
-    }
-    let mut child = cmd.spawn().expect("start the telltale server");
-    let mut lines = BufReader::new(child.stdout.take().expect("server stdout")).lines();
-    let addr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.expect("read server stdout") {
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                return rest.split_whitespace().next().map(str::to_owned);
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
-    .expect("the server did not say where it listens");
-    // Keep draining the log so the server never blocks on a full pipe; pass
-    // on what is not routine.
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("WARN") || line.contains("ERROR") {
-                eprintln!("server: {line}");
-            }
-        }
-    });
-    (child, addr)
+    ]);
+    support::start_server(command).await
 }
 
 fn text(message: &ClientMessage) -> Message {

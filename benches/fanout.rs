@@ -53,13 +53,15 @@
 //! The latency of one event is the time the server takes to write it to every
 //! client in turn, so p99 is about clients × the µs per delivery printed.
 
+mod support;
+
 use clap::Parser;
 use hdrhistogram::Histogram;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -463,8 +465,6 @@ impl Server {
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..]);
         cmd.args([
-            "--addr",
-            "127.0.0.1:0",
             "--ingest-token",
             TOKEN,
             "--no-simulator",
@@ -480,37 +480,10 @@ impl Server {
         cmd.env(
             "TOKIO_WORKER_THREADS",
             args.server_threads.max(1).to_string(),
-        )
-        .env("RUST_LOG", "info,tower_http=warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("start the telltale server");
+        );
+        let (child, addr) = support::start_server(cmd).await;
         // taskset execs the server, so the pid is the server's.
         let pid = child.id().expect("server pid");
-        let mut lines = BufReader::new(child.stdout.take().expect("server stdout")).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
-            while let Some(line) = lines.next_line().await.expect("read server stdout") {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    return rest.split_whitespace().next().map(str::to_owned);
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-        .expect("the server did not say where it listens");
-        // Keep draining the log so the server never blocks on a full pipe;
-        // pass on what is not routine.
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("server: {line}");
-                }
-            }
-        });
         Self {
             child,
             pid,

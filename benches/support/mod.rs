@@ -1,0 +1,66 @@
+//! What the benches share: starting the real `telltale` server.
+
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Every environment variable the server reads, removed so the developer's
+/// own settings never change what is measured.
+const TELLTALE_VARS: &[&str] = &[
+    "TELLTALE_ADDR",
+    "TELLTALE_INGEST_TOKEN",
+    "TELLTALE_SIMULATOR",
+    "TELLTALE_SIMULATOR_INTERVAL",
+    "TELLTALE_HEARTBEAT",
+    "TELLTALE_REPLAY_CAPACITY",
+    "TELLTALE_CLIENT_QUEUE",
+    "TELLTALE_OPERATOR_TOKEN",
+    "TELLTALE_VIEWER_TOKEN",
+    "TELLTALE_DEVICE_TOKENS",
+    "TELLTALE_COMMAND_TIMEOUT",
+    "TELLTALE_AGENT_TIMEOUT",
+    "TELLTALE_WS_PING",
+    "TELLTALE_SECURE_COOKIE",
+    "TELLTALE_DATA_DIR",
+    "TELLTALE_MEMORY",
+];
+
+/// Spawns `command` (the server, maybe behind `taskset` or a profiler) on
+/// port 0; returns it and the address it listens on, once it says so. Its
+/// log keeps being read so it never blocks on a full pipe; warnings and
+/// errors are passed on.
+pub async fn start_server(mut command: Command) -> (Child, String) {
+    command
+        .args(["--addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "info,tower_http=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    for var in TELLTALE_VARS {
+        command.env_remove(var);
+    }
+    let mut child = command.spawn().expect("start the telltale server");
+    let mut lines = BufReader::new(child.stdout.take().expect("server stdout")).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("read server stdout") {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                return rest.split_whitespace().next().map(str::to_owned);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .expect("the server did not say where it listens");
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("server: {line}");
+            }
+        }
+    });
+    (child, addr)
+}
