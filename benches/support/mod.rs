@@ -5,27 +5,6 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// Every environment variable the server reads, removed so the developer's
-/// own settings never change what is measured.
-const TELLTALE_VARS: &[&str] = &[
-    "TELLTALE_ADDR",
-    "TELLTALE_INGEST_TOKEN",
-    "TELLTALE_SIMULATOR",
-    "TELLTALE_SIMULATOR_INTERVAL",
-    "TELLTALE_HEARTBEAT",
-    "TELLTALE_REPLAY_CAPACITY",
-    "TELLTALE_CLIENT_QUEUE",
-    "TELLTALE_OPERATOR_TOKEN",
-    "TELLTALE_VIEWER_TOKEN",
-    "TELLTALE_DEVICE_TOKENS",
-    "TELLTALE_COMMAND_TIMEOUT",
-    "TELLTALE_AGENT_TIMEOUT",
-    "TELLTALE_WS_PING",
-    "TELLTALE_SECURE_COOKIE",
-    "TELLTALE_DATA_DIR",
-    "TELLTALE_MEMORY",
-];
-
 /// Spawns `command` (the server, maybe behind `taskset` or a profiler) on
 /// port 0; returns it and the address it listens on, once it says so. Its
 /// log keeps being read so it never blocks on a full pipe; warnings and
@@ -38,7 +17,7 @@ pub async fn start_server(mut command: Command) -> (Child, String) {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
-    for var in TELLTALE_VARS {
+    for var in telltale::server::config::Config::env_vars() {
         command.env_remove(var);
     }
     let mut child = command.spawn().expect("start the telltale server");

@@ -208,11 +208,43 @@ impl Config {
     pub fn simulator_enabled(&self) -> bool {
         self.simulator && !self.no_simulator
     }
+
+    /// Every environment variable the binary reads (server and `agent`),
+    /// taken from the options themselves, so tests and benches can clear
+    /// them all without keeping a list of their own.
+    pub fn env_vars() -> Vec<String> {
+        fn collect(command: &clap::Command, vars: &mut Vec<String>) {
+            vars.extend(
+                command
+                    .get_arguments()
+                    .filter_map(|arg| arg.get_env())
+                    .map(|env| env.to_string_lossy().into_owned()),
+            );
+            for sub in command.get_subcommands() {
+                collect(sub, vars);
+            }
+        }
+        let mut vars = vec!["LEPTOS_RELOAD_PORT".to_owned()];
+        collect(&<Self as clap::CommandFactory>::command(), &mut vars);
+        vars
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_vars_cover_server_and_agent_options() {
+        let vars = Config::env_vars();
+        for var in [
+            "TELLTALE_ADDR",
+            "TELLTALE_DATA_DIR",
+            "TELLTALE_DEVICE_TOKEN",
+        ] {
+            assert!(vars.iter().any(|v| v == var), "{var} missing from {vars:?}");
+        }
+    }
 
     #[test]
     fn defaults_and_flags() {

@@ -319,33 +319,6 @@ impl Drop for Server {
     }
 }
 
-/// Every environment variable the binary reads, removed from its children so
-/// the developer's own settings never leak into a test.
-const TELLTALE_VARS: &[&str] = &[
-    "TELLTALE_ADDR",
-    "TELLTALE_INGEST_TOKEN",
-    "TELLTALE_SIMULATOR",
-    "TELLTALE_SIMULATOR_INTERVAL",
-    "TELLTALE_HEARTBEAT",
-    "TELLTALE_REPLAY_CAPACITY",
-    "TELLTALE_CLIENT_QUEUE",
-    "TELLTALE_OPERATOR_TOKEN",
-    "TELLTALE_VIEWER_TOKEN",
-    "TELLTALE_DEVICE_TOKENS",
-    "TELLTALE_COMMAND_TIMEOUT",
-    "TELLTALE_AGENT_TIMEOUT",
-    "TELLTALE_WS_PING",
-    "TELLTALE_SECURE_COOKIE",
-    "TELLTALE_DATA_DIR",
-    "TELLTALE_MEMORY",
-    "TELLTALE_SERVER",
-    "TELLTALE_DEVICE",
-    "TELLTALE_DEVICE_TOKEN",
-    "TELLTALE_INTERVAL",
-    "TELLTALE_NAME",
-    "LEPTOS_RELOAD_PORT",
-];
-
 /// Starts `telltale` on `addr`; returns it once it logs where it listens.
 async fn spawn_server(
     addr: &str,
@@ -376,7 +349,7 @@ async fn spawn_server(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    for var in TELLTALE_VARS {
+    for var in telltale::server::config::Config::env_vars() {
         command.env_remove(var);
     }
     let mut child = command.spawn().expect("the telltale binary starts");
@@ -430,7 +403,7 @@ impl AgentProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        for var in TELLTALE_VARS {
+        for var in telltale::server::config::Config::env_vars() {
             command.env_remove(var);
         }
         let mut child = command.spawn().expect("the telltale binary starts");
