@@ -83,6 +83,20 @@ pub struct Device {
     pub updated_at: DateTime<Utc>,
 }
 
+#[cfg(feature = "ssr")]
+impl Device {
+    /// A device just registered: named after its id, nothing known yet.
+    pub fn new(id: DeviceId) -> Self {
+        Self {
+            name: id.to_string(),
+            id,
+            status: Status::default(),
+            online: None,
+            updated_at: Utc::now(),
+        }
+    }
+}
+
 /// Whether a device has a live link to the server:
 /// - `None`: it never had one (it reports over HTTP, or not at all);
 /// - `Some(true)`: an agent (or the simulator) is connected for it;

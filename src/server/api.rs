@@ -45,13 +45,7 @@ pub async fn post_status(
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
     let update: StatusUpdate = read_json(&headers, body).await?;
     update.validate()?;
-    // With a store, applying waits for a commit (an fsync): off the runtime's
-    // worker threads.
-    let hub = state.hub.clone();
-    let applied = tokio::task::spawn_blocking(move || hub.apply(&id, &update))
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))??;
-    Ok(Json(applied))
+    Ok(Json(state.hub.apply(&id, &update)?))
 }
 
 /// The body of `POST /api/devices/{id}/commands`.

@@ -192,13 +192,11 @@ impl Hub {
     /// change is published, once it is durable.
     pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, ApplyError> {
         let mut state = self.lock();
-        let mut device = state.devices.get(id).cloned().unwrap_or_else(|| Device {
-            id: id.clone(),
-            name: id.to_string(),
-            status: Default::default(),
-            online: None,
-            updated_at: Utc::now(),
-        });
+        let mut device = state
+            .devices
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| Device::new(id.clone()));
         let is_new = !state.devices.contains_key(id);
         if !update.apply_to(&mut device)? && !is_new {
             return Ok(Applied {
@@ -226,11 +224,8 @@ impl Hub {
                 ..d.clone()
             },
             None => Device {
-                id: id.clone(),
-                name: id.to_string(),
-                status: Default::default(),
                 online,
-                updated_at: Utc::now(),
+                ..Device::new(id.clone())
             },
         };
         self.publish(&mut state, device)
@@ -247,7 +242,12 @@ impl Hub {
             .into();
         let State { store, devices, .. } = state;
         if let Some(store) = store {
-            store.record(id, &device, devices.get(&device.id), &json)?;
+            // The commit waits for an fsync: let the runtime move this
+            // worker's other tasks elsewhere meanwhile (every caller, HTTP,
+            // WebSocket, simulator and registry alike, gets this here).
+            tokio::task::block_in_place(|| {
+                store.record(id, &device, devices.get(&device.id), &json)
+            })?;
         }
         state.last_id = id;
         let published = Arc::new(Published::new(id, device.id.clone(), json));
