@@ -80,7 +80,19 @@ pub struct Device {
     /// there is none, so HTTP-fed devices look exactly as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub online: Online,
+    /// Silent for longer than its expected report interval allows (see
+    /// `server::hub`); cleared by its next report. Distinct from `online`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stale: bool,
+    /// The readings outside their [`Limits`], by metric name
+    /// (`temperature`, `humidity` or an extra metric).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub alerts: BTreeMap<String, Alert>,
     pub updated_at: DateTime<Utc>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 #[cfg(feature = "ssr")]
@@ -92,6 +104,8 @@ impl Device {
             id,
             status: Status::default(),
             online: None,
+            stale: false,
+            alerts: BTreeMap::new(),
             updated_at: Utc::now(),
         }
     }
@@ -120,6 +134,10 @@ pub struct StatusEvent {
     pub status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub online: Online,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stale: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub alerts: BTreeMap<String, Alert>,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -130,6 +148,8 @@ impl From<&Device> for StatusEvent {
             name: d.name.clone(),
             status: d.status.clone(),
             online: d.online,
+            stale: d.stale,
+            alerts: d.alerts.clone(),
             updated_at: d.updated_at,
         }
     }
@@ -142,9 +162,58 @@ impl StatusEvent {
             name: self.name,
             status: self.status,
             online: self.online,
+            stale: self.stale,
+            alerts: self.alerts,
             updated_at: self.updated_at,
         }
     }
+}
+
+/// The limits a reading should stay within; either end may be open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+/// A reading outside its limits: the value and the limits it broke.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub value: f64,
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
+/// One point of a metric's history. Readings are kept as changes: a value
+/// holds from its `t` until the next point. A point made from several
+/// readings (a `step` bucket, or the per-minute downsampled history) carries
+/// their `min` and `max` besides the mean `v`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    /// Milliseconds since the Unix epoch.
+    pub t: i64,
+    pub v: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+/// One metric of one device over `from ..= to`: the body of
+/// `GET /api/devices/{id}/history`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    pub device: DeviceId,
+    pub metric: String,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// The bucket width in milliseconds, when points were bucketed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_ms: Option<i64>,
+    pub points: Vec<Point>,
 }
 
 /// A partial update, as a device reports it. Fields left out keep their value.
@@ -295,6 +364,8 @@ mod tests {
                 metrics: BTreeMap::from([("load".into(), 0.5)]),
             },
             online: None,
+            stale: false,
+            alerts: BTreeMap::new(),
             updated_at: DateTime::UNIX_EPOCH,
         }
     }

@@ -30,11 +30,12 @@
 
 use super::store::{Store, StoreError};
 use crate::model::{
-    Device, DeviceId, EventId, FieldError, Online, Snapshot, StatusEvent, StatusUpdate,
+    Device, DeviceId, EventId, FieldError, History, Online, Point, Snapshot, StatusEvent,
+    StatusUpdate,
 };
 use axum::extract::ws::Utf8Bytes;
 use axum::response::sse::Event;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -339,6 +340,76 @@ impl Hub {
         let complete =
             events.len() as u64 == missed && events.first().is_none_or(|e| e.id == seen + 1);
         complete.then_some(events)
+    }
+
+    /// One metric of one device over `from ..= to`, oldest first; with
+    /// `step_ms`, readings are bucketed into points of that width.
+    /// Without a store there is no history: no points.
+    pub fn history(
+        &self,
+        device: &DeviceId,
+        metric: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        step_ms: Option<i64>,
+    ) -> Result<History, StoreError> {
+        let state = self.lock();
+        let readings = match &state.store {
+            Some(store) => store.readings(device, metric)?,
+            None => Vec::new(),
+        };
+        drop(state);
+        let (lo, hi) = (from.timestamp_millis(), to.timestamp_millis());
+        let raw = readings
+            .into_iter()
+            .filter(|(t, _)| (lo..=hi).contains(t))
+            .map(|(t, v)| Point {
+                t,
+                v,
+                min: None,
+                max: None,
+            });
+        let points = match step_ms.filter(|s| *s > 0) {
+            None => raw.collect(),
+            Some(step) => {
+                let mut points: Vec<(Point, usize)> = Vec::new();
+                for p in raw {
+                    let t = lo + (p.t - lo) / step * step;
+                    match points.last_mut() {
+                        Some((b, n)) if b.t == t => {
+                            b.v += p.v;
+                            *n += 1;
+                            b.min = b.min.map(|m| m.min(p.v));
+                            b.max = b.max.map(|m| m.max(p.v));
+                        }
+                        _ => points.push((
+                            Point {
+                                t,
+                                v: p.v,
+                                min: Some(p.v),
+                                max: Some(p.v),
+                            },
+                            1,
+                        )),
+                    }
+                }
+                points
+                    .into_iter()
+                    .map(|(p, n)| Point {
+                        v: p.v / n as f64,
+                        ..p
+                    })
+                    .collect()
+            }
+        };
+        Ok(History {
+            device: device.clone(),
+            metric: metric.to_owned(),
+            from,
+            to,
+            step_ms,
+            points,
+        })
     }
 
     /// How many subscriptions are open right now.

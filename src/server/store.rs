@@ -126,6 +126,8 @@ impl Store {
                 id: DeviceId::parse(&id).map_err(&corrupt)?,
                 status: serde_json::from_str(&status).map_err(|e| corrupt(&e.to_string()))?,
                 online,
+                stale: false,
+                alerts: Default::default(),
                 updated_at: updated_at
                     .parse()
                     .map_err(|e: chrono::ParseError| corrupt(&e.to_string()))?,
@@ -273,6 +275,8 @@ mod tests {
                 metrics: [("load".to_owned(), t / 10.0)].into(),
             },
             online: Some(false),
+            stale: false,
+            alerts: Default::default(),
             updated_at: Utc::now(),
         }
     }
