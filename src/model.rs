@@ -216,6 +216,19 @@ pub struct History {
     pub points: Vec<Point>,
 }
 
+/// What [`is_metric_name`] checks, in words.
+pub const METRIC_NAME_RULE: &str = "a metric name is 1 to 64 of a-z, A-Z, 0-9, '_', '-', '.'";
+
+/// A valid name of an extra metric (`temperature` and `humidity` are valid
+/// names too, which [`Limits`] use for the two fixed readings).
+pub fn is_metric_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
 /// A partial update, as a device reports it. Fields left out keep their value.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -291,16 +304,8 @@ impl StatusUpdate {
             }
             for (key, value) in metrics {
                 let field = format!("metrics.{key}");
-                if key.is_empty()
-                    || key.len() > 64
-                    || !key
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
-                {
-                    return Err(FieldError::new(
-                        field,
-                        "a metric name is 1 to 64 of a-z, A-Z, 0-9, '_', '-', '.'",
-                    ));
+                if !is_metric_name(key) {
+                    return Err(FieldError::new(field, METRIC_NAME_RULE));
                 }
                 if !value.is_finite() {
                     return Err(FieldError::new(field, "a metric must be a finite number"));

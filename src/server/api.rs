@@ -3,8 +3,9 @@
 
 use super::AppState;
 use super::error::ApiError;
-use super::hub::{Applied, Filter};
-use crate::model::{Device, DeviceId, Snapshot, StatusUpdate};
+use super::hub::{Applied, ApplyError, Filter};
+use super::thresholds::{self, MetricLimits, ThresholdsView};
+use crate::model::{Device, DeviceId, Limits, Snapshot, StatusUpdate};
 use crate::protocol::{CommandSet, Outcome};
 use axum::Json;
 use axum::body::{Body, to_bytes};
@@ -14,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
 /// Largest accepted ingest body.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -77,6 +79,53 @@ pub async fn post_command(
         Outcome::Failed => Err(ApiError::CommandFailed(settled.reason.unwrap_or_default())),
         Outcome::TimedOut => Err(ApiError::CommandTimedOut(state.commands.timeout())),
     }
+}
+
+/// `GET /api/thresholds`: the file's `[defaults]`, and each device's own
+/// limits (set over the API, else the file's), as
+/// `{"defaults": {metric: {min, max}}, "devices": {id: {metric: {min, max}}}}`.
+/// Open to anyone, as the device reads are.
+pub async fn get_thresholds(State(state): State<AppState>) -> Json<ThresholdsView> {
+    Json(state.hub.thresholds())
+}
+
+/// `PUT /api/devices/{id}/thresholds` with `{metric: {"min"?, "max"?}, …}`:
+/// replaces the device's own limits (`{}` clears them, leaving the
+/// defaults); they are kept in the store and win over the thresholds file's
+/// for this device. Operator rights. Answers `{"device": id, "limits": …}`
+/// with the limits now in force (empty ones dropped). The device is
+/// evaluated at once: a change of its alerts is published.
+///
+/// An id that has not reported yet is accepted (200, not 404): a device may
+/// be configured before its first report, as in the thresholds file.
+pub async fn put_thresholds(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    state.auth.check_operator(&headers)?;
+    let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
+    let raw: BTreeMap<String, Value> = read_json(&headers, body).await?;
+    let mut limits = MetricLimits::new();
+    for (metric, value) in raw {
+        let l: Limits = serde_path_to_error::deserialize(value).map_err(|e| {
+            let message = e.inner().to_string();
+            let field = match message.strip_prefix("unknown field `") {
+                Some(rest) => format!("{metric}.{}", rest.split('`').next().unwrap_or_default()),
+                None if e.path().to_string() == "." => metric.clone(),
+                None => format!("{metric}.{}", e.path()),
+            };
+            ApiError::invalid(field, message)
+        })?;
+        limits.insert(metric, l);
+    }
+    let limits = thresholds::check_all(limits)?;
+    state
+        .hub
+        .set_limits(&id, limits.clone())
+        .map_err(ApplyError::from)?;
+    Ok(Json(json!({ "device": id, "limits": limits })))
 }
 
 /// The body of `POST /api/session`.

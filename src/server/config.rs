@@ -84,6 +84,24 @@ pub struct Config {
     #[arg(long, env = "TELLTALE_SIMULATOR_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub simulator_interval: Duration,
 
+    /// A TOML file of alert limits (`[defaults]`, `[devices.ID]`, each
+    /// `metric = { min = …, max = … }`) and `stale_after` deadlines, read at
+    /// start. Limits set over the API win over the file's for their device.
+    #[arg(long, env = "TELLTALE_THRESHOLDS")]
+    pub thresholds: Option<PathBuf>,
+
+    /// Silence after which any device is marked stale, e.g. `30s`, instead
+    /// of three of its learned report intervals. A `stale_after` in the
+    /// thresholds file wins.
+    #[arg(long, env = "TELLTALE_STALE_AFTER", value_parser = parse_positive_duration)]
+    pub stale_after: Option<Duration>,
+
+    /// The shortest report interval staleness learns; a device is stale
+    /// after three intervals. Lowered by tests.
+    #[arg(long, env = "TELLTALE_STALE_FLOOR", default_value = "1s", hide = true,
+          value_parser = parse_positive_duration)]
+    pub stale_floor: Duration,
+
     /// Interval of the SSE heartbeat comment that keeps proxies from closing idle streams.
     #[arg(long, env = "TELLTALE_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
@@ -161,6 +179,14 @@ fn parse_ws_url(s: &str) -> Result<String, String> {
         Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(s.to_owned()),
         _ => Err("expected ws://HOST:PORT/api/ws".into()),
     }
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
 }
 
 fn parse_device_id(s: &str) -> Result<DeviceId, String> {
@@ -267,6 +293,37 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         let c = Config::try_parse_from(["telltale", "--memory", "off"]).unwrap();
         assert!(!c.memory);
+    }
+
+    #[test]
+    fn alert_options() {
+        let c = Config::try_parse_from(["telltale"]).unwrap();
+        assert_eq!(c.thresholds, None);
+        assert_eq!(c.stale_after, None);
+        assert_eq!(c.stale_floor, Duration::from_secs(1));
+        let c = Config::try_parse_from([
+            "telltale",
+            "--thresholds",
+            "limits.toml",
+            "--stale-after",
+            "30s",
+            "--stale-floor",
+            "50ms",
+        ])
+        .unwrap();
+        assert_eq!(c.thresholds, Some(PathBuf::from("limits.toml")));
+        assert_eq!(c.stale_after, Some(Duration::from_secs(30)));
+        assert_eq!(c.stale_floor, Duration::from_millis(50));
+        assert!(Config::try_parse_from(["telltale", "--stale-after", "0s"]).is_err());
+        assert!(Config::try_parse_from(["telltale", "--stale-floor", "0s"]).is_err());
+        let vars = Config::env_vars();
+        for var in [
+            "TELLTALE_THRESHOLDS",
+            "TELLTALE_STALE_AFTER",
+            "TELLTALE_STALE_FLOOR",
+        ] {
+            assert!(vars.iter().any(|v| v == var), "{var} missing from {vars:?}");
+        }
     }
 
     #[test]

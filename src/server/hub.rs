@@ -26,9 +26,17 @@
 //!   for a subscriber, and a subscriber that falls more than `client_queue`
 //!   events behind is told it lagged and resynchronises with a snapshot.
 //!
+//! - Alerts and staleness are part of a device's state, kept here under the
+//!   same lock: every accepted update re-evaluates the device's alerts
+//!   against its limits ([`thresholds`](super::thresholds)) and counts as a
+//!   sign of life ([`stale`](super::stale)); a change of either is published
+//!   as a status event like any other.
+//!
 //! The public methods are the interface a broker-backed hub (Redis) must offer.
 
+use super::stale::{StalePolicy, Watch};
 use super::store::{Store, StoreError};
+use super::thresholds::{MetricLimits, Thresholds, ThresholdsView};
 use crate::model::{
     Device, DeviceId, EventId, FieldError, History, Online, Point, Snapshot, StatusEvent,
     StatusUpdate,
@@ -39,8 +47,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::broadcast;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, broadcast};
 
 /// One published change, serialized once for every subscriber.
 #[derive(Debug)]
@@ -130,6 +138,8 @@ pub struct Hub {
     state: Mutex<State>,
     sender: broadcast::Sender<Arc<Published>>,
     ring_capacity: usize,
+    /// Wakes the stale watcher when a deadline moves earlier.
+    stale_wake: Notify,
 }
 
 struct State {
@@ -139,6 +149,8 @@ struct State {
     ring: VecDeque<Arc<Published>>,
     /// Where every event is made durable; `None` in memory-only mode.
     store: Option<Store>,
+    thresholds: Thresholds,
+    watch: Watch,
 }
 
 impl Hub {
@@ -177,9 +189,12 @@ impl Hub {
                 last_id,
                 ring: VecDeque::with_capacity(ring_capacity),
                 store: None,
+                thresholds: Thresholds::default(),
+                watch: Watch::default(),
             }),
             sender,
             ring_capacity,
+            stale_wake: Notify::new(),
         }
     }
 
@@ -190,27 +205,47 @@ impl Hub {
     }
 
     /// Applies a validated update. A new id registers the device; only a real
-    /// change is published, once it is durable.
+    /// change is published, once it is durable. Every accepted update, changed
+    /// or not, is a sign of life: it clears `stale` (an event of its own when
+    /// nothing else changed), and its alerts are evaluated afresh.
     pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, ApplyError> {
         let mut state = self.lock();
-        let mut device = state
-            .devices
-            .get(id)
-            .cloned()
-            .unwrap_or_else(|| Device::new(id.clone()));
-        let is_new = !state.devices.contains_key(id);
-        if !update.apply_to(&mut device)? && !is_new {
-            return Ok(Applied {
+        let previous = state.devices.get(id);
+        let mut device = previous.cloned().unwrap_or_else(|| Device::new(id.clone()));
+        let reported_change = update.apply_to(&mut device)? || previous.is_none();
+        // The silence that ends a stale or offline spell is an outage, not
+        // the device's report interval.
+        let learn = previous.is_some_and(|p| !p.stale && p.online != Some(false));
+        device.stale = false;
+        device.alerts = state.thresholds.alerts(&device);
+        let changed = previous != Some(&device);
+        let applied = if reported_change {
+            self.publish(&mut state, device)?
+        } else if changed {
+            // Only `stale` (or the alerts) changed: the readings are as
+            // old as they were, so `updated_at` stays.
+            self.publish_as_is(&mut state, device)?
+        } else {
+            Applied {
                 id: state.last_id,
                 changed: false,
-            });
+            }
+        };
+        self.heard(&mut state, id, learn);
+        Ok(applied)
+    }
+
+    /// Notes a sign of life from `id` now (see [`Watch::heard`]).
+    fn heard(&self, state: &mut State, id: &DeviceId, learn: bool) {
+        if state.watch.heard(id, Instant::now(), learn) {
+            self.stale_wake.notify_one();
         }
-        Ok(self.publish(&mut state, device)?)
     }
 
     /// Records whether `id` has a live link; publishes a status event when
     /// that changes. An unknown id is registered (an agent said hello before
-    /// its first report).
+    /// its first report). Either way the device is no longer stale: a new
+    /// link is a sign of life, and a lost one is news of its own.
     pub fn set_online(&self, id: &DeviceId, online: Online) -> Result<Applied, StoreError> {
         let mut state = self.lock();
         let device = match state.devices.get(id) {
@@ -222,6 +257,7 @@ impl Hub {
             }
             Some(d) => Device {
                 online,
+                stale: false,
                 ..d.clone()
             },
             None => Device {
@@ -229,7 +265,9 @@ impl Hub {
                 ..Device::new(id.clone())
             },
         };
-        self.publish(&mut state, device)
+        let applied = self.publish(&mut state, device)?;
+        self.heard(&mut state, id, false);
+        Ok(applied)
     }
 
     /// Stores a changed device under a new event id — durably first, when
@@ -237,6 +275,13 @@ impl Hub {
     /// When the store fails, nothing changes.
     fn publish(&self, state: &mut State, mut device: Device) -> Result<Applied, StoreError> {
         device.updated_at = Utc::now();
+        self.publish_as_is(state, device)
+    }
+
+    /// [`publish`](Self::publish) for a change the device did not report
+    /// (stale, alerts under new limits): `updated_at` keeps the time of its
+    /// last reported change.
+    fn publish_as_is(&self, state: &mut State, device: Device) -> Result<Applied, StoreError> {
         let id = state.last_id + 1;
         let json: Box<str> = serde_json::to_string(&StatusEvent::from(&device))
             .expect("a status always serializes")
@@ -262,6 +307,132 @@ impl Hub {
         // No receivers is fine: nobody is watching.
         let _ = self.sender.send(published);
         Ok(Applied { id, changed: true })
+    }
+
+    /// Starts alerts and staleness: the limits (the file's, plus those set
+    /// over the API and kept in the store, which win) and how long devices
+    /// may stay silent. Every known device counts as just heard from. A
+    /// device whose alerts differ under these limits from the stored ones
+    /// (the file changed) is published at once.
+    pub fn configure_alerts(
+        &self,
+        mut thresholds: Thresholds,
+        policy: StalePolicy,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if let Some(store) = &state.store {
+            for (device, limits) in store.device_limits()? {
+                thresholds.set_own(device, limits);
+            }
+        }
+        state.thresholds = thresholds;
+        state.watch = Watch::new(policy);
+        let ids: Vec<DeviceId> = state.devices.keys().cloned().collect();
+        for id in &ids {
+            self.heard(&mut state, id, false);
+            self.reevaluate(&mut state, id)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces `device`'s own limits (kept in the store first, when there
+    /// is one), then evaluates it at once: a change of its alerts is
+    /// published. The device need not be known yet.
+    ///
+    /// When the limits are stored but the event cannot be, the error is
+    /// returned and the limits stay in force; sending them again publishes
+    /// the alerts.
+    pub fn set_limits(
+        &self,
+        device: &DeviceId,
+        limits: MetricLimits,
+    ) -> Result<Applied, StoreError> {
+        let mut state = self.lock();
+        if let Some(store) = &mut state.store {
+            tokio::task::block_in_place(|| store.set_device_limits(device, &limits))?;
+        }
+        state.thresholds.set_own(device.clone(), limits);
+        self.reevaluate(&mut state, device)
+    }
+
+    /// Every configured limit (`GET /api/thresholds`).
+    pub fn thresholds(&self) -> ThresholdsView {
+        self.lock().thresholds.view()
+    }
+
+    /// `device`'s own limits, if it has any.
+    pub fn own_limits(&self, device: &DeviceId) -> Option<MetricLimits> {
+        self.lock().thresholds.own(device).cloned()
+    }
+
+    /// Publishes `id`'s alerts if its limits changed them.
+    fn reevaluate(&self, state: &mut State, id: &DeviceId) -> Result<Applied, StoreError> {
+        let unchanged = Applied {
+            id: state.last_id,
+            changed: false,
+        };
+        let Some(device) = state.devices.get(id) else {
+            return Ok(unchanged);
+        };
+        let alerts = state.thresholds.alerts(device);
+        if alerts == device.alerts {
+            return Ok(unchanged);
+        }
+        let device = Device {
+            alerts,
+            ..device.clone()
+        };
+        self.publish_as_is(state, device)
+    }
+
+    /// Marks stale every device silent past its deadline at `now`; returns
+    /// the next deadline, for the watcher ([`stale::run`](super::stale::run))
+    /// to sleep until. A device that is offline, already stale, or without a
+    /// deadline is not watched. A mark that cannot be stored is retried.
+    pub fn mark_stale(&self, now: Instant) -> Option<Instant> {
+        const RETRY: Duration = Duration::from_secs(1);
+        let mut state = self.lock();
+        let state = &mut *state;
+        let mut next: Option<Instant> = None;
+        let mut due = Vec::new();
+        for device in state.devices.values() {
+            if device.stale || device.online == Some(false) {
+                continue;
+            }
+            match state.watch.deadline(&device.id) {
+                Some(deadline) if deadline <= now => due.push(device.id.clone()),
+                Some(deadline) => next = Some(next.map_or(deadline, |n| n.min(deadline))),
+                None => {}
+            }
+        }
+        for id in due {
+            let device = Device {
+                stale: true,
+                ..state.devices[&id].clone()
+            };
+            match self.publish_as_is(state, device) {
+                Ok(_) => tracing::info!(
+                    "{id} is stale: silent for longer than {}",
+                    state
+                        .watch
+                        .allowed_silence(&id)
+                        .map(|d| humantime::format_duration(d).to_string())
+                        .unwrap_or_default()
+                ),
+                Err(e) => {
+                    tracing::error!("marking {id} stale: {e}");
+                    let retry = now + RETRY;
+                    next = Some(next.map_or(retry, |n| n.min(retry)));
+                }
+            }
+        }
+        state.watch.arm(next);
+        next
+    }
+
+    /// Notified when a deadline moves earlier than the watcher's.
+    pub fn stale_wake(&self) -> &Notify {
+        &self.stale_wake
     }
 
     pub fn snapshot(&self, filter: &Filter) -> Snapshot {
@@ -649,6 +820,110 @@ mod tests {
         assert_eq!(ev.status.temperature, Some(1.0));
     }
 
+    fn limits(max: f64) -> MetricLimits {
+        MetricLimits::from([(
+            "temperature".to_owned(),
+            crate::model::Limits {
+                min: None,
+                max: Some(max),
+            },
+        )])
+    }
+
+    fn last_event(hub: &Hub) -> StatusEvent {
+        let seen = hub.stats().0 - 1;
+        let Start::Replay(events) = hub.subscribe(Some(seen), &Filter::default()).start else {
+            panic!("expected a replay");
+        };
+        serde_json::from_str(&events[0].json).unwrap()
+    }
+
+    #[test]
+    fn alerts_are_events_and_follow_new_limits_at_once() {
+        let hub = Hub::starting_at(0, 8, 8);
+        hub.configure_alerts(Thresholds::default(), StalePolicy::default())
+            .unwrap();
+        // Limits for a device that has not reported yet: nothing to publish.
+        assert!(!hub.set_limits(&id("a"), limits(30.0)).unwrap().changed);
+        hub.apply(&id("a"), &temp(25.0)).unwrap();
+        assert!(last_event(&hub).alerts.is_empty());
+        assert_eq!(hub.apply(&id("a"), &temp(31.0)).unwrap().id, 2);
+        let ev = last_event(&hub);
+        assert_eq!(ev.alerts["temperature"].value, 31.0);
+        assert_eq!(ev.alerts["temperature"].limits.max, Some(30.0));
+        // Back inside: cleared.
+        hub.apply(&id("a"), &temp(30.0)).unwrap();
+        assert!(last_event(&hub).alerts.is_empty());
+        // New limits re-evaluate at once, without moving `updated_at`.
+        let before = hub.device(&id("a")).unwrap();
+        assert_eq!(
+            hub.set_limits(&id("a"), limits(20.0)).unwrap(),
+            Applied {
+                id: 4,
+                changed: true
+            }
+        );
+        let after = hub.device(&id("a")).unwrap();
+        assert_eq!(after.alerts["temperature"].value, 30.0);
+        assert_eq!(after.updated_at, before.updated_at);
+        // The same limits again change nothing.
+        assert!(!hub.set_limits(&id("a"), limits(20.0)).unwrap().changed);
+        assert_eq!(hub.thresholds().devices[&id("a")], limits(20.0));
+    }
+
+    #[test]
+    fn a_silent_device_goes_stale_and_any_report_clears_it() {
+        let hub = Hub::starting_at(0, 8, 8);
+        let policy = StalePolicy {
+            fixed: Some(Duration::from_secs(10)),
+            ..StalePolicy::default()
+        };
+        hub.configure_alerts(Thresholds::default(), policy).unwrap();
+        assert_eq!(hub.mark_stale(Instant::now()), None, "nobody to watch");
+        hub.apply(&id("a"), &temp(1.0)).unwrap();
+        let updated_at = hub.device(&id("a")).unwrap().updated_at;
+        let now = Instant::now();
+        let next = hub.mark_stale(now).expect("a deadline");
+        assert!(next > now + Duration::from_secs(9));
+        // Past the deadline: stale, published, `updated_at` kept.
+        assert_eq!(hub.mark_stale(next), None, "a stale device is not watched");
+        let ev = last_event(&hub);
+        assert!(ev.stale);
+        assert_eq!(ev.updated_at, updated_at);
+        assert_eq!(hub.stats().0, 2);
+        // The same values again: not a change of readings, but of `stale`.
+        assert_eq!(
+            hub.apply(&id("a"), &temp(1.0)).unwrap(),
+            Applied {
+                id: 3,
+                changed: true
+            }
+        );
+        let ev = last_event(&hub);
+        assert!(!ev.stale);
+        assert_eq!(ev.updated_at, updated_at);
+        assert!(!hub.apply(&id("a"), &temp(1.0)).unwrap().changed);
+    }
+
+    #[test]
+    fn an_offline_device_is_not_marked_stale() {
+        let hub = Hub::starting_at(0, 8, 8);
+        let policy = StalePolicy {
+            fixed: Some(Duration::from_millis(1)),
+            ..StalePolicy::default()
+        };
+        hub.configure_alerts(Thresholds::default(), policy).unwrap();
+        hub.set_online(&id("a"), Some(true)).unwrap();
+        let later = Instant::now() + Duration::from_secs(1);
+        hub.mark_stale(later);
+        assert!(hub.device(&id("a")).unwrap().stale);
+        // Going offline clears it, and an offline device is left alone.
+        hub.set_online(&id("a"), Some(false)).unwrap();
+        assert!(!hub.device(&id("a")).unwrap().stale);
+        assert_eq!(hub.mark_stale(later + Duration::from_secs(1)), None);
+        assert!(!hub.device(&id("a")).unwrap().stale);
+    }
+
     #[test]
     fn dropped_subscriptions_are_released() {
         let hub = Hub::starting_at(0, 8, 8);
@@ -681,6 +956,41 @@ mod tests {
         assert_eq!(hub.apply(&id("a"), &temp(3.0)).unwrap().id, first + 3);
         // An unchanged update is still no event after a restart.
         assert!(!hub.apply(&id("a"), &temp(3.0)).unwrap().changed);
+    }
+
+    #[test]
+    fn limits_stale_and_alerts_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = || StalePolicy {
+            fixed: Some(Duration::from_secs(10)),
+            ..StalePolicy::default()
+        };
+        {
+            let hub = stored_hub(dir.path(), 8);
+            hub.configure_alerts(Thresholds::default(), policy())
+                .unwrap();
+            hub.set_limits(&id("a"), limits(30.0)).unwrap();
+            hub.apply(&id("a"), &temp(31.0)).unwrap();
+            hub.apply(&id("b"), &temp(1.0)).unwrap();
+            hub.mark_stale(Instant::now() + Duration::from_secs(11));
+            assert!(hub.device(&id("b")).unwrap().stale);
+            hub.apply(&id("a"), &temp(31.0)).unwrap();
+            assert!(!hub.device(&id("a")).unwrap().stale);
+        }
+        let hub = stored_hub(dir.path(), 8);
+        hub.configure_alerts(Thresholds::default(), policy())
+            .unwrap();
+        let last = hub.stats().0;
+        assert_eq!(hub.thresholds().devices[&id("a")], limits(30.0));
+        let a = hub.device(&id("a")).unwrap();
+        assert_eq!(a.alerts["temperature"].value, 31.0);
+        assert!(!a.stale);
+        assert!(hub.device(&id("b")).unwrap().stale, "until it reports");
+        // Nothing changed, so nothing was published at start.
+        assert_eq!(hub.stats().0, last);
+        // Restarted hubs count every device as just heard.
+        assert!(hub.mark_stale(Instant::now()).is_some());
+        assert!(!hub.device(&id("a")).unwrap().stale);
     }
 
     #[test]

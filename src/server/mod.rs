@@ -9,14 +9,16 @@ mod error;
 pub mod hub;
 mod simulator;
 mod sse;
+pub mod stale;
 pub mod store;
+pub mod thresholds;
 pub mod ws;
 
 use crate::app::{App, shell};
 use auth::{Auth, Token};
 use axum::Router;
 use axum::extract::FromRef;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use commands::Commands;
 use config::Config;
 use hub::Hub;
@@ -66,6 +68,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}", get(api::get_device))
         .route("/api/devices/{id}/status", post(api::post_status))
         .route("/api/devices/{id}/commands", post(api::post_command))
+        .route("/api/thresholds", get(api::get_thresholds))
+        .route("/api/devices/{id}/thresholds", put(api::put_thresholds))
         .route("/api/session", post(api::sign_in).delete(api::sign_out))
         .route("/api/events", get(sse::events))
         .route("/api/ws", get(ws::upgrade))
@@ -108,6 +112,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         sessions: auth::Sessions::default(),
         secure_cookie: config.secure_cookie,
     });
+    // A bad thresholds file stops the start, before anything is opened.
+    let file = match &config.thresholds {
+        Some(path) => thresholds::ThresholdsFile::load(path).map_err(std::io::Error::other)?,
+        None => thresholds::ThresholdsFile::default(),
+    };
     let shutdown = CancellationToken::new();
     let hub = if config.memory {
         tracing::info!("memory only (--memory): nothing is kept across restarts");
@@ -120,7 +129,18 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         tracing::info!("data directory {}", dir.display());
         hub
     };
+    hub.configure_alerts(
+        file.thresholds,
+        stale::StalePolicy {
+            floor: config.stale_floor,
+            fixed: config.stale_after,
+            file_default: file.stale_after,
+            per_device: file.device_stale_after,
+        },
+    )
+    .map_err(|e| std::io::Error::other(format!("{}: {e}", config.data_dir.display())))?;
     let hub = Arc::new(hub);
+    tokio::spawn(stale::run(hub.clone(), shutdown.clone()));
     let commands = Arc::new(Commands::new(
         hub.clone(),
         config.command_timeout,

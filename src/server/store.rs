@@ -1,8 +1,8 @@
 //! The durable store: an embedded SQLite database in the data directory.
 //!
 //! It keeps every device's last state, every status event (the event log
-//! that `Last-Event-ID` resumes from after a restart) and the readings
-//! history. Only the [`Hub`](super::hub::Hub) writes to it, under its lock,
+//! that `Last-Event-ID` resumes from after a restart), the readings
+//! history, and the alert limits set over the API. Only the [`Hub`](super::hub::Hub) writes to it, under its lock,
 //! so event ids and their order have one source.
 //!
 //! Durability: each event is one transaction (event row, device row,
@@ -14,6 +14,7 @@
 //! that were already answered 200. "Nothing acknowledged is lost" has to hold
 //! for both, so the price is one fsync per event.
 
+use super::thresholds::MetricLimits;
 use crate::model::{Device, DeviceId, EventId};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
@@ -63,6 +64,14 @@ const MIGRATIONS: &[&str] = &[
          value REAL NOT NULL
      );
      CREATE INDEX readings_by_device_metric_ts ON readings (device, metric, ts);",
+    // 2: a device's stale flag and alerts (so the snapshot after a restart
+    // is what the last events said), and alert limits set over the API.
+    "ALTER TABLE devices ADD COLUMN stale INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE devices ADD COLUMN alerts_json TEXT NOT NULL DEFAULT '{}';
+     CREATE TABLE device_limits (
+         device TEXT PRIMARY KEY NOT NULL,
+         limits_json TEXT NOT NULL  -- {metric: {min, max}}; '{}': none of its own
+     );",
 ];
 
 pub struct Store {
@@ -106,9 +115,10 @@ impl Store {
 
     /// Every stored device, by id.
     pub fn devices(&self) -> Result<Vec<Device>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id, name, status_json, online, updated_at FROM devices ORDER BY id")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT id, name, status_json, online, updated_at, stale, alerts_json
+             FROM devices ORDER BY id",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
@@ -116,18 +126,20 @@ impl Store {
                 r.get::<_, String>(2)?,
                 r.get::<_, Option<bool>>(3)?,
                 r.get::<_, String>(4)?,
+                r.get::<_, bool>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })?;
         let mut devices = Vec::new();
         for row in rows {
-            let (id, name, status, online, updated_at) = row?;
+            let (id, name, status, online, updated_at, stale, alerts) = row?;
             let corrupt = |what: &str| StoreError::Corrupt(format!("{id}: {what}"));
             devices.push(Device {
                 id: DeviceId::parse(&id).map_err(&corrupt)?,
                 status: serde_json::from_str(&status).map_err(|e| corrupt(&e.to_string()))?,
                 online,
-                stale: false,
-                alerts: Default::default(),
+                stale,
+                alerts: serde_json::from_str(&alerts).map_err(|e| corrupt(&e.to_string()))?,
                 updated_at: updated_at
                     .parse()
                     .map_err(|e: chrono::ParseError| corrupt(&e.to_string()))?,
@@ -165,11 +177,12 @@ impl Store {
         tx.prepare_cached("INSERT INTO events (id, device, json) VALUES (?1, ?2, ?3)")?
             .execute(params![id as i64, device.id.as_str(), json])?;
         tx.prepare_cached(
-            "INSERT INTO devices (id, name, status_json, online, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO devices (id, name, status_json, online, updated_at, stale, alerts_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (id) DO UPDATE SET name = excluded.name,
                  status_json = excluded.status_json, online = excluded.online,
-                 updated_at = excluded.updated_at",
+                 updated_at = excluded.updated_at, stale = excluded.stale,
+                 alerts_json = excluded.alerts_json",
         )?
         .execute(params![
             device.id.as_str(),
@@ -177,6 +190,8 @@ impl Store {
             serde_json::to_string(&device.status).expect("a status always serializes"),
             device.online,
             device.updated_at.to_rfc3339(),
+            device.stale,
+            serde_json::to_string(&device.alerts).expect("alerts always serialize"),
         ])?;
         {
             let mut reading = tx.prepare_cached(
@@ -246,6 +261,42 @@ impl Store {
             Ok((r.get(0)?, r.get(1)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The alert limits set over the API, by device.
+    pub fn device_limits(&self) -> Result<Vec<(DeviceId, MetricLimits)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, limits_json FROM device_limits ORDER BY device")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut all = Vec::new();
+        for row in rows {
+            let (id, limits) = row?;
+            let corrupt = |what: &str| StoreError::Corrupt(format!("limits of {id}: {what}"));
+            all.push((
+                DeviceId::parse(&id).map_err(&corrupt)?,
+                serde_json::from_str(&limits).map_err(|e| corrupt(&e.to_string()))?,
+            ));
+        }
+        Ok(all)
+    }
+
+    /// Replaces `device`'s limits set over the API (`{}`: none of its own).
+    pub fn set_device_limits(
+        &mut self,
+        device: &DeviceId,
+        limits: &MetricLimits,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO device_limits (device, limits_json) VALUES (?1, ?2)
+                 ON CONFLICT (device) DO UPDATE SET limits_json = excluded.limits_json",
+            )?
+            .execute(params![
+                device.as_str(),
+                serde_json::to_string(limits).expect("limits always serialize"),
+            ])?;
+        Ok(())
     }
 
     /// The schema version (for tests and diagnostics).

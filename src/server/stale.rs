@@ -1,0 +1,277 @@
+//! Staleness: a device that has gone quiet for longer than its reports
+//! allow is marked `stale`, so the page never shows old values as if they
+//! were current.
+//!
+//! How long is too long, most specific first:
+//! 1. `stale_after` in the device's `[devices.ID]` section of the thresholds
+//!    file, else in its `[defaults]`;
+//! 2. `--stale-after`, for every device;
+//! 3. otherwise, three of the device's report intervals, learned from the
+//!    gaps between its accepted reports (changed or not): the median of the
+//!    last [`KEEP_GAPS`] gaps, at least `--stale-floor` (1 s), once
+//!    [`LEARN_FROM`] gaps are known. The median shrugs off a burst or one
+//!    long pause. A device with no interval yet is never stale.
+//!
+//! A stale device's next report clears the flag. The gap that ends a stale
+//! or offline spell is an outage, not the device's cadence, and is not
+//! learned. A device whose agent is gone (`online: false`) is not marked
+//! stale: offline already says more.
+//!
+//! Report times live in memory only. A restart counts as hearing from every
+//! device (none is marked stale for the time the server was down), and
+//! learned intervals are learned again; a device that was stale stays stale
+//! (the flag is stored) until it reports.
+//!
+//! The hub owns the bookkeeping ([`Watch`]) under its lock, so a report and a
+//! stale mark can never cross; [`run`] sleeps until the earliest deadline and
+//! asks the hub to mark the devices that are due.
+
+use super::hub::Hub;
+use crate::model::DeviceId;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// A device silent for this many of its report intervals is stale.
+pub const MISSED_REPORTS: u32 = 3;
+/// Gaps kept per device to learn its interval from.
+pub const KEEP_GAPS: usize = 16;
+/// Gaps needed before an interval is learned.
+pub const LEARN_FROM: usize = 2;
+/// The default shortest learned interval (`--stale-floor`).
+pub const DEFAULT_FLOOR: Duration = Duration::from_secs(1);
+
+/// How long each device may stay silent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StalePolicy {
+    /// The shortest learned report interval.
+    pub floor: Duration,
+    /// `--stale-after`: a fixed deadline for every device.
+    pub fixed: Option<Duration>,
+    /// The thresholds file's `[defaults]` `stale_after`.
+    pub file_default: Option<Duration>,
+    /// The thresholds file's `[devices.ID]` `stale_after`s.
+    pub per_device: BTreeMap<DeviceId, Duration>,
+}
+
+impl Default for StalePolicy {
+    fn default() -> Self {
+        Self {
+            floor: DEFAULT_FLOOR,
+            fixed: None,
+            file_default: None,
+            per_device: BTreeMap::new(),
+        }
+    }
+}
+
+/// When each device was last heard from, and its recent report gaps.
+#[derive(Debug, Default)]
+pub struct Watch {
+    policy: StalePolicy,
+    heard: HashMap<DeviceId, Heard>,
+    /// The deadline the watcher task sleeps until, if any.
+    armed: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Heard {
+    last: Instant,
+    gaps: VecDeque<Duration>,
+}
+
+impl Watch {
+    pub fn new(policy: StalePolicy) -> Self {
+        Self {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// A sign of life from `device` at `now`. With `learn`, the silence
+    /// since the last one is a sample of its report interval. Returns
+    /// whether the watcher must wake up: the device's deadline is now
+    /// earlier than the one it sleeps until.
+    pub fn heard(&mut self, device: &DeviceId, now: Instant, learn: bool) -> bool {
+        match self.heard.get_mut(device) {
+            Some(h) => {
+                if learn && let Some(gap) = now.checked_duration_since(h.last) {
+                    if h.gaps.len() == KEEP_GAPS {
+                        h.gaps.pop_front();
+                    }
+                    h.gaps.push_back(gap);
+                }
+                h.last = now;
+            }
+            None => {
+                self.heard.insert(
+                    device.clone(),
+                    Heard {
+                        last: now,
+                        gaps: VecDeque::new(),
+                    },
+                );
+            }
+        }
+        match (self.deadline(device), self.armed) {
+            (Some(deadline), Some(armed)) => deadline < armed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// The device's learned report interval, if enough gaps are known.
+    pub fn interval(&self, device: &DeviceId) -> Option<Duration> {
+        let h = self.heard.get(device)?;
+        if h.gaps.len() < LEARN_FROM {
+            return None;
+        }
+        let mut gaps: Vec<Duration> = h.gaps.iter().copied().collect();
+        gaps.sort_unstable();
+        Some(gaps[gaps.len() / 2].max(self.policy.floor))
+    }
+
+    /// How long the device may stay silent before it is stale.
+    pub fn allowed_silence(&self, device: &DeviceId) -> Option<Duration> {
+        self.policy
+            .per_device
+            .get(device)
+            .copied()
+            .or(self.policy.file_default)
+            .or(self.policy.fixed)
+            .or_else(|| Some(self.interval(device)? * MISSED_REPORTS))
+    }
+
+    /// When the device becomes stale if it stays silent.
+    pub fn deadline(&self, device: &DeviceId) -> Option<Instant> {
+        Some(self.heard.get(device)?.last + self.allowed_silence(device)?)
+    }
+
+    /// Records the deadline the watcher now sleeps until.
+    pub fn arm(&mut self, next: Option<Instant>) {
+        self.armed = next;
+    }
+}
+
+/// Marks devices stale as their deadlines pass, until `shutdown`. Sleeps
+/// until the earliest deadline; the hub wakes it when a deadline moves
+/// earlier than that.
+pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
+    loop {
+        let next = hub.mark_stale(Instant::now());
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = sleep => {}
+            () = hub.stale_wake().notified() => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).unwrap()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Reports of `device` at `t0 + each offset`, learning every gap.
+    fn reports(watch: &mut Watch, device: &str, t0: Instant, offsets: &[u64]) {
+        for &o in offsets {
+            watch.heard(&id(device), t0 + ms(o), true);
+        }
+    }
+
+    fn floor(floor: Duration) -> StalePolicy {
+        StalePolicy {
+            floor,
+            ..StalePolicy::default()
+        }
+    }
+
+    #[test]
+    fn learns_the_median_gap_once_two_are_known() {
+        let mut w = Watch::new(floor(ms(10)));
+        let t0 = Instant::now();
+        reports(&mut w, "a", t0, &[0, 100]);
+        assert_eq!(w.interval(&id("a")), None, "one gap is not enough");
+        assert_eq!(
+            w.deadline(&id("a")),
+            None,
+            "never stale without an interval"
+        );
+        reports(&mut w, "a", t0, &[200, 205, 305, 1305, 1405]);
+        // Gaps 100, 100, 5, 100, 1000, 100: a burst and a pause, median 100.
+        assert_eq!(w.interval(&id("a")), Some(ms(100)));
+        assert_eq!(w.allowed_silence(&id("a")), Some(ms(300)));
+        assert_eq!(w.deadline(&id("a")), Some(t0 + ms(1705)));
+    }
+
+    #[test]
+    fn the_floor_bounds_the_interval_and_old_gaps_are_forgotten() {
+        let mut w = Watch::new(floor(ms(50)));
+        let t0 = Instant::now();
+        let fast: Vec<u64> = (0..10).collect();
+        reports(&mut w, "a", t0, &fast);
+        assert_eq!(w.interval(&id("a")), Some(ms(50)), "1 ms gaps, floored");
+        let slow: Vec<u64> = (1..=KEEP_GAPS as u64).map(|i| 9 + i * 200).collect();
+        reports(&mut w, "a", t0, &slow);
+        assert_eq!(w.interval(&id("a")), Some(ms(200)));
+    }
+
+    #[test]
+    fn a_gap_that_is_not_learned_only_restarts_the_clock() {
+        let mut w = Watch::new(floor(ms(1)));
+        let t0 = Instant::now();
+        reports(&mut w, "a", t0, &[0, 10, 20]);
+        // Back after an outage: heard, but the outage is not its cadence.
+        w.heard(&id("a"), t0 + ms(5000), false);
+        assert_eq!(w.interval(&id("a")), Some(ms(10)));
+        assert_eq!(w.deadline(&id("a")), Some(t0 + ms(5030)));
+    }
+
+    #[test]
+    fn configured_deadlines_win_over_learning_most_specific_first() {
+        let t0 = Instant::now();
+        let mut policy = floor(ms(1));
+        policy.fixed = Some(ms(700));
+        let mut w = Watch::new(policy.clone());
+        w.heard(&id("a"), t0, false);
+        assert_eq!(
+            w.deadline(&id("a")),
+            Some(t0 + ms(700)),
+            "no learning needed"
+        );
+        policy.file_default = Some(ms(500));
+        policy.per_device.insert(id("b"), ms(200));
+        let mut w = Watch::new(policy);
+        reports(&mut w, "a", t0, &[0, 10, 20]);
+        reports(&mut w, "b", t0, &[0, 10, 20]);
+        assert_eq!(w.allowed_silence(&id("a")), Some(ms(500)));
+        assert_eq!(w.allowed_silence(&id("b")), Some(ms(200)));
+    }
+
+    #[test]
+    fn the_watcher_is_woken_only_for_an_earlier_deadline() {
+        let mut w = Watch::new(StalePolicy {
+            fixed: Some(ms(100)),
+            ..StalePolicy::default()
+        });
+        let t0 = Instant::now();
+        assert!(w.heard(&id("a"), t0, true), "nothing armed yet");
+        w.arm(w.deadline(&id("a")));
+        assert!(!w.heard(&id("a"), t0 + ms(50), true), "later than armed");
+        assert!(w.heard(&id("b"), t0 - ms(50), true), "earlier than armed");
+    }
+}
