@@ -388,6 +388,49 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_store_migrates_and_keeps_its_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO devices (id, name, status_json, online, updated_at)
+                 VALUES ('a', 'A', '{\"temperature\":1.0}', NULL, '2026-11-25T12:00:00Z')",
+                [],
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let a = store.devices().unwrap().remove(0);
+        assert_eq!((a.stale, a.alerts.len()), (false, 0));
+        assert_eq!(a.status.temperature, Some(1.0));
+        assert!(store.device_limits().unwrap().is_empty());
+        // Stale, alerts and limits read back as written.
+        let mut d = device("a", 40.0);
+        d.stale = true;
+        let limits = crate::model::Limits {
+            min: None,
+            max: Some(30.0),
+        };
+        d.alerts.insert(
+            "temperature".into(),
+            crate::model::Alert {
+                value: 40.0,
+                limits,
+            },
+        );
+        store.record(1, &d, Some(&a), "{}").unwrap();
+        let limits = MetricLimits::from([("temperature".to_owned(), limits)]);
+        store.set_device_limits(&d.id, &limits).unwrap();
+        store.set_device_limits(&d.id, &limits).unwrap();
+        let back = store.devices().unwrap().remove(0);
+        assert_eq!((back.stale, &back.alerts), (true, &d.alerts));
+        assert_eq!(store.device_limits().unwrap(), [(d.id.clone(), limits)]);
+    }
+
+    #[test]
     fn runs_in_wal_mode() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
