@@ -338,3 +338,32 @@ async fn limits_set_over_the_api_survive_a_restart_and_win_over_the_file() {
         .await;
     assert_eq!(next_status(&mut sse).await.get("alerts"), None);
 }
+
+#[tokio::test]
+async fn a_device_that_died_while_the_server_was_down_still_goes_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--stale-floor",
+        "50ms",
+    ])
+    .await;
+    for t in 0..4 {
+        if t > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        server
+            .post_status("rack-2", &json!({"temperature": 20.0}))
+            .await;
+    }
+    // A kill -9: the learned interval was saved when it was learned.
+    server.restart().await;
+    let mut sse = server.sse("?device=rack-2").await;
+    let start = sse.expect_start().await;
+    let stale = match start.device("rack-2") {
+        Some(d) if d["stale"] == true => d.clone(),
+        _ => next_status(&mut sse).await,
+    };
+    assert_eq!(stale["stale"], true, "{stale}");
+}

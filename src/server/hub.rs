@@ -235,10 +235,21 @@ impl Hub {
         Ok(applied)
     }
 
-    /// Notes a sign of life from `id` now (see [`Watch::heard`]).
+    /// Notes a sign of life from `id` now (see [`Watch::heard`]), and saves
+    /// its learned interval when that is new or has moved (a failure to save
+    /// is only logged: it is tried again on a later report).
     fn heard(&self, state: &mut State, id: &DeviceId, learn: bool) {
         if state.watch.heard(id, Instant::now(), learn) {
             self.stale_wake.notify_one();
+        }
+        let Some(interval) = state.watch.to_save(id) else {
+            return;
+        };
+        if let Some(store) = &mut state.store {
+            match tokio::task::block_in_place(|| store.save_report_interval(id, interval)) {
+                Ok(()) => state.watch.saved(id, interval),
+                Err(e) => tracing::warn!("saving the report interval of {id}: {e}"),
+            }
         }
     }
 
@@ -320,13 +331,21 @@ impl Hub {
         policy: StalePolicy,
     ) -> Result<(), StoreError> {
         let mut state = self.lock();
+        let mut intervals = Vec::new();
         if let Some(store) = &state.store {
             for (device, limits) in store.device_limits()? {
                 thresholds.set_own(device, limits);
             }
+            intervals = store.report_intervals()?;
         }
         state.thresholds = thresholds;
         state.watch = Watch::new(policy);
+        let now = Instant::now();
+        for (id, interval) in intervals {
+            if state.devices.contains_key(&id) {
+                state.watch.seed(&id, interval, now);
+            }
+        }
         let ids: Vec<DeviceId> = state.devices.keys().cloned().collect();
         for id in &ids {
             self.heard(&mut state, id, false);
@@ -991,6 +1010,34 @@ mod tests {
         // Restarted hubs count every device as just heard.
         assert!(hub.mark_stale(Instant::now()).is_some());
         assert!(!hub.device(&id("a")).unwrap().stale);
+    }
+
+    #[test]
+    fn learned_intervals_are_taken_up_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = || StalePolicy {
+            floor: Duration::from_millis(1),
+            ..StalePolicy::default()
+        };
+        {
+            let hub = stored_hub(dir.path(), 8);
+            hub.configure_alerts(Thresholds::default(), policy())
+                .unwrap();
+            for _ in 0..3 {
+                hub.apply(&id("a"), &temp(1.0)).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let hub = stored_hub(dir.path(), 8);
+        let start = Instant::now();
+        hub.configure_alerts(Thresholds::default(), policy())
+            .unwrap();
+        let deadline = hub
+            .mark_stale(start)
+            .expect("a deadline without new reports");
+        assert!(deadline > start && deadline < start + Duration::from_secs(1));
+        hub.mark_stale(deadline);
+        assert!(hub.device(&id("a")).unwrap().stale);
     }
 
     #[test]

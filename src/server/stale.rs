@@ -17,10 +17,14 @@
 //! learned. A device whose agent is gone (`online: false`) is not marked
 //! stale: offline already says more.
 //!
-//! Report times live in memory only. A restart counts as hearing from every
-//! device (none is marked stale for the time the server was down), and
-//! learned intervals are learned again; a device that was stale stays stale
-//! (the flag is stored) until it reports.
+//! Report times live in memory only: a restart counts as hearing from every
+//! device, so none is marked stale for the time the server was down. A
+//! learned interval is saved to the store when it is first learned and
+//! whenever it has moved by more than a quarter ([`Watch::to_save`]), and
+//! taken up again at start, so a device that died while the server was down
+//! still goes stale after three intervals; new gaps soon outweigh the saved
+//! interval. A device that was stale stays stale (the flag is stored) until
+//! it reports.
 //!
 //! The hub owns the bookkeeping ([`Watch`]) under its lock, so a report and a
 //! stale mark can never cross; [`run`] sleeps until the earliest deadline and
@@ -71,6 +75,8 @@ impl Default for StalePolicy {
 pub struct Watch {
     policy: StalePolicy,
     heard: HashMap<DeviceId, Heard>,
+    /// The intervals last saved to the store (or taken up from it).
+    saved: HashMap<DeviceId, Duration>,
     /// The deadline the watcher task sleeps until, if any.
     armed: Option<Instant>,
 }
@@ -119,6 +125,34 @@ impl Watch {
             (Some(_), None) => true,
             (None, _) => false,
         }
+    }
+
+    /// Takes up an interval learned before a restart: it counts as
+    /// [`LEARN_FROM`] gaps of that length, which new gaps soon outweigh.
+    pub fn seed(&mut self, device: &DeviceId, interval: Duration, now: Instant) {
+        self.heard.insert(
+            device.clone(),
+            Heard {
+                last: now,
+                gaps: std::iter::repeat_n(interval, LEARN_FROM).collect(),
+            },
+        );
+        self.saved.insert(device.clone(), interval);
+    }
+
+    /// The device's learned interval, if it should be saved: it is new, or
+    /// more than a quarter away from the one saved.
+    pub fn to_save(&self, device: &DeviceId) -> Option<Duration> {
+        let interval = self.interval(device)?;
+        match self.saved.get(device) {
+            Some(saved) if interval.abs_diff(*saved) <= *saved / 4 => None,
+            _ => Some(interval),
+        }
+    }
+
+    /// Notes that `interval` is now saved for `device`.
+    pub fn saved(&mut self, device: &DeviceId, interval: Duration) {
+        self.saved.insert(device.clone(), interval);
     }
 
     /// The device's learned report interval, if enough gaps are known.
@@ -260,6 +294,22 @@ mod tests {
         reports(&mut w, "b", t0, &[0, 10, 20]);
         assert_eq!(w.allowed_silence(&id("a")), Some(ms(500)));
         assert_eq!(w.allowed_silence(&id("b")), Some(ms(200)));
+    }
+
+    #[test]
+    fn a_seeded_interval_counts_until_new_gaps_outweigh_it() {
+        let mut w = Watch::new(floor(ms(1)));
+        let t0 = Instant::now();
+        w.seed(&id("a"), ms(100), t0);
+        assert_eq!(w.deadline(&id("a")), Some(t0 + ms(300)));
+        assert_eq!(w.to_save(&id("a")), None, "it came from the store");
+        reports(&mut w, "a", t0, &[10, 20, 30]);
+        assert_eq!(w.interval(&id("a")), Some(ms(10)));
+        assert_eq!(w.to_save(&id("a")), Some(ms(10)));
+        w.saved(&id("a"), ms(10));
+        reports(&mut w, "a", t0, &[42, 54]);
+        assert_eq!(w.interval(&id("a")), Some(ms(12)));
+        assert_eq!(w.to_save(&id("a")), None, "within a quarter");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::thresholds::MetricLimits;
 use crate::model::{Device, DeviceId, EventId};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
+use std::time::Duration;
 
 /// The database file inside the data directory.
 pub const FILE_NAME: &str = "telltale.sqlite3";
@@ -71,6 +72,13 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE device_limits (
          device TEXT PRIMARY KEY NOT NULL,
          limits_json TEXT NOT NULL  -- {metric: {min, max}}; '{}': none of its own
+     );
+     -- each device's learned report interval, saved when it is first
+     -- learned or has moved, so a restart need not learn it again before it
+     -- can mark the device stale
+     CREATE TABLE report_intervals (
+         device TEXT PRIMARY KEY NOT NULL,
+         interval_ms INTEGER NOT NULL
      );",
 ];
 
@@ -299,6 +307,38 @@ impl Store {
         Ok(())
     }
 
+    /// The saved learned report intervals, by device.
+    pub fn report_intervals(&self) -> Result<Vec<(DeviceId, Duration)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, interval_ms FROM report_intervals ORDER BY device")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut all = Vec::new();
+        for row in rows {
+            let (id, ms) = row?;
+            let id = DeviceId::parse(&id)
+                .map_err(|e| StoreError::Corrupt(format!("report interval of {id}: {e}")))?;
+            all.push((id, Duration::from_millis(ms.max(0) as u64)));
+        }
+        Ok(all)
+    }
+
+    /// Saves `device`'s learned report interval.
+    pub fn save_report_interval(
+        &mut self,
+        device: &DeviceId,
+        interval: Duration,
+    ) -> Result<(), StoreError> {
+        let ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO report_intervals (device, interval_ms) VALUES (?1, ?2)
+                 ON CONFLICT (device) DO UPDATE SET interval_ms = excluded.interval_ms",
+            )?
+            .execute(params![device.as_str(), ms])?;
+        Ok(())
+    }
+
     /// The schema version (for tests and diagnostics).
     pub fn schema_version(&self) -> Result<i64, StoreError> {
         Ok(self
@@ -428,6 +468,16 @@ mod tests {
         let back = store.devices().unwrap().remove(0);
         assert_eq!((back.stale, &back.alerts), (true, &d.alerts));
         assert_eq!(store.device_limits().unwrap(), [(d.id.clone(), limits)]);
+        store
+            .save_report_interval(&d.id, Duration::from_millis(1))
+            .unwrap();
+        store
+            .save_report_interval(&d.id, Duration::from_millis(2500))
+            .unwrap();
+        assert_eq!(
+            store.report_intervals().unwrap(),
+            [(d.id.clone(), Duration::from_millis(2500))]
+        );
     }
 
     #[test]
