@@ -62,7 +62,7 @@ fn tempfile_with(text: &str) -> tempfile::NamedTempFile {
 
 #[tokio::test]
 async fn a_silent_device_goes_stale_and_its_next_report_brings_it_back() {
-    let server = Server::start_with(&["--stale-floor", "50ms"]).await;
+    let server = Server::start_with(&["--stale-floor", "150ms"]).await;
     let mut sse = watch(&server, "quiet").await;
     let first = server
         .post_status("quiet", &json!({"temperature": 20.0}))
@@ -71,13 +71,13 @@ async fn a_silent_device_goes_stale_and_its_next_report_brings_it_back() {
     assert_eq!(registered.get("stale"), None, "not stale: left out");
     // Reports that change nothing still teach the server the cadence.
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
         let again = server
             .post_status("quiet", &json!({"temperature": 20.0}))
             .await;
         assert_eq!((again.id, again.changed), (first.id, false));
     }
-    // Then silence: stale after three intervals (~300 ms).
+    // Then silence: stale after three intervals (~450 ms).
     let stale = next_status(&mut sse).await;
     assert_eq!(stale["stale"], true, "{stale}");
     assert_eq!(stale["status"], registered["status"]);
@@ -100,7 +100,7 @@ async fn a_silent_device_goes_stale_and_its_next_report_brings_it_back() {
 
 #[tokio::test]
 async fn a_device_whose_agent_left_is_offline_not_stale() {
-    let server = Server::start_with(&["--stale-after", "1s"]).await;
+    let server = Server::start_with(&["--stale-after", "2s"]).await;
     let mut sse = watch(&server, "lamp").await;
     let mut agent = server.agent("lamp").await;
     assert_eq!(next_status(&mut sse).await["online"], true);
@@ -113,7 +113,7 @@ async fn a_device_whose_agent_left_is_offline_not_stale() {
     assert_eq!(offline["online"], false);
     assert_eq!(offline.get("stale"), None);
     // Well past the deadline, the next event is the sentinel: no stale mark.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let posted = server
         .post_status("lamp", &json!({"temperature": 3.0}))
         .await;
