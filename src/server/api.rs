@@ -103,7 +103,7 @@ pub async fn put_thresholds(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LimitsSet>, ApiError> {
     state.auth.check_operator(&headers)?;
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
     let raw: BTreeMap<String, Value> = read_json(&headers, body).await?;
@@ -125,7 +125,14 @@ pub async fn put_thresholds(
         .hub
         .set_limits(&id, limits.clone())
         .map_err(ApplyError::from)?;
-    Ok(Json(json!({ "device": id, "limits": limits })))
+    Ok(Json(LimitsSet { device: id, limits }))
+}
+
+/// The answer of `PUT /api/devices/{id}/thresholds`.
+#[derive(serde::Serialize)]
+pub struct LimitsSet {
+    pub device: DeviceId,
+    pub limits: MetricLimits,
 }
 
 /// The body of `POST /api/session`.
