@@ -509,6 +509,73 @@ mod tests {
     }
 
     #[test]
+    fn migration_2_dates_the_old_events_and_keeps_the_last_id() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO events (id, device, json) VALUES (41, 'a', ?1), (42, 'a', '{}')",
+                [r#"{"updated_at":"2026-11-25T12:00:00.250Z"}"#],
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(store.last_event_id().unwrap(), Some(42));
+        let ts: Vec<i64> = store
+            .conn
+            .prepare("SELECT ts FROM events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ts, [1_795_608_000_250, 0], "an undated event is the oldest");
+    }
+
+    #[test]
+    fn the_last_id_outlives_the_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.last_event_id().unwrap(), None);
+        store.record(7, &device("a", 1.0), None, "{}").unwrap();
+        store.conn.execute("DELETE FROM events", []).unwrap();
+        assert_eq!(store.id_range().unwrap(), None);
+        assert_eq!(store.last_event_id().unwrap(), Some(7));
+    }
+
+    #[test]
+    fn a_memory_dir_goes_on_drop_and_a_dead_servers_is_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mine = MemoryDir::new().unwrap();
+        let path = mine.path().to_owned();
+        assert!(path.join(MEMORY_LOCK).exists());
+        drop(mine);
+        assert!(!path.exists());
+        // One left by a killed server: unlocked, older than a minute.
+        let old = tmp.path().join(format!("{MEMORY_PREFIX}dead"));
+        std::fs::create_dir(&old).unwrap();
+        std::fs::File::create(old.join(MEMORY_LOCK)).unwrap();
+        // A live one: locked.
+        let live = tmp.path().join(format!("{MEMORY_PREFIX}live"));
+        std::fs::create_dir(&live).unwrap();
+        let held = std::fs::File::create(live.join(MEMORY_LOCK)).unwrap();
+        held.lock().unwrap();
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for dir in [&old, &live] {
+            std::fs::File::open(dir)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        MemoryDir::sweep(tmp.path());
+        assert!(!old.exists());
+        assert!(live.exists());
+    }
+
+    #[test]
     fn runs_in_wal_mode() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
