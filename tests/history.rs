@@ -113,11 +113,7 @@ async fn a_step_makes_buckets_with_min_mean_and_max() {
         let body = history(
             &server,
             "oven",
-            &format!(
-                "?from={}&to={}&step={step}",
-                rfc3339(from),
-                rfc3339(to)
-            ),
+            &format!("?from={}&to={}&step={step}", rfc3339(from), rfc3339(to)),
         )
         .await;
         assert_eq!(body["step_ms"], 600_000, "step={step}");
@@ -219,9 +215,7 @@ async fn bad_requests_are_refused_naming_the_field() {
     }
     // Too many points says which step would fit: an hour at 1ms is 3.6
     // million points, 10 000 fit at 1s.
-    let (_, body) = server
-        .get_json("/api/devices/rack/history?step=1ms")
-        .await;
+    let (_, body) = server.get_json("/api/devices/rack/history?step=1ms").await;
     let error = body["error"].as_str().unwrap();
     assert!(error.contains("10000") && error.contains("1s"), "{error}");
 

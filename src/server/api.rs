@@ -4,11 +4,11 @@
 use super::AppState;
 use super::error::ApiError;
 use super::hub::{Applied, Filter};
+use super::store::StoreError;
 use crate::model::{Device, DeviceId, Snapshot, StatusUpdate};
 use crate::protocol::{CommandSet, Outcome};
 use axum::Json;
 use axum::body::{Body, to_bytes};
-use super::store::StoreError;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -120,25 +120,26 @@ async fn history_as(
     };
     let from = match query.from.as_deref() {
         Some(t) => parse_time("from", t)?,
-        None => to - DEFAULT_SPAN,
+        None => to
+            .checked_sub_signed(DEFAULT_SPAN)
+            .ok_or_else(|| ApiError::invalid("to", "`to` is too early"))?,
     };
     if from >= to {
         return Err(ApiError::invalid("from", "`from` must be before `to`"));
     }
     let step_ms = query.step.as_deref().map(parse_step).transpose()?;
     let hub = state.hub.clone();
-    let history = tokio::task::spawn_blocking(move || {
-        hub.history(&device, &metric, from, to, step_ms)
-    })
-    .await
-    .map_err(|e| ApiError::StoreRead(e.to_string()))?
-    .map_err(|e| match e {
-        StoreError::TooManyPoints { .. } => ApiError::invalid("step", e.to_string()),
-        e => {
-            tracing::error!("{e}");
-            ApiError::StoreRead(e.to_string())
-        }
-    })?;
+    let history =
+        tokio::task::spawn_blocking(move || hub.history(&device, &metric, from, to, step_ms))
+            .await
+            .map_err(|e| ApiError::StoreRead(e.to_string()))?
+            .map_err(|e| match e {
+                StoreError::TooManyPoints { .. } => ApiError::invalid("step", e.to_string()),
+                e => {
+                    tracing::error!("{e}");
+                    ApiError::StoreRead(e.to_string())
+                }
+            })?;
     if !csv {
         return Ok(Json(history).into_response());
     }
@@ -150,11 +151,7 @@ async fn history_as(
             .unwrap_or_default();
         body.push_str(&format!("{t},{},{},{}\n", p.v, opt(p.min), opt(p.max)));
     }
-    Ok((
-        [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-        body,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response())
 }
 
 fn parse_time(field: &str, value: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
@@ -178,7 +175,9 @@ fn parse_step(value: &str) -> Result<i64, ApiError> {
             .map_err(|e| {
                 ApiError::invalid(
                     "step",
-                    format!("`step` must be a duration such as 30s or 1m, or a number of seconds ({e})"),
+                    format!(
+                        "`step` must be a duration such as 30s or 1m, or a number of seconds ({e})"
+                    ),
                 )
             })?
             .as_millis() as f64,

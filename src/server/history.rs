@@ -42,7 +42,7 @@ pub fn fitting_step_ms(span_ms: i64) -> i64 {
 
 /// How many buckets of `step_ms` cover `from ..= to`.
 pub fn buckets(from_ms: i64, to_ms: i64, step_ms: i64) -> i64 {
-    ((to_ms - from_ms).max(1) + step_ms - 1) / step_ms
+    ((to_ms - from_ms).max(1) - 1) / step_ms + 1
 }
 
 /// What is known at one time: a raw reading, or a folded minute.
@@ -208,9 +208,11 @@ impl Reader {
         let tx = self.conn.transaction()?;
         let dev = device.as_str();
         let folded_until: i64 = tx
-            .query_row("SELECT value FROM meta WHERE key = ?1", [FOLDED_UNTIL], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [FOLDED_UNTIL],
+                |r| r.get(0),
+            )
             .optional()?
             .unwrap_or(i64::MIN);
 
@@ -268,9 +270,7 @@ impl Reader {
             }
         }
         // A minute that began at or before `from` is shown just after it.
-        let mut samples = minutes
-            .iter()
-            .map(|(&t, m)| m.sample(t).at(t.max(lo + 1)));
+        let mut samples = minutes.iter().map(|(&t, m)| m.sample(t).at(t.max(lo + 1)));
         let mut stmt = tx.prepare_cached(
             "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2
              AND ts > ?3 AND ts <= ?4 AND ts >= ?5 ORDER BY ts, rowid",
@@ -497,6 +497,7 @@ mod tests {
     fn step_sizes_that_fit() {
         assert_eq!(buckets(0, 3_600_000, 60_000), 60);
         assert_eq!(buckets(0, 3_600_001, 60_000), 61);
+        assert_eq!(buckets(0, 1, i64::MAX), 1);
         assert_eq!(fitting_step_ms(3_600_000), 1000);
         assert_eq!(fitting_step_ms(30 * 86_400_000), 260_000);
         assert!(buckets(0, 30 * 86_400_000, 260_000) <= MAX_POINTS as i64);

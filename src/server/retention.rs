@@ -133,11 +133,7 @@ impl Retention {
 
 /// Folds the oldest raw readings older than `cutoff` (at most `batch`) into
 /// their minutes and deletes them. Returns (rows folded, more to do).
-fn fold(
-    tx: &rusqlite::Transaction,
-    batch: usize,
-    cutoff: i64,
-) -> Result<(u64, bool), StoreError> {
+fn fold(tx: &rusqlite::Transaction, batch: usize, cutoff: i64) -> Result<(u64, bool), StoreError> {
     let mut stmt = tx.prepare_cached(
         "SELECT rowid, device, metric, ts, value FROM readings ORDER BY rowid LIMIT ?1",
     )?;
@@ -213,9 +209,12 @@ fn delete_prefix(
     time: &str,
     cutoff: i64,
 ) -> Result<(u64, bool), StoreError> {
-    let mut stmt =
-        tx.prepare_cached(&format!("SELECT {key}, {time} FROM {table} ORDER BY {key} LIMIT ?1"))?;
-    let rows = stmt.query_map([batch as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {key}, {time} FROM {table} ORDER BY {key} LIMIT ?1"
+    ))?;
+    let rows = stmt.query_map([batch as i64], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+    })?;
     let (mut n, mut read, mut last) = (0u64, 0usize, None);
     for row in rows {
         let (k, t) = row?;
@@ -410,7 +409,14 @@ mod tests {
         let a = DeviceId::parse("a").unwrap();
         let mut read = |from: i64, to: i64, step: Option<i64>| {
             reader
-                .history(&a, "temperature", at(from), at(to), step, at(BASE + 2 * HOUR))
+                .history(
+                    &a,
+                    "temperature",
+                    at(from),
+                    at(to),
+                    step,
+                    at(BASE + 2 * HOUR),
+                )
                 .unwrap()
                 .points
         };
