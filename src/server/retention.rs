@@ -37,8 +37,9 @@ pub struct Policy {
     pub batch: usize,
 }
 
-/// The default batch: a few milliseconds of work.
-pub const BATCH: usize = 5_000;
+/// The default batch: a few milliseconds of work (100,000 readings and
+/// 100,000 events took 1 s in 100 batches, the longest 7 ms, on 2 cores).
+pub const BATCH: usize = 2_000;
 
 /// What one run did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,8 +63,22 @@ pub struct Retention {
 impl Retention {
     /// Retention for `store`, on a connection of its own.
     pub fn new(store: &Store, policy: Policy) -> Result<Self, StoreError> {
+        let conn = store.connect()?;
+        // Its commits need no fsync of their own: they acknowledge nothing,
+        // a crash can only undo whole batches (which the next run redoes),
+        // and the hub's next fsynced commit makes them durable with it. The
+        // fsync was most of a batch's time, so this is what keeps an
+        // ingest's wait behind a batch short.
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+        if sync > 1 {
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        // Checkpoints (copying the WAL into the database, with an fsync) are
+        // run after each batch, outside the write gate, where they block no
+        // writer, rather than inside a commit.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Self {
-            conn: store.connect()?,
+            conn,
             gate: store.write_gate(),
             policy,
         })
@@ -123,6 +138,10 @@ impl Retention {
             done
         };
         pruned.longest_batch = pruned.longest_batch.max(started.elapsed());
+        if done.0 > 0 {
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        }
         if done.1 {
             // Let a writer that waited on the gate go first.
             std::thread::sleep(Duration::from_millis(1));
