@@ -1,6 +1,6 @@
 #![cfg(feature = "ssr")]
-//! Reconnecting with the last event id seen: replay from the ring, or a
-//! snapshot when the ring cannot tell what was missed.
+//! Reconnecting with the last event id seen: replay from the ring or the
+//! store, or a snapshot when neither can tell what was missed.
 
 mod common;
 
@@ -148,7 +148,7 @@ async fn replay_respects_the_device_filter() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_id_older_than_the_ring_gets_a_snapshot_then_live_events() {
+async fn an_id_older_than_anything_stored_gets_a_snapshot_then_live_events() {
     let server = Server::start_with(&["--replay-capacity", "3"]).await;
     server
         .post_status("a", &json!({ "temperature": 0.5 }))
@@ -157,8 +157,10 @@ async fn an_id_older_than_the_ring_gets_a_snapshot_then_live_events() {
     let ids = post_changes(&server, "a", 1, 5).await;
     let last = *ids.last().unwrap();
 
+    // `--memory` has a (temporary) store: only ids before its first event
+    // are too old.
     let mut current = last;
-    for (n, too_old) in (100..).zip([seen, seen + 1]) {
+    for (n, too_old) in (100..).zip([seen - 2, seen - 3]) {
         let mut stream = server
             .sse_with("", &[("last-event-id", &too_old.to_string())])
             .await;
@@ -175,6 +177,16 @@ async fn an_id_older_than_the_ring_gets_a_snapshot_then_live_events() {
         expect_events(&mut stream, "a", n, &live).await;
         current = live[0];
     }
+
+    // Older than the ring but stored: replayed from the store.
+    let mut stream = server
+        .sse_with("", &[("last-event-id", &seen.to_string())])
+        .await;
+    stream.expect_retry().await;
+    for id in seen + 1..=current {
+        assert_eq!(stream.expect_status().await.id(), id);
+    }
+    drop(stream);
 
     // The ring still holds the last three events: those are replayed.
     let (_, last) = server.get_json("/api/devices").await;

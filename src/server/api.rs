@@ -4,12 +4,14 @@
 use super::AppState;
 use super::error::ApiError;
 use super::hub::{Applied, ApplyError, Filter};
+use super::store::StoreError;
 use super::thresholds::{self, MetricLimits, ThresholdsView};
 use crate::model::{Device, DeviceId, Limits, Snapshot, StatusUpdate};
 use crate::protocol::{CommandSet, Outcome};
 use axum::Json;
 use axum::body::{Body, to_bytes};
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -33,6 +35,167 @@ pub async fn get_device(
         .and_then(|id| state.hub.device(&id))
         .map(Json)
         .ok_or(ApiError::UnknownDevice(id))
+}
+
+/// The query of `GET /api/devices/{id}/history`; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+pub struct HistoryQuery {
+    pub metric: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub step: Option<String>,
+}
+
+/// The range of a history read when none is given: the last hour.
+const DEFAULT_SPAN: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// `GET /api/devices/{id}/history?metric=temperature&from=…&to=…&step=…`:
+/// one metric of one device over a time range, as a `model::History`.
+///
+/// - `metric`: `temperature` (default), `humidity` or a metric's name.
+/// - `from`, `to`: RFC 3339 (`2026-11-25T12:00:00Z`); `to` defaults to now,
+///   `from` to an hour before `to`; `from` must be before `to`.
+/// - `step`: a duration (`30s`, `1m`, `1h 30m`) or a number of seconds
+///   (`90`, `0.5`); with it, points are buckets of that width carrying the
+///   min, max and time-weighted mean of the values that held in each.
+///   Without it, every change. At most 10 000 points: a wider request is
+///   refused with the step that would fit.
+///
+/// The first point is the value in force at `from` (placed at `from`);
+/// times older than `--retention` come from the per-minute history. A range
+/// older than everything kept is simply empty. Reading is open, as
+/// `GET /api/devices` is.
+///
+/// With `Accept: text/csv` (or at `…/history.csv`) the points come as CSV:
+/// a header `t,value,min,max`, then one line per point, `t` in RFC 3339 UTC
+/// with milliseconds (`2026-11-25T12:00:00.000Z`), `min` and `max` empty
+/// when the point is a single reading. Errors are JSON either way.
+pub async fn history(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let csv = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.to_ascii_lowercase().contains("text/csv"));
+    let mut response = history_as(state, id, query, csv).await?;
+    response
+        .headers_mut()
+        .insert(header::VARY, HeaderValue::from_static("accept"));
+    Ok(response)
+}
+
+/// `GET /api/devices/{id}/history.csv`: [`history`] as CSV, whatever the
+/// `Accept` header says.
+pub async fn history_csv(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    history_as(state, id, query, true).await
+}
+
+async fn history_as(
+    state: AppState,
+    id: String,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+    csv: bool,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid("", e.body_text()))?;
+    let device = DeviceId::parse(&id)
+        .ok()
+        .filter(|id| state.hub.device(id).is_some())
+        .ok_or(ApiError::UnknownDevice(id))?;
+    let metric = query.metric.unwrap_or_else(|| "temperature".to_owned());
+    if !is_metric_name(&metric) {
+        return Err(ApiError::invalid(
+            "metric",
+            "a metric name is 1 to 64 of a-z, A-Z, 0-9, '_', '-', '.'",
+        ));
+    }
+    let to = match query.to.as_deref() {
+        Some(t) => parse_time("to", t)?,
+        None => chrono::Utc::now(),
+    };
+    let from = match query.from.as_deref() {
+        Some(t) => parse_time("from", t)?,
+        None => to
+            .checked_sub_signed(DEFAULT_SPAN)
+            .ok_or_else(|| ApiError::invalid("to", "`to` is too early"))?,
+    };
+    if from >= to {
+        return Err(ApiError::invalid("from", "`from` must be before `to`"));
+    }
+    let step_ms = query.step.as_deref().map(parse_step).transpose()?;
+    let hub = state.hub.clone();
+    let history =
+        tokio::task::spawn_blocking(move || hub.history(&device, &metric, from, to, step_ms))
+            .await
+            .map_err(|e| ApiError::StoreRead(e.to_string()))?
+            .map_err(|e| match e {
+                StoreError::TooManyPoints { .. } => ApiError::invalid("step", e.to_string()),
+                e => {
+                    tracing::error!("{e}");
+                    ApiError::StoreRead(e.to_string())
+                }
+            })?;
+    if !csv {
+        return Ok(Json(history).into_response());
+    }
+    let mut body = String::from("t,value,min,max\n");
+    let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+    for p in &history.points {
+        let t = chrono::DateTime::from_timestamp_millis(p.t)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        body.push_str(&format!("{t},{},{},{}\n", p.v, opt(p.min), opt(p.max)));
+    }
+    Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response())
+}
+
+fn parse_time(field: &str, value: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(value.trim())
+        .map(|t| t.to_utc())
+        .map_err(|e| {
+            ApiError::invalid(
+                field,
+                format!("`{field}` must be an RFC 3339 time such as 2026-11-25T12:00:00Z ({e})"),
+            )
+        })
+}
+
+/// A duration (`30s`, `1m`) or a number of seconds, in whole milliseconds.
+fn parse_step(value: &str) -> Result<i64, ApiError> {
+    let value = value.trim();
+    let ms = match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() => (secs * 1000.0).round(),
+        Ok(_) => -1.0,
+        Err(_) => humantime::parse_duration(value)
+            .map_err(|e| {
+                ApiError::invalid(
+                    "step",
+                    format!(
+                        "`step` must be a duration such as 30s or 1m, or a number of seconds ({e})"
+                    ),
+                )
+            })?
+            .as_millis() as f64,
+    };
+    if ms < 1.0 {
+        return Err(ApiError::invalid("step", "`step` must be 1ms or more"));
+    }
+    Ok(ms.min(i64::MAX as f64) as i64)
+}
+
+/// The rule of `StatusUpdate::validate` for a metric's name.
+fn is_metric_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
 /// `POST /api/devices/{id}/status`: checks run cheapest first (token, id,

@@ -111,12 +111,28 @@ pub struct Config {
     #[arg(long, env = "TELLTALE_DATA_DIR", default_value = "telltale-data")]
     pub data_dir: PathBuf,
 
-    /// Keep everything in memory only, as for tests and demos: nothing
-    /// survives a restart, and `--data-dir` is not used.
+    /// Keep nothing across restarts, as for tests and demos: the store lives
+    /// in a temporary directory removed on exit (history and resume work
+    /// within the run), and `--data-dir` is not used.
     #[arg(long, env = "TELLTALE_MEMORY", default_value = "off",
           value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "on")]
     pub memory: bool,
+
+    /// How long raw readings and events are kept, e.g. `48h`; older readings
+    /// are folded into per-minute min/avg/max (at least `1m`).
+    #[arg(long, env = "TELLTALE_RETENTION", default_value = "48h", value_parser = parse_retention)]
+    pub retention: Duration,
+
+    /// How long the per-minute readings are kept, e.g. `30d`.
+    #[arg(long, env = "TELLTALE_DOWNSAMPLED_RETENTION", default_value = "30d",
+          value_parser = parse_retention)]
+    pub downsampled_retention: Duration,
+
+    /// How often retention runs (in the background, in small batches).
+    #[arg(long, env = "TELLTALE_RETENTION_INTERVAL", default_value = "5m", hide = true,
+          value_parser = humantime::parse_duration)]
+    pub retention_interval: Duration,
 
     /// Events kept in memory for `Last-Event-ID` replay (older ones are
     /// replayed from the store).
@@ -185,6 +201,15 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+/// Readings are folded by the minute: a shorter retention means nothing.
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(60) {
+        return Err("a retention is at least 1m".into());
     }
     Ok(d)
 }
@@ -324,6 +349,29 @@ mod tests {
         ] {
             assert!(vars.iter().any(|v| v == var), "{var} missing from {vars:?}");
         }
+    }
+
+    #[test]
+    fn retention_options() {
+        let c = Config::try_parse_from(["telltale"]).unwrap();
+        assert_eq!(c.retention, Duration::from_secs(48 * 3600));
+        assert_eq!(c.downsampled_retention, Duration::from_secs(30 * 86400));
+        assert_eq!(c.retention_interval, Duration::from_secs(300));
+        let c = Config::try_parse_from([
+            "telltale",
+            "--retention",
+            "2h",
+            "--downsampled-retention",
+            "7d",
+            "--retention-interval",
+            "10s",
+        ])
+        .unwrap();
+        assert_eq!(c.retention, Duration::from_secs(7200));
+        assert_eq!(c.downsampled_retention, Duration::from_secs(7 * 86400));
+        assert_eq!(c.retention_interval, Duration::from_secs(10));
+        assert!(Config::try_parse_from(["telltale", "--retention", "30s"]).is_err());
+        assert!(Config::try_parse_from(["telltale", "--retention", "soon"]).is_err());
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub enum ApiError {
     /// The change could not be made durable; nothing changed. Retry later.
     #[error("not stored, nothing changed: {0}")]
     Unavailable(String),
+    /// The store could not be read. Retry later.
+    #[error("the store could not be read: {0}")]
+    StoreRead(String),
 }
 
 impl ApiError {
@@ -64,7 +67,9 @@ impl ApiError {
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnknownDevice(_) => StatusCode::NOT_FOUND,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::CommandRefused(_) | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CommandRefused(_) | Self::Unavailable(_) | Self::StoreRead(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::CommandFailed(_) => StatusCode::CONFLICT,
             Self::CommandTimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
         }

@@ -9,7 +9,8 @@
 //!   before it is published or the caller answered; a failed commit publishes
 //!   nothing and uses up no id. On start the hub loads the devices and goes on
 //!   from the newest stored id, so ids are never reused across restarts.
-//!   Without a store (`--memory`), or with an empty one, the first id of a
+//!   Without a store (unit tests), or with an empty one (a fresh data
+//!   directory, `--memory`), the first id of a
 //!   process is the start time in microseconds, so a client that saw ids from
 //!   an earlier run of the server can never mistake the new run's ids for
 //!   ones it has seen: its old id is either below the ring (snapshot) or above
@@ -34,12 +35,12 @@
 //!
 //! The public methods are the interface a broker-backed hub (Redis) must offer.
 
+use super::history::Reader;
 use super::stale::{StalePolicy, Watch};
 use super::store::{Store, StoreError};
 use super::thresholds::{MetricLimits, Thresholds, ThresholdsView};
 use crate::model::{
-    Device, DeviceId, EventId, FieldError, History, Online, Point, Snapshot, StatusEvent,
-    StatusUpdate,
+    Device, DeviceId, EventId, FieldError, History, Online, Snapshot, StatusEvent, StatusUpdate,
 };
 use axum::extract::ws::Utf8Bytes;
 use axum::response::sse::Event;
@@ -140,6 +141,8 @@ pub struct Hub {
     ring_capacity: usize,
     /// Wakes the stale watcher when a deadline moves earlier.
     stale_wake: Notify,
+    /// History reads, on a connection of their own: never under `state`.
+    history: Option<Mutex<Reader>>,
 }
 
 struct State {
@@ -147,7 +150,7 @@ struct State {
     last_id: EventId,
     /// The newest events, ids `last_id - ring.len() + 1 ..= last_id`.
     ring: VecDeque<Arc<Published>>,
-    /// Where every event is made durable; `None` in memory-only mode.
+    /// Where every event is made durable; `None` for a storeless hub.
     store: Option<Store>,
     thresholds: Thresholds,
     watch: Watch,
@@ -168,11 +171,10 @@ impl Hub {
         client_queue: usize,
     ) -> Result<Self, StoreError> {
         let devices = store.devices()?;
-        let last_id = match store.id_range()? {
-            Some((_, newest)) => newest,
-            None => now_micros(),
-        };
-        let hub = Self::starting_at(last_id, ring_capacity, client_queue);
+        // The newest id ever issued, even when its event was pruned.
+        let last_id = store.last_event_id()?.unwrap_or_else(now_micros);
+        let mut hub = Self::starting_at(last_id, ring_capacity, client_queue);
+        hub.history = Some(Mutex::new(Reader::new(store.connect()?)?));
         {
             let mut state = hub.lock();
             state.devices = devices.into_iter().map(|d| (d.id.clone(), d)).collect();
@@ -195,6 +197,7 @@ impl Hub {
             sender,
             ring_capacity,
             stale_wake: Notify::new(),
+            history: None,
         }
     }
 
@@ -532,9 +535,19 @@ impl Hub {
         complete.then_some(events)
     }
 
-    /// One metric of one device over `from ..= to`, oldest first; with
-    /// `step_ms`, readings are bucketed into points of that width.
-    /// Without a store there is no history: no points.
+    /// One metric of one device over `from ..= to`, oldest first: the value
+    /// in force at `from` (placed at `from`), then every change, with
+    /// folded minutes (min/avg/max) for times older than the raw retention.
+    /// With `step_ms`, points are buckets of that width (see
+    /// [`history`](super::history)). More than
+    /// [`MAX_POINTS`](super::history::MAX_POINTS) points is
+    /// `StoreError::TooManyPoints`. A `step_ms` of 0 or less is no step;
+    /// `from` after `to` gives no points. Without a store there is no
+    /// history: no points.
+    ///
+    /// Reads on the store's read connection, never under the hub's lock, so
+    /// ingest goes on meanwhile; it does block the calling thread for the
+    /// query (run it with `spawn_blocking` from async code).
     pub fn history(
         &self,
         device: &DeviceId,
@@ -543,63 +556,24 @@ impl Hub {
         to: DateTime<Utc>,
         step_ms: Option<i64>,
     ) -> Result<History, StoreError> {
-        let state = self.lock();
-        let readings = match &state.store {
-            Some(store) => store.readings(device, metric)?,
-            None => Vec::new(),
-        };
-        drop(state);
-        let (lo, hi) = (from.timestamp_millis(), to.timestamp_millis());
-        let raw = readings
-            .into_iter()
-            .filter(|(t, _)| (lo..=hi).contains(t))
-            .map(|(t, v)| Point {
-                t,
-                v,
-                min: None,
-                max: None,
-            });
-        let points = match step_ms.filter(|s| *s > 0) {
-            None => raw.collect(),
-            Some(step) => {
-                let mut points: Vec<(Point, usize)> = Vec::new();
-                for p in raw {
-                    let t = lo + (p.t - lo) / step * step;
-                    match points.last_mut() {
-                        Some((b, n)) if b.t == t => {
-                            b.v += p.v;
-                            *n += 1;
-                            b.min = b.min.map(|m| m.min(p.v));
-                            b.max = b.max.map(|m| m.max(p.v));
-                        }
-                        _ => points.push((
-                            Point {
-                                t,
-                                v: p.v,
-                                min: Some(p.v),
-                                max: Some(p.v),
-                            },
-                            1,
-                        )),
-                    }
-                }
-                points
-                    .into_iter()
-                    .map(|(p, n)| Point {
-                        v: p.v / n as f64,
-                        ..p
-                    })
-                    .collect()
-            }
-        };
-        Ok(History {
-            device: device.clone(),
-            metric: metric.to_owned(),
-            from,
-            to,
-            step_ms,
-            points,
-        })
+        match &self.history {
+            Some(reader) => reader.lock().unwrap_or_else(|e| e.into_inner()).history(
+                device,
+                metric,
+                from,
+                to,
+                step_ms,
+                Utc::now(),
+            ),
+            None => Ok(History {
+                device: device.clone(),
+                metric: metric.to_owned(),
+                from,
+                to,
+                step_ms: step_ms.filter(|s| *s > 0),
+                points: Vec::new(),
+            }),
+        }
     }
 
     /// How many subscriptions are open right now.

@@ -6,7 +6,9 @@ pub mod auth;
 pub mod commands;
 pub mod config;
 mod error;
+pub mod history;
 pub mod hub;
+pub mod retention;
 mod simulator;
 mod sse;
 pub mod stale;
@@ -66,6 +68,8 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/api/devices", get(api::list_devices))
         .route("/api/devices/{id}", get(api::get_device))
+        .route("/api/devices/{id}/history", get(api::history))
+        .route("/api/devices/{id}/history.csv", get(api::history_csv))
         .route("/api/devices/{id}/status", post(api::post_status))
         .route("/api/devices/{id}/commands", post(api::post_command))
         .route("/api/thresholds", get(api::get_thresholds))
@@ -118,17 +122,38 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         None => thresholds::ThresholdsFile::default(),
     };
     let shutdown = CancellationToken::new();
-    let hub = if config.memory {
+    // `--memory` is a store too, in a temporary directory removed when
+    // this function returns, that promises nothing across restarts.
+    let memory_dir = if config.memory {
         tracing::info!("memory only (--memory): nothing is kept across restarts");
-        Hub::new(config.replay_capacity, config.client_queue as usize)
+        Some(store::MemoryDir::new().map_err(std::io::Error::other)?)
     } else {
-        let dir = &config.data_dir;
-        let hub = store::Store::open(dir)
-            .and_then(|s| Hub::with_store(s, config.replay_capacity, config.client_queue as usize))
-            .map_err(|e| std::io::Error::other(format!("{}: {e}", dir.display())))?;
-        tracing::info!("data directory {}", dir.display());
-        hub
+        None
     };
+    let (dir, durability) = match &memory_dir {
+        Some(m) => (m.path(), store::Durability::Off),
+        None => (config.data_dir.as_path(), store::Durability::Full),
+    };
+    let policy = retention::Policy {
+        raw: config.retention,
+        downsampled: config.downsampled_retention,
+        batch: retention::BATCH,
+    };
+    let (hub, retention) = store::Store::open_with(dir, durability)
+        .and_then(|s| {
+            let retention = retention::Retention::new(&s, policy)?;
+            let hub = Hub::with_store(s, config.replay_capacity, config.client_queue as usize)?;
+            Ok((hub, retention))
+        })
+        .map_err(|e| std::io::Error::other(format!("{}: {e}", dir.display())))?;
+    if memory_dir.is_none() {
+        tracing::info!("data directory {}", dir.display());
+    }
+    tokio::spawn(retention::run_every(
+        retention,
+        config.retention_interval,
+        shutdown.clone(),
+    ));
     hub.configure_alerts(
         file.thresholds,
         stale::StalePolicy {
@@ -138,7 +163,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             per_device: file.device_stale_after,
         },
     )
-    .map_err(|e| std::io::Error::other(format!("{}: {e}", config.data_dir.display())))?;
+    .map_err(|e| std::io::Error::other(format!("{}: {e}", dir.display())))?;
     let hub = Arc::new(hub);
     tokio::spawn(stale::run(hub.clone(), shutdown.clone()));
     let commands = Arc::new(Commands::new(
@@ -182,7 +207,9 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             tracing::info!("shutting down");
             shutdown.cancel();
         })
-        .await
+        .await?;
+    drop(memory_dir);
+    Ok(())
 }
 
 /// The configured token, or a random one printed once (for this run only).

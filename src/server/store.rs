@@ -17,7 +17,8 @@
 use super::thresholds::MetricLimits;
 use crate::model::{Device, DeviceId, EventId};
 use rusqlite::{Connection, OptionalExtension, params};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The database file inside the data directory.
@@ -33,6 +34,13 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store's schema version {0} is newer than this build knows (up to {1})")]
     TooNew(i64, i64),
+    /// A history read would give more than `limit` points; a step of
+    /// `fits_step_ms` or more would fit.
+    #[error(
+        "more than {limit} points: ask for a step of at least {}",
+        humantime::format_duration(std::time::Duration::from_millis(*.fits_step_ms as u64))
+    )]
+    TooManyPoints { limit: usize, fits_step_ms: i64 },
 }
 
 /// One stored status event: its id, device and `StatusEvent` JSON.
@@ -80,28 +88,115 @@ const MIGRATIONS: &[&str] = &[
          device TEXT PRIMARY KEY NOT NULL,
          interval_ms INTEGER NOT NULL
      );",
+    // 3: history — event times (for pruning), the last id ever issued (so ids
+    // go on upward after every event was pruned), and the per-minute table
+    // raw readings are folded into.
+    "ALTER TABLE events ADD COLUMN ts INTEGER NOT NULL DEFAULT 0; -- ms since the epoch
+     UPDATE events SET ts = COALESCE(
+         CAST(unixepoch(json_extract(json, '$.updated_at'), 'subsec') * 1000 AS INTEGER), 0);
+     CREATE TABLE meta (
+         key TEXT PRIMARY KEY NOT NULL,
+         value INTEGER NOT NULL
+     );
+     INSERT INTO meta (key, value) SELECT 'last_event_id', MAX(id) FROM events
+         HAVING MAX(id) IS NOT NULL;
+     CREATE TABLE readings_1m (
+         device TEXT NOT NULL,
+         metric TEXT NOT NULL,
+         minute INTEGER NOT NULL,   -- its start, ms since the epoch
+         min REAL NOT NULL,
+         avg REAL NOT NULL,
+         max REAL NOT NULL,
+         count INTEGER NOT NULL,
+         last REAL NOT NULL,        -- the minute's last reading: in force after it
+         UNIQUE (device, metric, minute)
+     );",
 ];
+
+/// `meta` keys.
+pub(crate) const LAST_EVENT_ID: &str = "last_event_id";
+/// Raw readings older than this (ms) have been folded into `readings_1m`.
+pub(crate) const FOLDED_UNTIL: &str = "folded_until";
+
+/// How hard a commit tries to reach the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit is fsynced before it returns.
+    Full,
+    /// `synchronous=OFF`: for a store that promises nothing across restarts
+    /// (`--memory`).
+    Off,
+}
 
 pub struct Store {
     conn: Connection,
+    path: PathBuf,
+    durability: Durability,
+    /// Taken around every write transaction of this process (the hub's
+    /// commits, each retention batch), so writers wait on each other here,
+    /// woken the moment the other is done, rather than in SQLite's busy
+    /// handler, which polls with sleeps of up to 25 ms or more.
+    gate: WriteGate,
 }
 
+/// See [`Store`]'s `gate`.
+pub type WriteGate = Arc<Mutex<()>>;
+
 impl Store {
-    /// Opens (creating it and the directory if need be) the store in `dir`.
+    /// Opens (creating it and the directory if need be) the durable store in
+    /// `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, Durability::Full)
+    }
+
+    /// Opens the store in `dir` with the given durability.
+    pub fn open_with(dir: &Path, durability: Durability) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
-        let conn = Connection::open(dir.join(FILE_NAME))?;
-        // Another process (a second server on the same directory) holding the
-        // write lock is waited for a little, then an error.
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let path = dir.join(FILE_NAME);
+        let conn = connect(&path, durability)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!("the store could not switch to WAL mode (it is in {mode} mode)");
         }
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let mut store = Self { conn };
+        let mut store = Self {
+            conn,
+            path,
+            durability,
+            gate: WriteGate::default(),
+        };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// Another connection to the same database, for work that must not wait
+    /// for the hub's lock: history reads, retention. WAL lets readers run
+    /// beside the writer; writers take turns (each waits up to 5 s).
+    pub fn connect(&self) -> Result<Connection, StoreError> {
+        connect(&self.path, self.durability)
+    }
+
+    /// The lock every writer of this process takes around its transaction.
+    pub fn write_gate(&self) -> WriteGate {
+        self.gate.clone()
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The newest event id ever recorded, even if that event was pruned.
+    pub fn last_event_id(&self) -> Result<Option<EventId>, StoreError> {
+        let recorded: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [LAST_EVENT_ID],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let newest = self.id_range()?.map(|(_, newest)| newest);
+        Ok(recorded.map(|id| id as EventId).max(newest))
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -181,9 +276,19 @@ impl Store {
         previous: Option<&Device>,
         json: &str,
     ) -> Result<(), StoreError> {
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let tx = self.conn.transaction()?;
-        tx.prepare_cached("INSERT INTO events (id, device, json) VALUES (?1, ?2, ?3)")?
-            .execute(params![id as i64, device.id.as_str(), json])?;
+        // When the event was made (retention prunes by it); a stale mark
+        // keeps the device's older `updated_at`, the time of its readings.
+        let made = chrono::Utc::now().timestamp_millis();
+        let ts = device.updated_at.timestamp_millis();
+        tx.prepare_cached("INSERT INTO events (id, device, json, ts) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![id as i64, device.id.as_str(), json, made])?;
+        tx.prepare_cached(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )?
+        .execute(params![LAST_EVENT_ID, id as i64])?;
         tx.prepare_cached(
             "INSERT INTO devices (id, name, status_json, online, updated_at, stale, alerts_json)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -205,7 +310,6 @@ impl Store {
             let mut reading = tx.prepare_cached(
                 "INSERT INTO readings (device, metric, ts, value) VALUES (?1, ?2, ?3, ?4)",
             )?;
-            let ts = device.updated_at.timestamp_millis();
             let old = previous.map(|d| &d.status);
             let mut changed = |metric: &str, now: Option<f64>, before: Option<f64>| match now {
                 Some(value) if Some(value) != before => reading
@@ -295,6 +399,7 @@ impl Store {
         device: &DeviceId,
         limits: &MetricLimits,
     ) -> Result<(), StoreError> {
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         self.conn
             .prepare_cached(
                 "INSERT INTO device_limits (device, limits_json) VALUES (?1, ?2)
@@ -330,6 +435,7 @@ impl Store {
         interval: Duration,
     ) -> Result<(), StoreError> {
         let ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         self.conn
             .prepare_cached(
                 "INSERT INTO report_intervals (device, interval_ms) VALUES (?1, ?2)
@@ -346,6 +452,77 @@ impl Store {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .optional()?
             .unwrap_or(0))
+    }
+}
+
+/// A connection to the database at `path` with this crate's settings.
+fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    // Another writer (the retention task, or a second server on the same
+    // directory) holding the write lock is waited for a little, then an error.
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Off => "OFF",
+    };
+    conn.pragma_update(None, "synchronous", sync)?;
+    Ok(conn)
+}
+
+/// The data directory of `--memory`: a fresh temporary directory, removed
+/// when this is dropped (the server's normal exit). One killed with -9 is
+/// left behind; the next memory-mode server removes it: each directory holds
+/// a lock file that its process keeps locked while it runs.
+pub struct MemoryDir {
+    dir: tempfile::TempDir,
+    _lock: std::fs::File,
+}
+
+/// Prefix of the memory-mode directories in the system's temporary directory.
+const MEMORY_PREFIX: &str = "telltale-memory-";
+const MEMORY_LOCK: &str = "lock";
+
+impl MemoryDir {
+    pub fn new() -> Result<Self, StoreError> {
+        Self::sweep(&std::env::temp_dir());
+        let dir = tempfile::Builder::new().prefix(MEMORY_PREFIX).tempdir()?;
+        let lock = std::fs::File::create(dir.path().join(MEMORY_LOCK))?;
+        lock.lock()?;
+        Ok(Self { dir, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Removes the memory directories of servers that are gone (their lock
+    /// file is no longer locked). Best effort: errors are ignored.
+    fn sweep(tmp: &Path) {
+        let Ok(entries) = std::fs::read_dir(tmp) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let ours = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(MEMORY_PREFIX));
+            let Ok(lock) = std::fs::File::open(path.join(MEMORY_LOCK)) else {
+                continue;
+            };
+            // A directory just made by a server starting right now is not
+            // locked yet: leave anything younger than a minute alone.
+            let young = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < std::time::Duration::from_secs(60));
+            if ours && !young && lock.try_lock().is_ok() {
+                tracing::debug!("removing {}, left by a server that is gone", path.display());
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
     }
 }
 
@@ -478,6 +655,73 @@ mod tests {
             store.report_intervals().unwrap(),
             [(d.id.clone(), Duration::from_millis(2500))]
         );
+    }
+
+    #[test]
+    fn migration_3_dates_the_old_events_and_keeps_the_last_id() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO events (id, device, json) VALUES (41, 'a', ?1), (42, 'a', '{}')",
+                [r#"{"updated_at":"2026-11-25T12:00:00.250Z"}"#],
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(store.last_event_id().unwrap(), Some(42));
+        let ts: Vec<i64> = store
+            .conn
+            .prepare("SELECT ts FROM events ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ts, [1_795_608_000_250, 0], "an undated event is the oldest");
+    }
+
+    #[test]
+    fn the_last_id_outlives_the_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.last_event_id().unwrap(), None);
+        store.record(7, &device("a", 1.0), None, "{}").unwrap();
+        store.conn.execute("DELETE FROM events", []).unwrap();
+        assert_eq!(store.id_range().unwrap(), None);
+        assert_eq!(store.last_event_id().unwrap(), Some(7));
+    }
+
+    #[test]
+    fn a_memory_dir_goes_on_drop_and_a_dead_servers_is_swept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mine = MemoryDir::new().unwrap();
+        let path = mine.path().to_owned();
+        assert!(path.join(MEMORY_LOCK).exists());
+        drop(mine);
+        assert!(!path.exists());
+        // One left by a killed server: unlocked, older than a minute.
+        let old = tmp.path().join(format!("{MEMORY_PREFIX}dead"));
+        std::fs::create_dir(&old).unwrap();
+        std::fs::File::create(old.join(MEMORY_LOCK)).unwrap();
+        // A live one: locked.
+        let live = tmp.path().join(format!("{MEMORY_PREFIX}live"));
+        std::fs::create_dir(&live).unwrap();
+        let held = std::fs::File::create(live.join(MEMORY_LOCK)).unwrap();
+        held.lock().unwrap();
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for dir in [&old, &live] {
+            std::fs::File::open(dir)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        MemoryDir::sweep(tmp.path());
+        assert!(!old.exists());
+        assert!(live.exists());
     }
 
     #[test]

@@ -1,0 +1,208 @@
+//! Sustained durable ingest benchmark: N clients posting status updates over
+//! HTTP as fast as the server acknowledges them.
+//!
+//! ```text
+//! cargo bench --features ssr --bench ingest -- --clients 8 --duration 20
+//! ```
+//!
+//! Options (all optional):
+//! - `--clients N` concurrent posting clients (default 8), each with its own
+//!   connection and device, one request in flight at a time;
+//! - `--duration S` seconds to post for (default 10);
+//! - `--memory` run the server with `--memory` (no fsync) instead of a
+//!   durable data directory; the store's size is then not measured.
+//!
+//! It starts the real `telltale` binary (`--simulator off`, a fresh
+//! temporary `--data-dir`: durable, `synchronous=FULL`, as deployed). Each
+//! update changes `temperature` and `metrics.load`, so it is one event and
+//! two readings. It prints:
+//! - updates acknowledged per second (each one committed and fsynced before
+//!   its 200);
+//! - p50/p99/max latency of one `POST /api/devices/{id}/status`, from the
+//!   request to the answer (hdrhistogram, µs resolution);
+//! - store bytes per million readings: the growth of the database file plus
+//!   its WAL over the run, divided by the readings written; and the same for
+//!   the database alone after a `wal_checkpoint(TRUNCATE)` (the WAL file is
+//!   reused, never shrunk, so the first figure includes its high-water
+//!   mark; the second is what the readings cost once settled).
+//!   The event log (one JSON row per update) is part of both.
+//!
+//! It asserts nothing about the figures.
+
+mod support;
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+
+const INGEST_TOKEN: &str = "ingest-bench-token";
+
+#[derive(Parser, Debug)]
+#[command(about = "Sustained ingest benchmark for the telltale server")]
+struct Args {
+    /// Concurrent posting clients, each its own connection and device.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    clients: u32,
+    /// Seconds to post for.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Run the server with `--memory` instead of a durable data directory.
+    #[arg(long)]
+    memory: bool,
+}
+
+/// The database file and its WAL, in bytes.
+fn store_bytes(dir: &Path) -> u64 {
+    let file = dir.join(telltale::server::store::FILE_NAME);
+    let wal = dir.join(format!("{}-wal", telltale::server::store::FILE_NAME));
+    [file, wal]
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum()
+}
+
+/// Copies the WAL into the database and empties it.
+fn checkpoint(dir: &Path) {
+    let file = dir.join(telltale::server::store::FILE_NAME);
+    let conn = rusqlite::Connection::open(&file).expect("open the store");
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .expect("a checkpoint");
+}
+
+struct ClientResult {
+    latencies: Histogram<u64>,
+    updates: u64,
+    errors: u64,
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench` to every bench target; ignore it.
+    let args = Args::parse_from(std::env::args().filter(|a| a != "--bench"));
+    let dir = tempfile::tempdir().expect("a temporary data directory");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
+    command.args(["--simulator", "off", "--ingest-token", INGEST_TOKEN]);
+    if args.memory {
+        command.arg("--memory");
+    } else {
+        command.arg("--data-dir").arg(dir.path());
+    }
+    let (mut server, addr) = support::start_server(command).await;
+    let base = format!("http://{addr}");
+
+    // Register every device first, so the run measures updates only.
+    let clients: Vec<reqwest::Client> = (0..args.clients).map(|_| reqwest::Client::new()).collect();
+    for (i, client) in clients.iter().enumerate() {
+        let status = client
+            .post(format!("{base}/api/devices/ingest-{i}/status"))
+            .bearer_auth(INGEST_TOKEN)
+            .json(&json!({ "temperature": 0.0, "metrics": { "load": 0.0 } }))
+            .send()
+            .await
+            .expect("the first post")
+            .status();
+        assert!(status.is_success(), "the first post answered {status}");
+    }
+    if !args.memory {
+        checkpoint(dir.path());
+    }
+    let before = store_bytes(dir.path());
+
+    let duration = Duration::from_secs_f64(args.duration);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, client)| {
+            let url = format!("{base}/api/devices/ingest-{i}/status");
+            tokio::spawn(async move {
+                let mut result = ClientResult {
+                    latencies: Histogram::new(3).expect("a histogram"),
+                    updates: 0,
+                    errors: 0,
+                };
+                let mut n = 1u64;
+                while Instant::now() < deadline {
+                    let x = n as f64;
+                    let sent = Instant::now();
+                    let answer = client
+                        .post(&url)
+                        .bearer_auth(INGEST_TOKEN)
+                        .json(&json!({ "temperature": x, "metrics": { "load": x } }))
+                        .send()
+                        .await;
+                    let ok = match answer {
+                        Ok(response) if response.status().is_success() => {
+                            response.bytes().await.is_ok()
+                        }
+                        _ => false,
+                    };
+                    if ok {
+                        let us = sent.elapsed().as_micros() as u64;
+                        result.latencies.record(us.max(1)).expect("in range");
+                        result.updates += 1;
+                    } else {
+                        result.errors += 1;
+                    }
+                    n += 1;
+                }
+                result
+            })
+        })
+        .collect();
+    let mut latencies: Histogram<u64> = Histogram::new(3).expect("a histogram");
+    let (mut updates, mut errors) = (0u64, 0u64);
+    for task in tasks {
+        let r = task.await.expect("a client task");
+        latencies.add(&r.latencies).expect("histograms add");
+        updates += r.updates;
+        errors += r.errors;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = store_bytes(dir.path());
+    let readings = updates * 2;
+
+    println!(
+        "ingest: {} clients for {:.1} s, {}",
+        args.clients,
+        elapsed,
+        if args.memory {
+            "--memory (no fsync)"
+        } else {
+            "durable data directory (synchronous=FULL)"
+        }
+    );
+    println!(
+        "updates: {updates} acknowledged ({:.0}/s), {readings} readings, {errors} errors",
+        updates as f64 / elapsed
+    );
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(latencies.value_at_quantile(0.5)),
+        ms(latencies.value_at_quantile(0.99)),
+        ms(latencies.max())
+    );
+    let _ = server.kill().await;
+    if !args.memory && readings > 0 {
+        let per_million = |bytes: u64| bytes as f64 * 1e6 / readings as f64 / 1e6;
+        println!(
+            "store: +{:.1} MB database + WAL = {:.1} MB per million readings",
+            after.saturating_sub(before) as f64 / 1e6,
+            per_million(after.saturating_sub(before))
+        );
+        checkpoint(dir.path());
+        let checkpointed = store_bytes(dir.path());
+        println!(
+            "store after a checkpoint: {:.1} MB = {:.1} MB per million readings \
+             (before the run: {:.1} MB)",
+            checkpointed as f64 / 1e6,
+            per_million(checkpointed.saturating_sub(before)),
+            before as f64 / 1e6
+        );
+    }
+}

@@ -1,0 +1,251 @@
+#![cfg(feature = "ssr")]
+//! `GET /api/devices/{id}/history`: every change in order from the value in
+//! force at `from`, step buckets, CSV, the refusals, and history that
+//! survives a restart. Servers run with `--memory` (a temporary store)
+//! unless a test gives its own `--data-dir`.
+
+mod common;
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use common::Server;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Posts `body` for `device`; returns the time the server gave the change.
+async fn post(server: &Server, device: &str, body: Value) -> DateTime<Utc> {
+    assert!(server.post_status(device, &body).await.changed);
+    let state = server.device(device).await.expect("the device exists");
+    let at = state["updated_at"].as_str().expect("an updated_at");
+    let at: DateTime<Utc> = at.parse().expect("an RFC 3339 updated_at");
+    // The next change gets a later millisecond.
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    at
+}
+
+/// Posts temperatures 10, 20, 30; returns their times.
+async fn three_temperatures(server: &Server, device: &str) -> [DateTime<Utc>; 3] {
+    let mut times = Vec::new();
+    for t in [10.0, 20.0, 30.0] {
+        times.push(post(server, device, json!({ "temperature": t })).await);
+    }
+    times.try_into().unwrap()
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// `GET /api/devices/{device}/history{query}`, insisting on a 200.
+async fn history(server: &Server, device: &str, query: &str) -> Value {
+    let (status, body) = server
+        .get_json(&format!("/api/devices/{device}/history{query}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "history{query} answered {body}");
+    body
+}
+
+/// The points as `(t, v)`.
+fn tv(history: &Value) -> Vec<(i64, f64)> {
+    history["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| (p["t"].as_i64().unwrap(), p["v"].as_f64().unwrap()))
+        .collect()
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+#[tokio::test]
+async fn history_is_every_change_in_order_from_the_value_in_force_at_from() {
+    let server = Server::start().await;
+    let [t1, t2, t3] = three_temperatures(&server, "lab").await;
+    post(&server, "lab", json!({ "metrics": { "fan_rpm": 900 } })).await;
+
+    let from = t1 + TimeDelta::milliseconds(1);
+    let to = t3 + TimeDelta::seconds(1);
+    let body = history(
+        &server,
+        "lab",
+        &format!("?from={}&to={}", rfc3339(from), rfc3339(to)),
+    )
+    .await;
+    assert_eq!(body["device"], "lab");
+    assert_eq!(body["metric"], "temperature");
+    assert!(body.get("step_ms").is_none(), "{body}");
+    // 10 was in force at `from`: it comes first, placed at `from`.
+    assert_eq!(
+        tv(&body),
+        [(ms(from), 10.0), (ms(t2), 20.0), (ms(t3), 30.0)]
+    );
+    for p in body["points"].as_array().unwrap() {
+        assert!(p.get("min").is_none() && p.get("max").is_none(), "{p}");
+    }
+
+    // The defaults: temperature over the last hour up to now.
+    assert_eq!(
+        tv(&history(&server, "lab", "").await),
+        [(ms(t1), 10.0), (ms(t2), 20.0), (ms(t3), 30.0)]
+    );
+    // Another metric; one that never changed here is empty.
+    assert_eq!(
+        tv(&history(&server, "lab", "?metric=fan_rpm").await)
+            .iter()
+            .map(|p| p.1)
+            .collect::<Vec<_>>(),
+        [900.0]
+    );
+    assert!(tv(&history(&server, "lab", "?metric=humidity").await).is_empty());
+}
+
+#[tokio::test]
+async fn a_step_makes_buckets_with_min_mean_and_max() {
+    let server = Server::start().await;
+    let [t1, _, _] = three_temperatures(&server, "oven").await;
+    // Ten-minute buckets around the readings: nothing is known before the
+    // first, and nothing yet after now, so there is one bucket.
+    let from = t1 - TimeDelta::minutes(10);
+    let to = t1 + TimeDelta::minutes(50);
+    for step in ["10m", "600", "600.0"] {
+        let body = history(
+            &server,
+            "oven",
+            &format!("?from={}&to={}&step={step}", rfc3339(from), rfc3339(to)),
+        )
+        .await;
+        assert_eq!(body["step_ms"], 600_000, "step={step}");
+        let points = body["points"].as_array().unwrap();
+        assert_eq!(points.len(), 1, "step={step}: {body}");
+        let p = &points[0];
+        assert_eq!(p["t"], ms(t1), "the bucket that holds the readings");
+        assert_eq!(p["min"], 10.0);
+        assert_eq!(p["max"], 30.0);
+        let v = p["v"].as_f64().unwrap();
+        assert!((10.0..=30.0).contains(&v), "a mean of 10, 20, 30: {v}");
+    }
+}
+
+#[tokio::test]
+async fn csv_comes_for_accept_text_csv_and_at_history_csv() {
+    let server = Server::start().await;
+    let [t1, t2, t3] = three_temperatures(&server, "cellar").await;
+    let query = format!(
+        "?from={}&to={}",
+        rfc3339(t1 - TimeDelta::seconds(1)),
+        rfc3339(t3 + TimeDelta::seconds(1))
+    );
+    let by_accept = server
+        .client
+        .get(server.url(&format!("/api/devices/cellar/history{query}")))
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .unwrap();
+    let by_path = server
+        .client
+        .get(server.url(&format!("/api/devices/cellar/history.csv{query}")))
+        .send()
+        .await
+        .unwrap();
+    let mut bodies = Vec::new();
+    for response in [by_accept, by_path] {
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/csv; charset=utf-8"
+        );
+        bodies.push(response.text().await.unwrap());
+    }
+    assert_eq!(bodies[0], bodies[1]);
+    let expected = format!(
+        "t,value,min,max\n{},10,,\n{},20,,\n{},30,,\n",
+        rfc3339(t1),
+        rfc3339(t2),
+        rfc3339(t3)
+    );
+    assert_eq!(bodies[0], expected);
+    // Buckets carry their min and max.
+    let response = server
+        .client
+        .get(server.url(&format!("/api/devices/cellar/history.csv{query}&step=1h")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.text().await.unwrap();
+    let lines: Vec<&str> = body.lines().collect();
+    assert_eq!(lines.len(), 2, "{body}");
+    assert!(lines[1].ends_with(",10,30"), "{body}");
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_naming_the_field() {
+    let server = Server::start().await;
+    three_temperatures(&server, "rack").await;
+    let now = Utc::now();
+    let hour_ago = rfc3339(now - TimeDelta::hours(1));
+    let now = rfc3339(now);
+    let cases = [
+        (format!("?from={now}&to={hour_ago}"), "from"),
+        (format!("?from={now}&to={now}"), "from"),
+        ("?from=yesterday".to_owned(), "from"),
+        ("?to=2026-13-01T00:00:00Z".to_owned(), "to"),
+        ("?step=often".to_owned(), "step"),
+        ("?step=0".to_owned(), "step"),
+        ("?step=0s".to_owned(), "step"),
+        ("?step=-5".to_owned(), "step"),
+        ("?metric=no%20spaces".to_owned(), "metric"),
+        ("?step=1ms".to_owned(), "step"),
+    ];
+    for (query, field) in &cases {
+        for path in ["history", "history.csv"] {
+            let (status, body) = server
+                .get_json(&format!("/api/devices/rack/{path}{query}"))
+                .await;
+            assert_eq!(
+                status,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{path}{query}: {body}"
+            );
+            assert_eq!(body["field"], *field, "{path}{query}: {body}");
+        }
+    }
+    // Too many points says which step would fit: an hour at 1ms is 3.6
+    // million points, 10 000 fit at 1s.
+    let (_, body) = server.get_json("/api/devices/rack/history?step=1ms").await;
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("10000") && error.contains("1s"), "{error}");
+
+    for device in ["nobody", "Not-An-Id"] {
+        let (status, body) = server
+            .get_json(&format!("/api/devices/{device}/history"))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{device}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(device), "{body}");
+    }
+
+    // A range older than anything kept is simply empty.
+    let body = history(
+        &server,
+        "rack",
+        "?from=2000-01-01T00:00:00Z&to=2000-01-02T00:00:00%2B01:00&step=1h",
+    )
+    .await;
+    assert_eq!(body["points"], json!([]));
+}
+
+#[tokio::test]
+async fn history_survives_a_restart_on_the_same_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let mut server = Server::start_with(&["--data-dir", path]).await;
+    let [t1, t2, t3] = three_temperatures(&server, "attic").await;
+    let query = format!("?from={}", rfc3339(t1 - TimeDelta::seconds(1)));
+    let expected = [(ms(t1), 10.0), (ms(t2), 20.0), (ms(t3), 30.0)];
+    assert_eq!(tv(&history(&server, "attic", &query).await), expected);
+    server.restart().await;
+    assert_eq!(tv(&history(&server, "attic", &query).await), expected);
+}
