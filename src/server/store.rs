@@ -278,12 +278,12 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let tx = self.conn.transaction()?;
-        // When the event was made (retention prunes by it); a stale mark
-        // keeps the device's older `updated_at`, the time of its readings.
-        let made = chrono::Utc::now().timestamp_millis();
+        // The event's time is its device's `updated_at` (a stale mark keeps
+        // an older one: retention may then prune it early, and a resume
+        // from before it falls back to a snapshot, never to a gap).
         let ts = device.updated_at.timestamp_millis();
         tx.prepare_cached("INSERT INTO events (id, device, json, ts) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![id as i64, device.id.as_str(), json, made])?;
+            .execute(params![id as i64, device.id.as_str(), json, ts])?;
         tx.prepare_cached(
             "INSERT INTO meta (key, value) VALUES (?1, ?2)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
