@@ -333,6 +333,7 @@ pub fn Sparkline(
             <path class="spark-line" d=move || geometry.with(|g| g.0.clone()) />
         </svg>
     }
+    .into_any()
 }
 
 const W: f64 = 480.0;
@@ -341,6 +342,11 @@ const LEFT: f64 = 52.0;
 const RIGHT: f64 = 14.0;
 const TOP: f64 = 22.0;
 const BOTTOM: f64 = 26.0;
+
+/// A coordinate to a tenth of a user unit: plenty for the eye, short in HTML.
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
 
 /// Everything a line chart draws, computed from its points and the clock.
 #[derive(Clone, Debug, PartialEq)]
@@ -360,7 +366,7 @@ fn layout(points: &[Point], now: i64, window_ms: i64) -> Layout {
     let (step, times) = time_ticks(from, end, 7);
     let x_ticks = times
         .into_iter()
-        .map(|t| (x.map(t as f64), time_label(t, step)))
+        .map(|t| (round1(x.map(t as f64)), time_label(t, step)))
         .collect();
     let Some(axis) = ValueAxis::fit(shown.iter().map(|p| p.v), 5) else {
         return Layout {
@@ -375,11 +381,13 @@ fn layout(points: &[Point], now: i64, window_ms: i64) -> Layout {
     Layout {
         path: step_path(shown, from, end, x, y),
         shown: shown.len(),
-        last: shown.last().map(|p| (x.map(end as f64), y.map(p.v))),
+        last: shown
+            .last()
+            .map(|p| (round1(x.map(end as f64)), round1(y.map(p.v)))),
         y_ticks: axis
             .ticks
             .iter()
-            .map(|&v| (y.map(v), axis.label(v)))
+            .map(|&v| (round1(y.map(v)), axis.label(v)))
             .collect(),
         x_ticks,
     }
@@ -404,13 +412,17 @@ pub fn LineChart(
     let has_points = move || geometry.with(|g| g.shown > 0);
     let aria = {
         let title = title.clone();
+        let metric_name = metric.clone();
         move || {
             points.with(|p| match p.last() {
-                Some(last) => format!(
-                    "{title} over {range_label}, {} points, now {} {unit}",
-                    geometry.with(|g| g.shown),
-                    super::dashboard::number(last.v)
-                ),
+                Some(last) => {
+                    let n = geometry.with(|g| g.shown);
+                    format!(
+                        "{title} over {range_label}: {n} point{}, now {}",
+                        if n == 1 { "" } else { "s" },
+                        super::dashboard::format_value(&metric_name, last.v)
+                    )
+                }
                 None => format!("{title}: no readings in {range_label}"),
             })
         }
@@ -487,6 +499,7 @@ pub fn LineChart(
             </Show>
         </figure>
     }
+    .into_any()
 }
 
 #[cfg(test)]

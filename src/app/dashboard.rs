@@ -324,6 +324,7 @@ pub fn Dashboard() -> impl IntoView {
             </Show>
         </main>
     }
+    .into_any()
 }
 
 /// The page's stream state: Live, Reconnecting… or Offline.
@@ -663,6 +664,7 @@ fn DeviceCard(
             </footer>
         </article>
     }
+    .into_any()
 }
 
 /// A value, marked when it is out of its limits: class `alerting`,
