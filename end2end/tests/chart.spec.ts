@@ -95,6 +95,15 @@ test.describe("without JavaScript", () => {
 });
 
 test("a new POST extends the device page's chart without a reload", async ({ page, server }) => {
+  // Hydration of the device page is clean: no console error, no failed request.
+  const problems: string[] = [];
+  page.on("console", (m) => {
+    if (m.type() === "error") problems.push(`console.error: ${m.text()}`);
+  });
+  page.on("pageerror", (e) => problems.push(`uncaught: ${e.message}`));
+  page.on("response", (r) => {
+    if (r.status() >= 400) problems.push(`HTTP ${r.status()}: ${r.url()}`);
+  });
   for (const r of readings) await server.post("rack-1", r);
   await page.goto("/devices/rack-1");
   await waitLive(page);
@@ -128,6 +137,9 @@ test("a new POST extends the device page's chart without a reload", async ({ pag
   expect(await page.evaluate(() => (window as unknown as { e2eMarker?: string }).e2eMarker)).toBe(
     "same document",
   );
+  // Let the page's clock slide the charts a few times.
+  await page.waitForTimeout(1_500);
+  expect(problems).toEqual([]);
 });
 
 test("a new POST extends the dashboard card's sparkline", async ({ page, server }) => {
