@@ -453,7 +453,7 @@ pub fn LineChart(
                     <text class="axis-unit" x="4" y="12">
                         {axis_unit}
                     </text>
-                    <text class="axis-unit" x=W - RIGHT y=H - 2.0 text-anchor="end">
+                    <text class="axis-unit" x=W - RIGHT y="12" text-anchor="end">
                         "UTC"
                     </text>
                     <g class="y-axis">
