@@ -18,6 +18,9 @@
 //! Data flows one way: source (ingest, agent) → hub → (SSE | WebSocket |
 //! first render); commands flow back: operator → commands → agent.
 
+// The views of the pages are deep types (the hydrate build lays them out).
+#![recursion_limit = "256"]
+
 #[cfg(feature = "ssr")]
 pub mod agent;
 pub mod app;

@@ -2,7 +2,7 @@
 // its devices: the open page must say it is reconnecting, come back to Live
 // on its own and show what the new server knows, without a reload.
 
-import { card, expect, indicator, test, waitLive } from "./server";
+import { card, chart, durableTest, expect, indicator, test, waitLive } from "./server";
 
 const cases = [
   { how: "stopped (SIGTERM)", signal: "SIGTERM" },
@@ -67,3 +67,35 @@ for (const { how, signal } of cases) {
     await expect.poll(async () => (await server.health()).subscribers).toBe(1);
   });
 }
+
+// On the same --data-dir the server comes back with what it stored: the open
+// device page resumes without a gap, and a reload renders the same values and
+// the chart's whole history.
+durableTest("a restart on the same data directory keeps the page's values and the chart's history", async ({
+  page,
+  server,
+}) => {
+  for (const t of [20, 21, 22]) await server.post("rack-1", { name: "Rack", temperature: t, humidity: 40 });
+  await page.goto("/devices/rack-1");
+  await waitLive(page);
+  const temperature = chart(page, "temperature").locator("svg");
+  await expect(temperature).toHaveAttribute("data-points", "3");
+
+  await server.restart("SIGKILL");
+  // Resumed from its last event id: the new reading is the fourth point, once.
+  await server.post("rack-1", { temperature: 23.5 });
+  await waitLive(page, 15_000);
+  await expect(temperature).toHaveAttribute("data-points", "4");
+  const value = page.locator('[data-testid="reading"][data-metric="temperature"] [data-testid="value"]');
+  await expect(value).toHaveText("23.5 °C");
+
+  // What the restarted server renders: the same values and the same history.
+  await page.reload();
+  await expect(page.getByTestId("name")).toHaveText("Rack");
+  await expect(value).toHaveText("23.5 °C");
+  await expect(temperature).toHaveAttribute("data-points", "4");
+  await expect(chart(page, "humidity").locator("svg")).toHaveAttribute("data-points", "1");
+  await page.goto("/");
+  await expect(card(page, "rack-1").getByTestId("temperature")).toHaveText("23.5 °C");
+  expect(Number(await card(page, "rack-1").getByTestId("sparkline").getAttribute("data-points"))).toBeGreaterThanOrEqual(1);
+});

@@ -11,10 +11,11 @@
 // built by `cargo leptos build`, which builds the site first: the binary
 // serves the site (`/pkg/telltale.js`, `.wasm`, `.css`) from what it embedded.
 
-import { test as base, expect, type Page } from "@playwright/test";
+import { test as base, expect, type Locator, type Page } from "@playwright/test";
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import * as http from "node:http";
+import * as os from "node:os";
 import * as path from "node:path";
 
 const END2END_DIR = path.resolve(__dirname, "..");
@@ -142,6 +143,22 @@ export class Server {
       throw new Error(`POST status of ${id} answered ${code}: ${body}`);
     }
     return JSON.parse(body);
+  }
+
+  /**
+   * `PUT /api/devices/{id}/thresholds` with the operator token, e.g.
+   * `{ temperature: { max: 30 } }`; fails the test unless it is a 2xx.
+   */
+  async putThresholds(id: string, limits: Record<string, { min?: number; max?: number }>): Promise<void> {
+    const { status: code, body } = await request(
+      "PUT",
+      `${this._url}/api/devices/${encodeURIComponent(id)}/thresholds`,
+      JSON.stringify(limits),
+      { authorization: `Bearer ${this.operatorToken}`, "content-type": "application/json" },
+    );
+    if (code < 200 || code > 299) {
+      throw new Error(`PUT thresholds of ${id} answered ${code}: ${body}`);
+    }
   }
 
   /** `GET /healthz` as JSON. */
@@ -350,3 +367,31 @@ export const test = base.extend<{ serverOptions: ServerOptions; server: Server }
 });
 
 export { expect };
+
+/**
+ * `test` with a server on a fresh temporary `--data-dir` (removed after the
+ * test), for tests that need the stored history or a restart that keeps it.
+ */
+export const durableTest = test.extend<{ dataDir: string }>({
+  dataDir: async ({}, use) => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "telltale-e2e-"));
+    try {
+      await use(dir);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  },
+  serverOptions: async ({ dataDir }, use) => {
+    await use({ args: ["--data-dir", dataDir] });
+  },
+});
+
+/** The chart of one metric on a device page. */
+export function chart(page: Page, metric: string) {
+  return page.locator(`figure[data-testid="chart"][data-metric="${metric}"]`);
+}
+
+/** How many points the chart (or sparkline) `svg` draws. */
+export async function pointsOf(svg: Locator): Promise<number> {
+  return Number(await svg.getAttribute("data-points"));
+}

@@ -1,32 +1,81 @@
-//! The dashboard: one card per device and the connection indicator.
+//! The dashboard: one card per device, an attention strip for the devices
+//! whose readings are out of their limits, and the connection indicator.
 //!
-//! Each card owns a signal for its device, so an event re-renders only the
-//! values of the card it concerns.
+//! Each card owns a signal for its device (and one for its sparkline), so an
+//! event re-renders only the card it concerns.
 //!
 //! With operator rights (an operator session cookie, known to the server when
 //! it renders and carried into hydration with the snapshot) each card has a
 //! power switch. The switch only ever shows the device's confirmed state, as
 //! the status events report it; a click only makes it pending.
 
-use super::{api, live};
-use crate::model::{Device, DeviceId, Snapshot, StatusEvent};
+use super::chart::{self, HOUR_MS, Sparkline};
+use super::live::{self, Connection, Feed, Follower};
+use super::{api, device_href};
+use crate::model::{Alert, Device, DeviceId, Point, Snapshot, Status, StatusEvent};
 use leptos::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
-/// The state of the page's event stream, in the words the page shows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Connection {
-    Live,
-    Reconnecting,
-    Offline,
+/// What a card's sparkline shows: the last hour of one metric.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Spark {
+    /// See [`spark_metric`]; `None` for a device without any reading.
+    pub metric: Option<String>,
+    pub points: Vec<Point>,
 }
 
-impl Connection {
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Live => "Live",
-            Self::Reconnecting => "Reconnecting…",
-            Self::Offline => "Offline",
+/// The sparkline's window.
+pub const SPARK_WINDOW_MS: i64 = HOUR_MS;
+
+/// The metric a card's sparkline shows: temperature, else humidity, else
+/// the first extra metric.
+pub fn spark_metric(status: &Status) -> Option<String> {
+    if status.temperature.is_some() {
+        Some("temperature".into())
+    } else if status.humidity.is_some() {
+        Some("humidity".into())
+    } else {
+        status.metrics.keys().next().cloned()
+    }
+}
+
+/// A metric's current value by name (`temperature`, `humidity` or extra).
+pub fn value_of(status: &Status, metric: &str) -> Option<f64> {
+    match metric {
+        "temperature" => status.temperature,
+        "humidity" => status.humidity,
+        other => status.metrics.get(other).copied(),
+    }
+}
+
+impl Spark {
+    /// Follows a device's new state: a changed value of the shown metric is
+    /// a new point (at the device's `updated_at`, as the store records it);
+    /// points older than the window go. When the device now calls for
+    /// another metric (it got a temperature, say) the line starts afresh.
+    pub fn follow(&mut self, before: Option<&Device>, device: &Device) {
+        let metric = spark_metric(&device.status);
+        let mut before = before;
+        if metric != self.metric {
+            *self = Self {
+                metric,
+                points: Vec::new(),
+            };
+            before = None;
+        }
+        let Some(metric) = &self.metric else { return };
+        let now = value_of(&device.status, metric);
+        let was = before.and_then(|b| value_of(&b.status, metric));
+        if let Some(v) = now
+            && now != was
+        {
+            chart::append(
+                &mut self.points,
+                device.updated_at.timestamp_millis(),
+                v,
+                SPARK_WINDOW_MS,
+            );
         }
     }
 }
@@ -35,15 +84,39 @@ impl Connection {
 pub struct Card {
     pub id: DeviceId,
     pub device: RwSignal<Device>,
+    pub spark: RwSignal<Spark>,
+}
+
+impl Card {
+    fn new(device: Device, spark: Spark) -> Self {
+        Self {
+            id: device.id.clone(),
+            device: RwSignal::new(device),
+            spark: RwSignal::new(spark),
+        }
+    }
+
+    /// A new state for this card's device.
+    fn set(&self, device: Device) {
+        let before = self.device.get_untracked();
+        self.spark.update(|s| s.follow(Some(&before), &device));
+        self.device.set(device);
+    }
+}
+
+/// A card for a device the page had not seen: its sparkline starts with
+/// the current value.
+fn new_card(device: Device) -> Card {
+    let mut spark = Spark::default();
+    spark.follow(None, &device);
+    Card::new(device, spark)
 }
 
 /// Everything the page shows, as signals.
 #[derive(Clone, Copy)]
 pub struct Board {
     pub cards: RwSignal<Vec<Card>>,
-    pub connection: RwSignal<Connection>,
-    /// Milliseconds since the epoch; ticks so "updated N s ago" keeps counting.
-    pub now_ms: RwSignal<i64>,
+    pub feed: Feed,
     /// Whether this page has operator rights (a live session cookie).
     pub operator: RwSignal<bool>,
 }
@@ -52,20 +125,24 @@ pub struct Board {
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
 impl Board {
     fn new(initial: Initial) -> Self {
-        let cards = initial
-            .snapshot
+        let Initial {
+            snapshot,
+            mut sparks,
+            now_ms,
+            operator,
+        } = initial;
+        let cards = snapshot
             .devices
             .into_iter()
-            .map(|d| Card {
-                id: d.id.clone(),
-                device: RwSignal::new(d),
+            .map(|d| {
+                let spark = sparks.remove(&d.id).unwrap_or_default();
+                Card::new(d, spark)
             })
             .collect();
         Self {
             cards: RwSignal::new(cards),
-            connection: RwSignal::new(Connection::Offline),
-            now_ms: RwSignal::new(initial.now_ms),
-            operator: RwSignal::new(initial.operator),
+            feed: Feed::new(now_ms),
+            operator: RwSignal::new(operator),
         }
     }
 
@@ -77,13 +154,10 @@ impl Board {
             .into_iter()
             .map(|d| match old.iter().find(|c| c.id == d.id) {
                 Some(card) => {
-                    card.device.set(d);
+                    card.set(d);
                     card.clone()
                 }
-                None => Card {
-                    id: d.id.clone(),
-                    device: RwSignal::new(d),
-                },
+                None => new_card(d),
             })
             .collect();
         let same_ids =
@@ -98,20 +172,24 @@ impl Board {
         let device = event.into_device();
         let existing = self
             .cards
-            .with_untracked(|cards| cards.iter().find(|c| c.id == device.id).map(|c| c.device));
+            .with_untracked(|cards| cards.iter().find(|c| c.id == device.id).cloned());
         match existing {
-            Some(signal) => signal.set(device),
+            Some(card) => card.set(device),
             None => self.cards.update(|cards| {
                 let at = cards.partition_point(|c| c.id < device.id);
-                cards.insert(
-                    at,
-                    Card {
-                        id: device.id.clone(),
-                        device: RwSignal::new(device),
-                    },
-                );
+                cards.insert(at, new_card(device));
             }),
         }
+    }
+}
+
+impl Follower for Board {
+    fn snapshot(&self, snapshot: Snapshot) {
+        self.apply_snapshot(snapshot);
+    }
+
+    fn status(&self, event: StatusEvent) {
+        self.apply_status(event);
     }
 }
 
@@ -120,6 +198,8 @@ impl Board {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Initial {
     snapshot: Snapshot,
+    /// Each device's sparkline: the last hour, one point a minute at most.
+    sparks: BTreeMap<DeviceId, Spark>,
     now_ms: i64,
     /// The request's cookie is a live operator session: render the controls.
     operator: bool,
@@ -139,9 +219,33 @@ fn initial() -> Initial {
         (Some(parts), Some(auth)) => auth.has_session(&parts.headers),
         _ => false,
     };
+    let now = chrono::Utc::now();
+    let snapshot = hub.snapshot(&Filter::default());
+    let sparks = snapshot
+        .devices
+        .iter()
+        .map(|d| {
+            let metric = spark_metric(&d.status);
+            let points = match &metric {
+                Some(m) => {
+                    let from = now - chrono::TimeDelta::milliseconds(SPARK_WINDOW_MS);
+                    match hub.history(&d.id, m, from, now, Some(60_000)) {
+                        Ok(history) => history.points.into_iter().map(chart::compact).collect(),
+                        Err(e) => {
+                            tracing::warn!("no sparkline for {}: {e}", d.id);
+                            Vec::new()
+                        }
+                    }
+                }
+                None => Vec::new(),
+            };
+            (d.id.clone(), Spark { metric, points })
+        })
+        .collect();
     Initial {
-        snapshot: hub.snapshot(&Filter::default()),
-        now_ms: chrono::Utc::now().timestamp_millis(),
+        snapshot,
+        sparks,
+        now_ms: now.timestamp_millis(),
         operator,
     }
 }
@@ -157,31 +261,124 @@ pub fn Dashboard() -> impl IntoView {
     let initial = SharedValue::new(initial).into_inner();
     let rendered_at = initial.snapshot.event_id;
     let board = Board::new(initial);
-    live::connect(board, rendered_at);
+    live::connect(board.feed, None, rendered_at, board);
+
+    // The devices with a reading out of its limits, in card order.
+    let alerting = Memo::new(move |_| {
+        board.cards.with(|cards| {
+            cards
+                .iter()
+                .filter_map(|c| {
+                    c.device.with(|d| {
+                        (!d.alerts.is_empty()).then(|| {
+                            let metrics: Vec<String> = d.alerts.keys().cloned().collect();
+                            (d.id.clone(), d.name.clone(), metrics.join(", "))
+                        })
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+    });
 
     view! {
         <header class="top">
             <h1>"Telltale"</h1>
             <SessionControl operator=board.operator />
-            <span
-                class="connection"
-                class:live=move || board.connection.get() == Connection::Live
-                class:reconnecting=move || board.connection.get() == Connection::Reconnecting
-                data-testid="connection"
-                role="status"
-            >
-                {move || board.connection.get().label()}
-            </span>
+            <ConnectionIndicator connection=board.feed.connection />
         </header>
-        <main class="grid" class:stale=move || board.connection.get() != Connection::Live>
+        <Show when=move || alerting.with(|a| !a.is_empty())>
+            <nav class="attention" data-testid="attention" aria-label="Needs attention">
+                <strong>"Attention"</strong>
+                <ul>
+                    <For
+                        each=move || alerting.get()
+                        key=|a| a.clone()
+                        children=|(id, name, metrics)| {
+                            view! {
+                                <li data-device=id.to_string()>
+                                    <a href=device_href(&id) rel="external">
+                                        {name}
+                                    </a>
+                                    <span class="attention-metrics">{metrics}</span>
+                                </li>
+                            }
+                        }
+                    />
+                </ul>
+            </nav>
+        </Show>
+        <main
+            class="grid"
+            class:stale=move || board.feed.connection.get() != Connection::Live
+        >
             <For each=move || board.cards.get() key=|card| card.id.clone() let:card>
-                <DeviceCard device=card.device now_ms=board.now_ms operator=board.operator />
+                <DeviceCard
+                    device=card.device
+                    spark=card.spark
+                    now_ms=board.feed.now_ms
+                    operator=board.operator
+                />
             </For>
             <Show when=move || board.cards.with(Vec::is_empty)>
                 <p class="empty">"No devices yet. They appear here as soon as they report."</p>
             </Show>
         </main>
     }
+    .into_any()
+}
+
+/// The page's stream state: Live, Reconnecting… or Offline.
+#[component]
+pub fn ConnectionIndicator(connection: RwSignal<Connection>) -> impl IntoView {
+    view! {
+        <span
+            class="connection"
+            class:live=move || connection.get() == Connection::Live
+            class:reconnecting=move || connection.get() == Connection::Reconnecting
+            data-testid="connection"
+            role="status"
+        >
+            {move || connection.get().label()}
+        </span>
+    }
+}
+
+/// A metric's value with its unit: temperature and humidity to a tenth, as
+/// the cards show them, other metrics to two decimals at most.
+pub fn format_value(metric: &str, v: f64) -> String {
+    let unit = chart::unit_of(metric);
+    match metric {
+        "temperature" | "humidity" => reading(Some(v), unit),
+        _ if unit.is_empty() => number(v),
+        _ => format!("{} {unit}", number(v)),
+    }
+}
+
+/// Which limit an alert's value broke, in words ("above the maximum of 30 °C").
+pub fn broken_limit(alert: &Alert, unit: &str) -> String {
+    let with_unit = |v: f64| {
+        if unit.is_empty() {
+            number(v)
+        } else {
+            format!("{} {unit}", number(v))
+        }
+    };
+    match (alert.limits.min, alert.limits.max) {
+        (_, Some(max)) if alert.value > max => format!("above the maximum of {}", with_unit(max)),
+        (Some(min), _) if alert.value < min => format!("below the minimum of {}", with_unit(min)),
+        (Some(min), Some(max)) => format!("outside {}–{}", with_unit(min), with_unit(max)),
+        (Some(min), None) => format!("below the minimum of {}", with_unit(min)),
+        (None, Some(max)) => format!("above the maximum of {}", with_unit(max)),
+        (None, None) => "out of its limits".into(),
+    }
+}
+
+/// The alert text of one metric of a device, if it is in alert.
+pub fn alert_text(device: &Device, metric: &str) -> Option<String> {
+    device
+        .alerts
+        .get(metric)
+        .map(|a| broken_limit(a, chart::unit_of(metric)))
 }
 
 /// Operator sign-in (the token is posted once, then forgotten: the server
@@ -281,6 +478,7 @@ fn SessionControl(operator: RwSignal<bool>) -> impl IntoView {
 #[component]
 fn DeviceCard(
     device: RwSignal<Device>,
+    spark: RwSignal<Spark>,
     now_ms: RwSignal<i64>,
     operator: RwSignal<bool>,
 ) -> impl IntoView {
@@ -290,6 +488,18 @@ fn DeviceCard(
     let power_on = move || device.with(|d| d.status.power_on == Some(true));
     // Its agent went away: unlike a device that never had one (`None`).
     let offline = move || device.with(|d| d.online == Some(false));
+    // Silent for longer than it should be: distinct from offline.
+    let stale = move || device.with(|d| d.stale);
+    let alerting = move || device.with(|d| !d.alerts.is_empty());
+    let alert = move |metric: &'static str| move || device.with(|d| alert_text(d, metric));
+    let href = device.with_untracked(|d| device_href(&d.id));
+    let spark_points = Signal::derive(move || spark.with(|s| s.points.clone()));
+    let spark_label = Signal::derive(move || {
+        spark.with(|s| match &s.metric {
+            Some(m) => format!("{} over the last hour", chart::title_of(m)),
+            None => "no readings".into(),
+        })
+    });
     let pending = RwSignal::new(false);
     let error = RwSignal::new(None::<String>);
     let device_id = id.clone();
@@ -317,10 +527,30 @@ fn DeviceCard(
         });
     };
     view! {
-        <article class="card" class:offline=offline data-testid="device" data-device=id>
+        <article
+            class="card"
+            class:offline=offline
+            class:silent=stale
+            class:alerting=alerting
+            data-testid="device"
+            data-device=id
+        >
             <header>
-                <h2 data-testid="name">{move || device.with(|d| d.name.clone())}</h2>
+                <h2 data-testid="name">
+                    <a href=href.clone() rel="external">
+                        {move || device.with(|d| d.name.clone())}
+                    </a>
+                </h2>
                 <span class="badges">
+                    <Show when=stale>
+                        <span
+                            class="badge stale"
+                            data-testid="stale"
+                            title="No report for longer than this device's interval"
+                        >
+                            "stale"
+                        </span>
+                    </Show>
                     <Show when=offline>
                         <span class="badge offline" data-testid="offline">
                             "offline"
@@ -369,17 +599,37 @@ fn DeviceCard(
             <dl class="readings">
                 <div>
                     <dt>"Temperature"</dt>
-                    <dd data-testid="temperature">
-                        {move || reading(device.with(|d| d.status.temperature), "°C")}
+                    <dd data-testid="temperature" class:alerting=move || alert("temperature")().is_some()>
+                        <Value alert=Signal::derive(alert("temperature"))>
+                            {move || reading(device.with(|d| d.status.temperature), "°C")}
+                        </Value>
                     </dd>
                 </div>
                 <div>
                     <dt>"Humidity"</dt>
-                    <dd data-testid="humidity">
-                        {move || reading(device.with(|d| d.status.humidity), "%")}
+                    <dd data-testid="humidity" class:alerting=move || alert("humidity")().is_some()>
+                        <Value alert=Signal::derive(alert("humidity"))>
+                            {move || reading(device.with(|d| d.status.humidity), "%")}
+                        </Value>
                     </dd>
                 </div>
             </dl>
+            <Show when=move || spark.with(|s| s.metric.is_some())>
+                <a class="spark" href=href.clone() rel="external" data-testid="spark">
+                    <Sparkline
+                        points=spark_points
+                        now_ms=Signal::from(now_ms)
+                        window_ms=SPARK_WINDOW_MS
+                        label=spark_label
+                    />
+                    <span class="spark-label">
+                        {move || {
+                            spark.with(|s| s.metric.as_deref().map(chart::title_of)).unwrap_or_default()
+                        }}
+                        " · 1 h"
+                    </span>
+                </a>
+            </Show>
             <ul class="metrics">
                 <For
                     each=metric_names
@@ -387,13 +637,22 @@ fn DeviceCard(
                     children=move |name| {
                         let label = name.clone();
                         let attr = name.clone();
+                        let metric = name.clone();
+                        let alert = Signal::derive(move || device.with(|d| alert_text(d, &metric)));
                         view! {
-                            <li data-testid="metric" data-metric=attr>
+                            <li
+                                data-testid="metric"
+                                data-metric=attr
+                                class:alerting=move || alert.with(Option::is_some)
+                            >
                                 <span class="metric-name">{label}</span>
                                 <span class="metric-value">
-                                    {move || {
-                                        device.with(|d| d.status.metrics.get(&name).map(|v| number(*v)))
-                                    }}
+                                    <Value alert>
+                                        {move || {
+                                            device
+                                                .with(|d| d.status.metrics.get(&name).map(|v| number(*v)))
+                                        }}
+                                    </Value>
                                 </span>
                             </li>
                         }
@@ -404,6 +663,24 @@ fn DeviceCard(
                 {move || ago(now_ms.get(), device.with(|d| d.updated_at.timestamp_millis()))}
             </footer>
         </article>
+    }
+    .into_any()
+}
+
+/// A value, marked when it is out of its limits: class `alerting`,
+/// `data-testid="alert"`, and the broken limit as its title and description.
+#[component]
+pub fn Value(alert: Signal<Option<String>>, children: Children) -> impl IntoView {
+    view! {
+        <span
+            class="value"
+            class:alerting=move || alert.with(Option::is_some)
+            data-testid=move || alert.with(|a| a.as_ref().map(|_| "alert"))
+            title=move || alert.get()
+            aria-description=move || alert.get()
+        >
+            {children()}
+        </span>
     }
 }
 
@@ -416,7 +693,7 @@ fn reading(value: Option<f64>, unit: &str) -> String {
 }
 
 /// Up to two decimals, without trailing zeros.
-fn number(v: f64) -> String {
+pub fn number(v: f64) -> String {
     let s = format!("{v:.2}");
     s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
@@ -445,5 +722,249 @@ mod tests {
         assert_eq!(ago(0, 5_000), "updated 0 s ago");
         assert_eq!(ago(200_000, 0), "updated 3 min ago");
         assert_eq!(ago(7_200_000, 0), "updated 2 h ago");
+        assert_eq!(format_value("temperature", 23.0), "23.0 °C");
+        assert_eq!(format_value("fan_rpm", 1000.0), "1000 rpm");
+        assert_eq!(format_value("load_1m", 0.456), "0.46");
+    }
+
+    use crate::model::{Limits, Status};
+    use chrono::DateTime;
+
+    fn device(at_ms: i64, status: Status) -> Device {
+        Device {
+            id: DeviceId::parse("rack-1").unwrap(),
+            name: "Rack".into(),
+            status,
+            online: None,
+            stale: false,
+            alerts: BTreeMap::new(),
+            updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
+        }
+    }
+
+    fn alert(value: f64, min: Option<f64>, max: Option<f64>) -> Alert {
+        Alert {
+            value,
+            limits: Limits { min, max },
+        }
+    }
+
+    #[test]
+    fn alerts_name_the_limit_they_broke() {
+        assert_eq!(
+            broken_limit(&alert(31.5, None, Some(30.0)), "°C"),
+            "above the maximum of 30 °C"
+        );
+        assert_eq!(
+            broken_limit(&alert(100.0, Some(500.0), Some(2000.0)), "rpm"),
+            "below the minimum of 500 rpm"
+        );
+        assert_eq!(
+            broken_limit(&alert(0.5, Some(1.0), None), ""),
+            "below the minimum of 1"
+        );
+        // The server said so, though the value is within: say what the limits are.
+        assert_eq!(
+            broken_limit(&alert(5.0, Some(1.0), Some(10.0)), "%"),
+            "outside 1 %–10 %"
+        );
+        let mut d = device(0, Status::default());
+        d.alerts
+            .insert("temperature".into(), alert(31.5, None, Some(30.0)));
+        d.alerts
+            .insert("co2_ppm".into(), alert(1500.0, None, Some(1000.0)));
+        assert_eq!(
+            alert_text(&d, "temperature").as_deref(),
+            Some("above the maximum of 30 °C")
+        );
+        assert_eq!(
+            alert_text(&d, "co2_ppm").as_deref(),
+            Some("above the maximum of 1000 ppm")
+        );
+        assert_eq!(alert_text(&d, "humidity"), None);
+    }
+
+    #[test]
+    fn the_sparkline_shows_temperature_else_humidity_else_the_first_metric() {
+        let mut status = Status {
+            metrics: BTreeMap::from([("b".into(), 1.0), ("a".into(), 2.0)]),
+            ..Status::default()
+        };
+        assert_eq!(spark_metric(&status).as_deref(), Some("a"));
+        status.humidity = Some(40.0);
+        assert_eq!(spark_metric(&status).as_deref(), Some("humidity"));
+        status.temperature = Some(20.0);
+        assert_eq!(spark_metric(&status).as_deref(), Some("temperature"));
+        assert_eq!(spark_metric(&Status::default()), None);
+    }
+
+    #[test]
+    fn sparklines_follow_changes_of_their_metric_for_an_hour() {
+        let t = |v| Status {
+            temperature: Some(v),
+            humidity: Some(40.0),
+            ..Status::default()
+        };
+        let first = device(1_000, t(20.0));
+        let mut spark = Spark::default();
+        spark.follow(None, &first);
+        assert_eq!(spark.metric.as_deref(), Some("temperature"));
+        assert_eq!(spark.points.len(), 1, "a new card starts with its value");
+
+        let second = device(2_000, t(21.0));
+        spark.follow(Some(&first), &second);
+        assert_eq!(spark.points.len(), 2);
+        // Only humidity changed: nothing to add.
+        let third = device(
+            3_000,
+            Status {
+                humidity: Some(45.0),
+                ..t(21.0)
+            },
+        );
+        spark.follow(Some(&second), &third);
+        assert_eq!(spark.points.len(), 2);
+        // Over an hour later: the old points go, but the one in force at
+        // the window's start.
+        let later = device(2_000 + SPARK_WINDOW_MS + 5_000, t(22.0));
+        spark.follow(Some(&third), &later);
+        assert_eq!(
+            spark.points.iter().map(|p| (p.t, p.v)).collect::<Vec<_>>(),
+            [(2_000, 21.0), (later.updated_at.timestamp_millis(), 22.0)]
+        );
+
+        // A device that had humidity only, and now reports a temperature.
+        let humid = device(
+            0,
+            Status {
+                humidity: Some(40.0),
+                ..Status::default()
+            },
+        );
+        let mut spark = Spark::default();
+        spark.follow(None, &humid);
+        assert_eq!(spark.metric.as_deref(), Some("humidity"));
+        spark.follow(Some(&humid), &device(1_000, t(19.0)));
+        assert_eq!(spark.metric.as_deref(), Some("temperature"));
+        assert_eq!(spark.points.len(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_or_event_updates_cards_and_their_sparklines() {
+        let owner = Owner::new();
+        owner.with(|| {
+            let board = Board::new(Initial {
+                snapshot: Snapshot {
+                    event_id: 1,
+                    devices: vec![device(
+                        1_000,
+                        Status {
+                            temperature: Some(20.0),
+                            ..Status::default()
+                        },
+                    )],
+                },
+                ..Initial::default()
+            });
+            let mut event = StatusEvent::from(&device(
+                2_000,
+                Status {
+                    temperature: Some(21.0),
+                    ..Status::default()
+                },
+            ));
+            event
+                .alerts
+                .insert("temperature".into(), alert(21.0, None, Some(20.5)));
+            event.stale = true;
+            board.apply_status(event);
+            let card = board.cards.with_untracked(|c| c[0].clone());
+            assert!(
+                card.device
+                    .with_untracked(|d| d.stale && d.alerts.contains_key("temperature"))
+            );
+            assert_eq!(
+                card.spark.with_untracked(|s| s.points.len()),
+                1,
+                "the new value; the rendered history had none"
+            );
+            let mut other = device(
+                3_000,
+                Status {
+                    humidity: Some(30.0),
+                    ..Status::default()
+                },
+            );
+            other.id = DeviceId::parse("a-first").unwrap();
+            board.apply_status(StatusEvent::from(&other));
+            let ids: Vec<_> = board
+                .cards
+                .with_untracked(|c| c.iter().map(|c| c.id.to_string()).collect());
+            assert_eq!(ids, ["a-first", "rack-1"]);
+            let spark = board.cards.with_untracked(|c| c[0].spark.get_untracked());
+            assert_eq!(spark.metric.as_deref(), Some("humidity"));
+            assert_eq!(spark.points.len(), 1);
+        });
+    }
+
+    /// The server's render of a card (what the first HTML shows).
+    #[cfg(feature = "ssr")]
+    fn card_html(d: Device) -> String {
+        let owner = Owner::new();
+        owner.with(|| {
+            let mut spark = Spark::default();
+            spark.follow(None, &d);
+            view! {
+                <DeviceCard
+                    device=RwSignal::new(d)
+                    spark=RwSignal::new(spark)
+                    now_ms=RwSignal::new(0)
+                    operator=RwSignal::new(false)
+                />
+            }
+            .to_html()
+        })
+    }
+
+    #[cfg(feature = "ssr")]
+    #[test]
+    fn stale_and_alerting_cards_are_marked() {
+        let status = Status {
+            temperature: Some(31.5),
+            humidity: Some(40.0),
+            metrics: BTreeMap::from([("fan_rpm".into(), 100.0)]),
+            ..Status::default()
+        };
+        let plain = card_html(device(0, status.clone()));
+        assert!(!plain.contains("data-testid=\"stale\""), "{plain}");
+        assert!(!plain.contains("data-testid=\"alert\""), "{plain}");
+        assert!(!plain.contains("alerting"), "{plain}");
+        assert!(plain.contains("href=\"/devices/rack-1\""), "{plain}");
+        assert!(plain.contains("data-testid=\"sparkline\""), "{plain}");
+
+        let mut d = device(0, status);
+        d.stale = true;
+        d.alerts
+            .insert("temperature".into(), alert(31.5, None, Some(30.0)));
+        d.alerts
+            .insert("fan_rpm".into(), alert(100.0, Some(500.0), None));
+        let html = card_html(d);
+        assert!(html.contains("data-testid=\"stale\""), "{html}");
+        let card_class = html
+            .split("class=\"card")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default();
+        assert!(card_class.contains("alerting"), "{html}");
+        assert!(card_class.contains("silent"), "{html}");
+        assert_eq!(html.matches("data-testid=\"alert\"").count(), 2, "{html}");
+        assert!(
+            html.contains("title=\"above the maximum of 30 °C\""),
+            "{html}"
+        );
+        assert!(
+            html.contains("title=\"below the minimum of 500 rpm\""),
+            "{html}"
+        );
     }
 }

@@ -1,27 +1,86 @@
-//! The page's subscription to `/api/events`: one `EventSource` for all
-//! devices, kept open for the life of the dashboard.
+//! A page's subscription to `/api/events`: one `EventSource` per page, kept
+//! open for the life of the page. The dashboard follows every device, a
+//! device page only its own (`?device=`); both go through [`connect`], so
+//! reconnection and resume live in this one place.
 //!
 //! Reconnection is the browser's own: after a drop it retries and sends
 //! `Last-Event-ID`, and the server replays what was missed. Only when the
 //! browser gives up (the server answered with an error) do we open a new
 //! `EventSource` ourselves, with backoff and `?last_event_id=`.
 
-use super::dashboard::Board;
-use crate::model::EventId;
+use crate::model::{DeviceId, EventId, Snapshot, StatusEvent};
+use leptos::prelude::*;
+
+/// The state of the page's event stream, in the words the page shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connection {
+    Live,
+    Reconnecting,
+    Offline,
+}
+
+impl Connection {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Live => "Live",
+            Self::Reconnecting => "Reconnecting…",
+            Self::Offline => "Offline",
+        }
+    }
+}
+
+/// The signals every live page keeps: its stream's state, and a clock.
+#[derive(Clone, Copy)]
+pub struct Feed {
+    pub connection: RwSignal<Connection>,
+    /// Milliseconds since the epoch; ticks every second once hydrated, so
+    /// "updated N s ago" keeps counting and charts slide.
+    pub now_ms: RwSignal<i64>,
+}
+
+impl Feed {
+    /// Offline until the stream opens; the clock starts at the server's
+    /// render time so hydration shows exactly what the server rendered.
+    pub fn new(now_ms: i64) -> Self {
+        Self {
+            connection: RwSignal::new(Connection::Offline),
+            now_ms: RwSignal::new(now_ms),
+        }
+    }
+}
+
+/// What a page does with the events of its stream.
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+pub trait Follower: Clone + 'static {
+    /// The full state (of the followed devices): the stream started afresh.
+    fn snapshot(&self, snapshot: Snapshot);
+    /// One device changed.
+    fn status(&self, event: StatusEvent);
+}
 
 /// Starts the stream once the page is hydrated, resuming after `rendered_at`
 /// (the event id the server rendered), and closes it when the page goes.
-pub fn connect(board: Board, rendered_at: EventId) {
+/// `device` limits the stream to one device.
+pub fn connect<F: Follower>(
+    feed: Feed,
+    device: Option<DeviceId>,
+    rendered_at: EventId,
+    follower: F,
+) {
     #[cfg(feature = "hydrate")]
     {
-        use leptos::prelude::*;
         use send_wrapper::SendWrapper;
         use std::time::Duration;
 
         // Effects run only in the browser, after hydration.
         Effect::new(move |_| {
-            let live = SendWrapper::new(browser::Live::start(board, rendered_at));
-            let tick = move || board.now_ms.set(js_sys::Date::now() as i64);
+            let live = SendWrapper::new(browser::Live::start(
+                feed,
+                device.clone(),
+                rendered_at,
+                follower.clone(),
+            ));
+            let tick = move || feed.now_ms.set(js_sys::Date::now() as i64);
             tick();
             let clock = set_interval_with_handle(tick, Duration::from_secs(1)).ok();
             on_cleanup(move || {
@@ -33,13 +92,22 @@ pub fn connect(board: Board, rendered_at: EventId) {
         });
     }
     #[cfg(not(feature = "hydrate"))]
-    let _ = (board, rendered_at);
+    let _ = (feed, device, rendered_at, follower);
+}
+
+/// The stream's address: resumes after `last_id`, for one device or all.
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+fn url(device: Option<&DeviceId>, last_id: EventId) -> String {
+    match device {
+        Some(id) => format!("/api/events?device={id}&last_event_id={last_id}"),
+        None => format!("/api/events?last_event_id={last_id}"),
+    }
 }
 
 #[cfg(feature = "hydrate")]
 mod browser {
-    use super::super::dashboard::{Board, Connection};
-    use crate::model::{EventId, Snapshot, StatusEvent};
+    use super::{Connection, Feed, Follower, url};
+    use crate::model::{DeviceId, EventId, Snapshot, StatusEvent};
     use leptos::prelude::{Set, set_timeout};
     use std::cell::{Cell, RefCell};
     use std::rc::Rc;
@@ -50,8 +118,10 @@ mod browser {
 
     const MAX_BACKOFF_MS: f64 = 30_000.0;
 
-    pub struct Live {
-        board: Board,
+    pub struct Live<F> {
+        feed: Feed,
+        device: Option<DeviceId>,
+        follower: F,
         last_id: Cell<EventId>,
         backoff_ms: Cell<f64>,
         closed: Cell<bool>,
@@ -67,10 +137,17 @@ mod browser {
         _on_status: Closure<dyn FnMut(MessageEvent)>,
     }
 
-    impl Live {
-        pub fn start(board: Board, last_id: EventId) -> Rc<Self> {
+    impl<F: Follower> Live<F> {
+        pub fn start(
+            feed: Feed,
+            device: Option<DeviceId>,
+            last_id: EventId,
+            follower: F,
+        ) -> Rc<Self> {
             let live = Rc::new(Self {
-                board,
+                feed,
+                device,
+                follower,
                 last_id: Cell::new(last_id),
                 backoff_ms: Cell::new(1_000.0),
                 closed: Cell::new(false),
@@ -91,12 +168,11 @@ mod browser {
             if self.closed.get() {
                 return;
             }
-            let url = format!("/api/events?last_event_id={}", self.last_id.get());
-            let events = match EventSource::new(&url) {
+            let events = match EventSource::new(&url(self.device.as_ref(), self.last_id.get())) {
                 Ok(events) => events,
                 Err(e) => {
                     web_sys::console::error_2(&"Telltale: cannot open the event stream".into(), &e);
-                    self.board.connection.set(Connection::Offline);
+                    self.feed.connection.set(Connection::Offline);
                     return;
                 }
             };
@@ -104,7 +180,7 @@ mod browser {
             let live = self.clone();
             let on_open = Closure::<dyn FnMut(Event)>::new(move |_| {
                 live.backoff_ms.set(1_000.0);
-                live.board.connection.set(Connection::Live);
+                live.feed.connection.set(Connection::Live);
             });
             let live = self.clone();
             let on_error = Closure::<dyn FnMut(Event)>::new(move |_| live.on_error());
@@ -112,7 +188,7 @@ mod browser {
             let on_snapshot = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| {
                 if let Some(snapshot) = parse::<Snapshot>(&e) {
                     live.last_id.set(snapshot.event_id);
-                    live.board.apply_snapshot(snapshot);
+                    live.follower.snapshot(snapshot);
                 }
             });
             let live = self.clone();
@@ -121,7 +197,7 @@ mod browser {
                     if let Ok(id) = e.last_event_id().parse() {
                         live.last_id.set(id);
                     }
-                    live.board.apply_status(status);
+                    live.follower.status(status);
                 }
             });
             events.set_onopen(Some(on_open.as_ref().unchecked_ref()));
@@ -151,10 +227,10 @@ mod browser {
                 .is_some_and(|s| s.events.ready_state() == EventSource::CLOSED);
             if !gave_up {
                 // The browser is already retrying, with Last-Event-ID.
-                self.board.connection.set(Connection::Reconnecting);
+                self.feed.connection.set(Connection::Reconnecting);
                 return;
             }
-            self.board.connection.set(Connection::Offline);
+            self.feed.connection.set(Connection::Offline);
             let backoff = self.backoff_ms.get();
             self.backoff_ms.set((backoff * 2.0).min(MAX_BACKOFF_MS));
             let delay = backoff * (0.5 + js_sys::Math::random());
@@ -172,5 +248,20 @@ mod browser {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_follows_one_device_or_all_and_resumes() {
+        assert_eq!(url(None, 7), "/api/events?last_event_id=7");
+        let id = DeviceId::parse("rack-1").unwrap();
+        assert_eq!(
+            url(Some(&id), 7),
+            "/api/events?device=rack-1&last_event_id=7"
+        );
     }
 }

@@ -1,12 +1,24 @@
 //! The UI, shared by server rendering and hydration.
+//!
+//! Two pages: `/`, the dashboard, and `/devices/{id}`, one device with its
+//! charts. Links between them (and between a device page's ranges) are
+//! ordinary page loads (`rel="external"` keeps the router from taking them
+//! over): each page is rendered by the server with its data, and follows
+//! its own event stream once hydrated.
 
 mod api;
+mod chart;
 mod dashboard;
+mod device;
 mod live;
 
+use crate::model::DeviceId;
 use dashboard::Dashboard;
+use device::DevicePage;
 use leptos::prelude::*;
 use leptos_meta::{MetaTags, Stylesheet, Title, provide_meta_context};
+use leptos_router::components::{Route, Router, Routes};
+use leptos_router::path;
 
 /// The HTML document around the app; rendered on the server only.
 pub fn shell(options: LeptosOptions) -> impl IntoView {
@@ -34,7 +46,48 @@ pub fn App() -> impl IntoView {
     provide_meta_context();
     view! {
         <Stylesheet id="leptos" href="/pkg/telltale.css" />
+        <Router>
+            <Routes fallback=|| view! { <NotFound what="There is no such page." /> }>
+                <Route path=path!("/") view=DashboardPage />
+                <Route path=path!("/devices/:id") view=DevicePage />
+            </Routes>
+        </Router>
+    }
+}
+
+#[component]
+fn DashboardPage() -> impl IntoView {
+    view! {
         <Title text="Telltale" />
         <Dashboard />
+    }
+}
+
+/// The address of a device's page.
+pub fn device_href(id: &DeviceId) -> String {
+    format!("/devices/{id}")
+}
+
+/// A page for what is not there; the server answers it with 404.
+#[component]
+fn NotFound(#[prop(into)] what: String) -> impl IntoView {
+    #[cfg(feature = "ssr")]
+    if let Some(response) = use_context::<leptos_axum::ResponseOptions>() {
+        response.set_status(axum::http::StatusCode::NOT_FOUND);
+    }
+    view! {
+        <Title text="Not found · Telltale" />
+        <header class="top">
+            <h1>"Telltale"</h1>
+        </header>
+        <main class="not-found" data-testid="not-found">
+            <h2>"Not found"</h2>
+            <p>{what}</p>
+            <p>
+                <a href="/" rel="external">
+                    "← All devices"
+                </a>
+            </p>
+        </main>
     }
 }

@@ -1,0 +1,72 @@
+// Readings out of their limits: the card and value are marked, and the
+// attention strip at the top lists the device until it is back in range.
+//
+// Needs `PUT /api/devices/{id}/thresholds` (the alerts branch): on a branch
+// without it these fail at the PUT.
+
+import { card, expect, test, waitLive } from "./server";
+
+test("a reading out of range highlights its card and lists it under attention until it is back", async ({
+  page,
+  server,
+}) => {
+  await server.post("rack-1", { name: "Rack", temperature: 20, humidity: 40, metrics: { fan_rpm: 900 } });
+  await server.post("rack-2", { name: "Other rack", temperature: 20 });
+  await server.putThresholds("rack-1", { temperature: { max: 30 }, fan_rpm: { min: 500 } });
+  await page.goto("/");
+  await waitLive(page);
+  const rack = card(page, "rack-1");
+  const attention = page.getByTestId("attention");
+  await expect(attention).toHaveCount(0);
+  await expect(rack).not.toHaveClass(/\balerting\b/);
+
+  await server.post("rack-1", { temperature: 31.5 });
+  await expect(rack).toHaveClass(/\balerting\b/, { timeout: 1_000 });
+  const alert = rack.getByTestId("alert");
+  await expect(alert).toHaveCount(1);
+  await expect(alert).toHaveText("31.5 °C");
+  await expect(alert).toHaveClass(/\balerting\b/);
+  await expect(alert).toHaveAttribute("title", "above the maximum of 30 °C");
+  await expect(rack.getByTestId("temperature")).toHaveText("31.5 °C");
+  await expect(attention).toBeVisible();
+  const link = attention.getByRole("link", { name: "Rack" });
+  await expect(link).toHaveAttribute("href", "/devices/rack-1");
+  await expect(attention.getByRole("link")).toHaveCount(1);
+  await expect(card(page, "rack-2")).not.toHaveClass(/\balerting\b/);
+
+  // A second reading out of range, below a minimum this time.
+  await server.post("rack-1", { metrics: { fan_rpm: 100 } });
+  await expect(rack.getByTestId("alert")).toHaveCount(2, { timeout: 1_000 });
+  await expect(rack.locator('li[data-metric="fan_rpm"] [data-testid="alert"]')).toHaveAttribute(
+    "title",
+    "below the minimum of 500 rpm",
+  );
+
+  // Back in range: nothing is marked and the strip goes away.
+  await server.post("rack-1", { temperature: 25, metrics: { fan_rpm: 900 } });
+  await expect(rack).not.toHaveClass(/\balerting\b/, { timeout: 1_000 });
+  await expect(rack.getByTestId("alert")).toHaveCount(0);
+  await expect(rack.getByTestId("temperature")).toHaveText("25.0 °C");
+  await expect(attention).toHaveCount(0);
+});
+
+test.describe("without JavaScript", () => {
+  test.use({ javaScriptEnabled: false });
+
+  test("the first HTML shows the alert, on the dashboard and the device page", async ({ page, server }) => {
+    await server.post("rack-1", { name: "Rack", temperature: 20 });
+    await server.putThresholds("rack-1", { temperature: { max: 30 } });
+    await server.post("rack-1", { temperature: 35 });
+
+    await page.goto("/");
+    const rack = card(page, "rack-1");
+    await expect(rack).toHaveClass(/\balerting\b/);
+    await expect(rack.getByTestId("alert")).toHaveAttribute("title", "above the maximum of 30 °C");
+    await page.getByTestId("attention").getByRole("link", { name: "Rack" }).click();
+    await expect(page).toHaveURL(/\/devices\/rack-1$/);
+    await expect(page.getByTestId("alerting")).toHaveText("alert");
+    await expect(
+      page.locator('[data-testid="reading"][data-metric="temperature"] [data-testid="alert"]'),
+    ).toHaveText("35.0 °C");
+  });
+});

@@ -1,0 +1,510 @@
+//! A device's page, `/devices/{id}`: its current values and state, and a
+//! line chart of each of its metrics over the last hour, day or week
+//! (`?range=1h|24h|7d`, plain links, so it works without JavaScript).
+//!
+//! The server renders it with the history (see [`initial`]); once hydrated,
+//! the page follows the device's own event stream (`/api/events?device=`)
+//! and each changed value extends its chart.
+
+use super::chart::{self, DAY_MS, HOUR_MS, LineChart};
+use super::dashboard::{ConnectionIndicator, Value, alert_text, format_value, value_of};
+use super::live::{self, Connection, Feed, Follower};
+use super::{NotFound, device_href};
+use crate::model::{Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent};
+use leptos::prelude::*;
+use leptos_meta::Title;
+use leptos_router::hooks::{use_params_map, use_query_map};
+use serde::{Deserialize, Serialize};
+
+/// The time range a device page shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Range {
+    #[default]
+    Hour,
+    Day,
+    Week,
+}
+
+impl Range {
+    pub const ALL: [Range; 3] = [Range::Hour, Range::Day, Range::Week];
+
+    /// From the `range` query parameter; the last hour unless it names another.
+    pub fn parse(query: Option<&str>) -> Self {
+        match query {
+            Some("24h") => Self::Day,
+            Some("7d") => Self::Week,
+            _ => Self::Hour,
+        }
+    }
+
+    /// The query parameter's value.
+    pub fn query(self) -> &'static str {
+        match self {
+            Self::Hour => "1h",
+            Self::Day => "24h",
+            Self::Week => "7d",
+        }
+    }
+
+    /// The link's text.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Hour => "1 h",
+            Self::Day => "24 h",
+            Self::Week => "7 d",
+        }
+    }
+
+    /// The range in words.
+    pub fn words(self) -> &'static str {
+        match self {
+            Self::Hour => "the last hour",
+            Self::Day => "the last 24 hours",
+            Self::Week => "the last 7 days",
+        }
+    }
+
+    pub fn window_ms(self) -> i64 {
+        match self {
+            Self::Hour => HOUR_MS,
+            Self::Day => DAY_MS,
+            Self::Week => 7 * DAY_MS,
+        }
+    }
+
+    /// The history's bucket width when there are more than [`MAX_RAW_POINTS`]
+    /// readings: a few hundred points a chart (240, 288, 336), whatever the
+    /// device's report rate.
+    #[cfg_attr(not(feature = "ssr"), allow(dead_code))]
+    pub fn step_ms(self) -> i64 {
+        match self {
+            Self::Hour => 15_000,
+            Self::Day => 5 * 60_000,
+            Self::Week => 30 * 60_000,
+        }
+    }
+}
+
+/// Up to this many readings in the range, a chart shows each of them;
+/// with more, one point per [`Range::step_ms`] (their mean).
+#[cfg_attr(not(feature = "ssr"), allow(dead_code))]
+pub const MAX_RAW_POINTS: usize = 400;
+
+/// The metrics of a status, in the order the page shows them: temperature,
+/// humidity, then the extra metrics by name.
+pub fn metrics_of(status: &Status) -> Vec<String> {
+    let mut names = Vec::new();
+    if status.temperature.is_some() {
+        names.push("temperature".to_owned());
+    }
+    if status.humidity.is_some() {
+        names.push("humidity".to_owned());
+    }
+    names.extend(status.metrics.keys().cloned());
+    names
+}
+
+/// One chart's data.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Series {
+    pub metric: String,
+    pub points: Vec<Point>,
+}
+
+/// Follows a device's new state: each changed value is a new point of its
+/// series (at the device's `updated_at`, as the store records it), a new
+/// metric a new series; points older than the window go.
+pub fn follow(series: &mut Vec<Series>, before: &Device, device: &Device, window_ms: i64) {
+    let order = metrics_of(&device.status);
+    let t = device.updated_at.timestamp_millis();
+    for metric in &order {
+        let now = value_of(&device.status, metric);
+        let was = value_of(&before.status, metric);
+        let Some(v) = now.filter(|_| now != was) else {
+            continue;
+        };
+        let at = match series.iter().position(|s| &s.metric == metric) {
+            Some(at) => at,
+            None => {
+                series.push(Series {
+                    metric: metric.clone(),
+                    points: Vec::new(),
+                });
+                series.len() - 1
+            }
+        };
+        chart::append(&mut series[at].points, t, v, window_ms);
+    }
+    series.sort_by_key(|s| order.iter().position(|m| *m == s.metric));
+}
+
+/// What the server knew when it rendered the page.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Initial {
+    event_id: EventId,
+    now_ms: i64,
+    /// `None`: no such device.
+    device: Option<Device>,
+    series: Vec<Series>,
+}
+
+#[cfg(feature = "ssr")]
+fn initial(id: Option<DeviceId>, range: Range) -> Initial {
+    use crate::server::hub::{Filter, Hub};
+    use std::sync::Arc;
+    let now = chrono::Utc::now();
+    let Some(id) = id else {
+        return Initial {
+            now_ms: now.timestamp_millis(),
+            ..Initial::default()
+        };
+    };
+    let hub = expect_context::<Arc<Hub>>();
+    // The device and the event id it is current at, together.
+    let snapshot = hub.snapshot(&Filter::new([id.clone()]));
+    let device = snapshot.devices.into_iter().find(|d| d.id == id);
+    let from = now - chrono::TimeDelta::milliseconds(range.window_ms());
+    let series = device
+        .as_ref()
+        .map(|d| metrics_of(&d.status))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|metric| {
+            let history =
+                hub.history(&id, &metric, from, now, None)
+                    .and_then(|raw| match raw.points.len() {
+                        n if n <= MAX_RAW_POINTS => Ok(raw),
+                        _ => hub.history(&id, &metric, from, now, Some(range.step_ms())),
+                    });
+            let points = match history {
+                Ok(history) => history.points.into_iter().map(chart::compact).collect(),
+                Err(e) => {
+                    tracing::warn!("no history of {id} {metric}: {e}");
+                    Vec::new()
+                }
+            };
+            Series { metric, points }
+        })
+        .collect();
+    Initial {
+        event_id: snapshot.event_id,
+        now_ms: now.timestamp_millis(),
+        device,
+        series,
+    }
+}
+
+#[cfg(not(feature = "ssr"))]
+fn initial(_: Option<DeviceId>, _: Range) -> Initial {
+    Initial::default()
+}
+
+/// The page's signals.
+#[derive(Clone, Copy)]
+struct Page {
+    device: RwSignal<Device>,
+    series: RwSignal<Vec<Series>>,
+    range: Range,
+}
+
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+impl Page {
+    fn apply(&self, device: Device) {
+        let before = self.device.get_untracked();
+        if device.id != before.id {
+            return;
+        }
+        let window = self.range.window_ms();
+        self.series
+            .update(|series| follow(series, &before, &device, window));
+        self.device.set(device);
+    }
+}
+
+impl Follower for Page {
+    fn snapshot(&self, snapshot: Snapshot) {
+        let id = self.device.with_untracked(|d| d.id.clone());
+        // A device that went away keeps its last state on this page.
+        if let Some(device) = snapshot.devices.into_iter().find(|d| d.id == id) {
+            self.apply(device);
+        }
+    }
+
+    fn status(&self, event: StatusEvent) {
+        self.apply(event.into_device());
+    }
+}
+
+#[component]
+pub fn DevicePage() -> impl IntoView {
+    let params = use_params_map();
+    let query = use_query_map();
+    let id = params
+        .with_untracked(|p| p.get("id"))
+        .and_then(|id| DeviceId::parse(&id).ok());
+    let range = Range::parse(query.with_untracked(|q| q.get("range")).as_deref());
+    let given = params.with_untracked(|p| p.get("id")).unwrap_or_default();
+    let initial = SharedValue::new(move || initial(id, range)).into_inner();
+    let Some(device) = initial.device else {
+        return view! { <NotFound what=format!("There is no device \"{given}\".") /> }.into_any();
+    };
+    let feed = Feed::new(initial.now_ms);
+    let id = device.id.clone();
+    let page = Page {
+        device: RwSignal::new(device),
+        series: RwSignal::new(initial.series),
+        range,
+    };
+    live::connect(feed, Some(id.clone()), initial.event_id, page);
+    let device = page.device;
+    let name = move || device.with(|d| d.name.clone());
+    let offline = move || device.with(|d| d.online == Some(false));
+    let stale = move || device.with(|d| d.stale);
+    let alerting = move || device.with(|d| !d.alerts.is_empty());
+    let metrics = move || device.with(|d| metrics_of(&d.status));
+    let href = device_href(&id);
+
+    view! {
+        <Title text=move || format!("{} · Telltale", name()) />
+        <header class="top">
+            <a class="back" href="/" rel="external" data-testid="back">
+                "← All devices"
+            </a>
+            <h1 data-testid="name">{name}</h1>
+            <span class="badges">
+                <Show when=offline>
+                    <span class="badge offline" data-testid="offline">
+                        "offline"
+                    </span>
+                </Show>
+                <Show when=stale>
+                    <span
+                        class="badge stale"
+                        data-testid="stale"
+                        title="No report for longer than this device's interval"
+                    >
+                        "stale"
+                    </span>
+                </Show>
+                <Show when=alerting>
+                    <span class="badge alerting" data-testid="alerting">
+                        "alert"
+                    </span>
+                </Show>
+            </span>
+            <ConnectionIndicator connection=feed.connection />
+        </header>
+        <main
+            class="device-page"
+            class:stale=move || feed.connection.get() != Connection::Live
+            data-testid="device-page"
+            data-device=id.to_string()
+        >
+            <section class="current" class:alerting=alerting class:offline=offline>
+                <dl class="readings">
+                    <For
+                        each=metrics
+                        key=|m| m.clone()
+                        children=move |metric| {
+                            let m = metric.clone();
+                            let alert = Signal::derive(move || device.with(|d| alert_text(d, &m)));
+                            let m = metric.clone();
+                            let value = move || {
+                                device
+                                    .with(|d| value_of(&d.status, &m).map(|v| format_value(&m, v)))
+                                    .unwrap_or_else(|| "—".into())
+                            };
+                            view! {
+                                <div
+                                    data-testid="reading"
+                                    data-metric=metric.clone()
+                                    class:alerting=move || alert.with(Option::is_some)
+                                >
+                                    <dt>{chart::title_of(&metric)}</dt>
+                                    <dd data-testid="value">
+                                        <Value alert>{value}</Value>
+                                    </dd>
+                                </div>
+                            }
+                        }
+                    />
+                    <div data-testid="reading" data-metric="power">
+                        <dt>"Power"</dt>
+                        <dd data-testid="power">
+                            {move || match device.with(|d| d.status.power_on) {
+                                Some(true) => "on",
+                                Some(false) => "off",
+                                None => "—",
+                            }}
+                        </dd>
+                    </div>
+                </dl>
+                <p class="updated" data-testid="updated">
+                    {move || {
+                        let at = device.with(|d| d.updated_at);
+                        format!("last change {} UTC", at.format("%Y-%m-%d %H:%M:%S"))
+                    }}
+                </p>
+            </section>
+            <nav class="ranges" aria-label="Time range" data-testid="ranges">
+                {Range::ALL
+                    .into_iter()
+                    .map(|r| {
+                        view! {
+                            <a
+                                href=format!("{href}?range={}", r.query())
+                                rel="external"
+                                aria-current=(r == range).then_some("page")
+                                class:current=r == range
+                            >
+                                {r.label()}
+                            </a>
+                        }
+                    })
+                    .collect_view()}
+            </nav>
+            <section class="charts">
+                <For
+                    each=move || page.series.with(|s| s.iter().map(|s| s.metric.clone()).collect::<Vec<_>>())
+                    key=|m| m.clone()
+                    children=move |metric| {
+                        let m = metric.clone();
+                        let points = Memo::new(move |_| {
+                            page.series
+                                .with(|s| {
+                                    s.iter()
+                                        .find(|s| s.metric == m)
+                                        .map(|s| s.points.clone())
+                                        .unwrap_or_default()
+                                })
+                        });
+                        view! {
+                            <LineChart
+                                metric
+                                points=points.into()
+                                now_ms=feed.now_ms.into()
+                                window_ms=range.window_ms()
+                                range_label=range.words()
+                            />
+                        }
+                    }
+                />
+                <Show when=move || page.series.with(Vec::is_empty)>
+                    <p class="no-data" data-testid="no-data">
+                        "This device has reported no readings yet."
+                    </p>
+                </Show>
+            </section>
+        </main>
+    }
+    .into_any()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::DateTime;
+    use std::collections::BTreeMap;
+
+    fn device(at_ms: i64, status: Status) -> Device {
+        Device {
+            id: DeviceId::parse("rack-1").unwrap(),
+            name: "Rack".into(),
+            status,
+            online: None,
+            stale: false,
+            alerts: BTreeMap::new(),
+            updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
+        }
+    }
+
+    #[test]
+    fn ranges_come_from_the_query_and_default_to_an_hour() {
+        assert_eq!(Range::parse(None), Range::Hour);
+        assert_eq!(Range::parse(Some("24h")), Range::Day);
+        assert_eq!(Range::parse(Some("7d")), Range::Week);
+        assert_eq!(Range::parse(Some("nonsense")), Range::Hour);
+        for r in Range::ALL {
+            assert_eq!(Range::parse(Some(r.query())), r);
+            assert!(r.window_ms() / r.step_ms() <= 400, "{r:?}: too many points");
+        }
+    }
+
+    #[test]
+    fn metrics_come_in_page_order() {
+        let status = Status {
+            temperature: Some(20.0),
+            humidity: None,
+            power_on: Some(true),
+            metrics: BTreeMap::from([("zeta".into(), 1.0), ("alpha".into(), 2.0)]),
+        };
+        assert_eq!(metrics_of(&status), ["temperature", "alpha", "zeta"]);
+        assert!(metrics_of(&Status::default()).is_empty());
+    }
+
+    #[test]
+    fn changed_values_extend_their_series_and_new_metrics_get_one() {
+        let before = device(
+            1_000,
+            Status {
+                temperature: Some(20.0),
+                humidity: Some(40.0),
+                ..Status::default()
+            },
+        );
+        let mut series = vec![
+            Series {
+                metric: "temperature".into(),
+                points: vec![chart::compact(Point {
+                    t: 1_000,
+                    v: 20.0,
+                    min: None,
+                    max: None,
+                })],
+            },
+            Series {
+                metric: "humidity".into(),
+                points: Vec::new(),
+            },
+        ];
+        let after = device(
+            5_000,
+            Status {
+                temperature: Some(21.5),
+                humidity: Some(40.0),
+                metrics: BTreeMap::from([("fan_rpm".into(), 900.0)]),
+                ..Status::default()
+            },
+        );
+        follow(&mut series, &before, &after, HOUR_MS);
+        let metrics: Vec<_> = series.iter().map(|s| s.metric.as_str()).collect();
+        assert_eq!(metrics, ["temperature", "humidity", "fan_rpm"]);
+        assert_eq!(
+            series[0]
+                .points
+                .iter()
+                .map(|p| (p.t, p.v))
+                .collect::<Vec<_>>(),
+            [(1_000, 20.0), (5_000, 21.5)]
+        );
+        assert!(
+            series[1].points.is_empty(),
+            "an unchanged value adds nothing"
+        );
+        assert_eq!(series[2].points.len(), 1);
+        // An hour later the window has moved on: the old value in force at
+        // its start stays, nothing older.
+        let later = device(
+            5_000 + 2 * HOUR_MS,
+            Status {
+                temperature: Some(22.0),
+                ..after.status.clone()
+            },
+        );
+        follow(&mut series, &after, &later, HOUR_MS);
+        assert_eq!(
+            series[0].points.iter().map(|p| p.t).collect::<Vec<_>>(),
+            [5_000, 5_000 + 2 * HOUR_MS]
+        );
+    }
+}
