@@ -175,6 +175,11 @@ impl Store {
         connect(&self.path, self.durability)
     }
 
+    /// Whether a commit waits for the disk (it does unless `--memory`).
+    pub fn fsyncs(&self) -> bool {
+        self.durability == Durability::Full
+    }
+
     /// The lock every writer of this process takes around its transaction.
     pub fn write_gate(&self) -> WriteGate {
         self.gate.clone()
