@@ -349,14 +349,26 @@ fn with_cookie(mut response: Response, cookie: &str) -> Response {
     response
 }
 
-pub async fn healthz(State(state): State<AppState>) -> Json<Value> {
+/// `200 {"status":"ok",…}`, or in cluster mode while Redis is unreachable
+/// `503 {"status":"degraded","reason":…}`: this instance still serves what
+/// it has, but takes no changes, so a load balancer may prefer another.
+pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let (event_id, devices) = state.hub.stats();
-    Json(json!({
-        "status": "ok",
+    let degraded = state.hub.degraded();
+    let mut body = json!({
+        "status": if degraded.is_some() { "degraded" } else { "ok" },
         "event_id": event_id,
         "devices": devices,
         "subscribers": state.hub.subscribers(),
-    }))
+    });
+    let code = match degraded {
+        Some(reason) => {
+            body["reason"] = reason.into();
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        None => StatusCode::OK,
+    };
+    (code, Json(body))
 }
 
 /// Reads a JSON body of at most [`MAX_BODY`] bytes, naming the faulty field

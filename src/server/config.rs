@@ -119,6 +119,12 @@ pub struct Config {
           num_args = 0..=1, default_missing_value = "on")]
     pub memory: bool,
 
+    /// Cluster mode: share one event stream and device state with every
+    /// instance on this Redis, e.g. `redis://127.0.0.1:6379/0`. Run Redis
+    /// with `appendonly yes` so a Redis restart keeps the stream.
+    #[arg(long, env = "TELLTALE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
     /// How long raw readings and events are kept, e.g. `48h`; older readings
     /// are folded into per-minute min/avg/max (at least `1m`).
     #[arg(long, env = "TELLTALE_RETENTION", default_value = "48h", value_parser = parse_retention)]

@@ -33,11 +33,17 @@
 //!   sign of life ([`stale`](super::stale)); a change of either is published
 //!   as a status event like any other.
 //!
-//! The public methods are the interface a broker-backed hub (Redis) must offer.
+//! - In cluster mode ([`cluster`](super::cluster)) the hub is one replica
+//!   of the cluster's state: a change is published to Redis first, as the
+//!   next global id, and only if this hub has applied every earlier event
+//!   (otherwise it catches up from Redis and computes the change again);
+//!   the other instances' events arrive through [`Hub::follow`] and are
+//!   applied, stored and fanned out here exactly like local ones.
 
+use super::cluster::{Append, Broker};
 use super::history::Reader;
 use super::stale::{StalePolicy, Watch};
-use super::store::{Store, StoreError};
+use super::store::{Store, StoreError, StoredEvent};
 use super::thresholds::{MetricLimits, Thresholds, ThresholdsView};
 use crate::model::{
     Device, DeviceId, EventId, FieldError, History, Online, Snapshot, StatusEvent, StatusUpdate,
@@ -50,6 +56,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
 
 /// One published change, serialized once for every subscriber.
 #[derive(Debug)]
@@ -137,8 +144,14 @@ pub struct Subscription {
 
 pub struct Hub {
     state: Mutex<State>,
-    sender: broadcast::Sender<Arc<Published>>,
     ring_capacity: usize,
+    client_queue: usize,
+    /// Cluster mode: the connection changes are published on, only ever
+    /// locked under `state`.
+    broker: Option<Mutex<Broker>>,
+    /// Cluster mode: why this instance cannot publish right now (Redis is
+    /// unreachable, or not yet joined), shown on `/healthz`.
+    degraded: Mutex<Option<String>>,
     /// Wakes the stale watcher when a deadline moves earlier.
     stale_wake: Notify,
     /// History reads, on a connection of their own: never under `state`.
@@ -148,6 +161,11 @@ pub struct Hub {
 struct State {
     devices: BTreeMap<DeviceId, Device>,
     last_id: EventId,
+    /// `last_id` is this process's start time, not an id of any event: a
+    /// new hub with nothing stored, which in cluster mode adopts the
+    /// cluster's state rather than offering its own.
+    fresh: bool,
+    sender: broadcast::Sender<Arc<Published>>,
     /// The newest events, ids `last_id - ring.len() + 1 ..= last_id`.
     ring: VecDeque<Arc<Published>>,
     /// Where every event is made durable; `None` for a storeless hub.
@@ -172,11 +190,16 @@ impl Hub {
     ) -> Result<Self, StoreError> {
         let devices = store.devices()?;
         // The newest id ever issued, even when its event was pruned.
-        let last_id = store.last_event_id()?.unwrap_or_else(now_micros);
-        let mut hub = Self::starting_at(last_id, ring_capacity, client_queue);
+        let stored = store.last_event_id()?;
+        let mut hub = Self::starting_at(
+            stored.unwrap_or_else(now_micros),
+            ring_capacity,
+            client_queue,
+        );
         hub.history = Some(Mutex::new(Reader::new(store.connect()?)?));
         {
             let mut state = hub.lock();
+            state.fresh = stored.is_none();
             state.devices = devices.into_iter().map(|d| (d.id.clone(), d)).collect();
             state.store = Some(store);
         }
@@ -189,13 +212,17 @@ impl Hub {
             state: Mutex::new(State {
                 devices: BTreeMap::new(),
                 last_id,
+                fresh: true,
+                sender,
                 ring: VecDeque::with_capacity(ring_capacity),
                 store: None,
                 thresholds: Thresholds::default(),
                 watch: Watch::default(),
             }),
-            sender,
             ring_capacity,
+            client_queue,
+            broker: None,
+            degraded: Mutex::new(None),
             stale_wake: Notify::new(),
             history: None,
         }
@@ -212,7 +239,15 @@ impl Hub {
     /// or not, is a sign of life: it clears `stale` (an event of its own when
     /// nothing else changed), and its alerts are evaluated afresh.
     pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, ApplyError> {
-        let mut state = self.lock();
+        self.write(|state| self.apply_to(state, id, update))
+    }
+
+    fn apply_to(
+        &self,
+        state: &mut State,
+        id: &DeviceId,
+        update: &StatusUpdate,
+    ) -> Result<Applied, ApplyError> {
         let previous = state.devices.get(id);
         let mut device = previous.cloned().unwrap_or_else(|| Device::new(id.clone()));
         let reported_change = update.apply_to(&mut device)? || previous.is_none();
@@ -223,19 +258,37 @@ impl Hub {
         device.alerts = state.thresholds.alerts(&device);
         let changed = previous != Some(&device);
         let applied = if reported_change {
-            self.publish(&mut state, device)?
+            self.publish(state, device)?
         } else if changed {
             // Only `stale` (or the alerts) changed: the readings are as
             // old as they were, so `updated_at` stays.
-            self.publish_as_is(&mut state, device)?
+            self.publish_as_is(state, device)?
         } else {
             Applied {
                 id: state.last_id,
                 changed: false,
             }
         };
-        self.heard(&mut state, id, learn);
+        self.heard(state, id, learn);
         Ok(applied)
+    }
+
+    /// Runs a change on the state. In cluster mode, when another instance
+    /// published first, catches up with the cluster and runs it again, on
+    /// the newer state.
+    fn write<T, E: From<StoreError> + IsBehind>(
+        &self,
+        mut change: impl FnMut(&mut State) -> Result<T, E>,
+    ) -> Result<T, E> {
+        const ATTEMPTS: usize = 100;
+        let mut state = self.lock();
+        for _ in 0..ATTEMPTS {
+            match change(&mut state) {
+                Err(e) if e.is_behind() => self.catch_up(&mut state)?,
+                done => return done,
+            }
+        }
+        Err(StoreError::Broker("the cluster changed too fast to catch up with".into()).into())
     }
 
     /// Notes a sign of life from `id` now (see [`Watch::heard`]), and saves
@@ -261,7 +314,15 @@ impl Hub {
     /// its first report). Either way the device is no longer stale: a new
     /// link is a sign of life, and a lost one is news of its own.
     pub fn set_online(&self, id: &DeviceId, online: Online) -> Result<Applied, StoreError> {
-        let mut state = self.lock();
+        self.write(|state| self.set_online_in(state, id, online))
+    }
+
+    fn set_online_in(
+        &self,
+        state: &mut State,
+        id: &DeviceId,
+        online: Online,
+    ) -> Result<Applied, StoreError> {
         let device = match state.devices.get(id) {
             Some(d) if d.online == online => {
                 return Ok(Applied {
@@ -279,8 +340,8 @@ impl Hub {
                 ..Device::new(id.clone())
             },
         };
-        let applied = self.publish(&mut state, device)?;
-        self.heard(&mut state, id, false);
+        let applied = self.publish(state, device)?;
+        self.heard(state, id, false);
         Ok(applied)
     }
 
@@ -300,6 +361,32 @@ impl Hub {
         let json: Box<str> = serde_json::to_string(&StatusEvent::from(&device))
             .expect("a status always serializes")
             .into();
+        if let Some(broker) = &self.broker {
+            if let Some(reason) = self.degraded() {
+                return Err(StoreError::Broker(reason));
+            }
+            let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
+            // A failure is the caller's 503; whether the instance is
+            // degraded is for the follower, which watches Redis, to say.
+            let appended =
+                tokio::task::block_in_place(|| broker.append(state.last_id, &device.id, &json))?;
+            if appended == Append::Behind {
+                return Err(StoreError::Behind);
+            }
+        }
+        self.commit(state, id, device, json)?;
+        Ok(Applied { id, changed: true })
+    }
+
+    /// Makes event `id` (the next one) durable in the store, then this
+    /// hub's current state, and sends it to every subscriber.
+    fn commit(
+        &self,
+        state: &mut State,
+        id: EventId,
+        device: Device,
+        json: Box<str>,
+    ) -> Result<(), StoreError> {
         let State { store, devices, .. } = state;
         if let Some(store) = store {
             let fsyncs = store.fsyncs();
@@ -316,6 +403,7 @@ impl Hub {
             }
         }
         state.last_id = id;
+        state.fresh = false;
         let published = Arc::new(Published::new(id, device.id.clone(), json));
         state.devices.insert(device.id.clone(), device);
         if state.ring.len() == self.ring_capacity {
@@ -325,8 +413,8 @@ impl Hub {
             state.ring.push_back(published.clone());
         }
         // No receivers is fine: nobody is watching.
-        let _ = self.sender.send(published);
-        Ok(Applied { id, changed: true })
+        let _ = state.sender.send(published);
+        Ok(())
     }
 
     /// Starts alerts and staleness: the limits (the file's, plus those set
@@ -339,7 +427,8 @@ impl Hub {
         mut thresholds: Thresholds,
         policy: StalePolicy,
     ) -> Result<(), StoreError> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let mut intervals = Vec::new();
         if let Some(store) = &state.store {
             for (device, limits) in store.device_limits()? {
@@ -357,8 +446,11 @@ impl Hub {
         }
         let ids: Vec<DeviceId> = state.devices.keys().cloned().collect();
         for id in &ids {
-            self.heard(&mut state, id, false);
-            self.reevaluate(&mut state, id)?;
+            self.heard(state, id, false);
+        }
+        drop(guard);
+        for id in &ids {
+            self.write(|state| self.reevaluate(state, id))?;
         }
         Ok(())
     }
@@ -375,12 +467,14 @@ impl Hub {
         device: &DeviceId,
         limits: MetricLimits,
     ) -> Result<Applied, StoreError> {
-        let mut state = self.lock();
-        if let Some(store) = &mut state.store {
-            tokio::task::block_in_place(|| store.set_device_limits(device, &limits))?;
+        {
+            let mut state = self.lock();
+            if let Some(store) = &mut state.store {
+                tokio::task::block_in_place(|| store.set_device_limits(device, &limits))?;
+            }
+            state.thresholds.set_own(device.clone(), limits);
         }
-        state.thresholds.set_own(device.clone(), limits);
-        self.reevaluate(&mut state, device)
+        self.write(|state| self.reevaluate(state, device))
     }
 
     /// Every configured limit (`GET /api/thresholds`).
@@ -447,6 +541,15 @@ impl Hub {
                         .map(|d| humantime::format_duration(d).to_string())
                         .unwrap_or_default()
                 ),
+                Err(StoreError::Behind) => {
+                    // Another instance published first: catch up, then
+                    // look again at once (the device may have spoken).
+                    if let Err(e) = self.catch_up(state) {
+                        tracing::warn!("marking {id} stale: {e}");
+                    }
+                    next = Some(now);
+                    break;
+                }
                 Err(e) => {
                     tracing::error!("marking {id} stale: {e}");
                     let retry = now + RETRY;
@@ -489,7 +592,7 @@ impl Hub {
     /// a snapshot.
     pub fn subscribe(&self, last_seen: Option<EventId>, filter: &Filter) -> Subscription {
         let state = self.lock();
-        let events = self.sender.subscribe();
+        let events = state.sender.subscribe();
         let start = match last_seen {
             Some(seen)
                 if seen <= state.last_id && state.last_id - seen <= state.ring.len() as u64 =>
@@ -504,7 +607,7 @@ impl Hub {
                         .collect(),
                 )
             }
-            Some(seen) if seen <= state.last_id => match Self::replay_from_store(&state, seen) {
+            Some(seen) if seen <= state.last_id => match self.replay_from_store(&state, seen) {
                 Some(missed) => Start::Replay(
                     missed
                         .into_iter()
@@ -521,24 +624,32 @@ impl Hub {
 
     /// Every event after `seen`, from the store, if it holds them all (and
     /// they are not too many).
-    fn replay_from_store(state: &State, seen: EventId) -> Option<Vec<super::store::StoredEvent>> {
-        let store = state.store.as_ref()?;
+    /// In cluster mode, when this instance's store lacks some (it joined
+    /// later, or was away), they may still be in the cluster's stream.
+    fn replay_from_store(&self, state: &State, seen: EventId) -> Option<Vec<StoredEvent>> {
         let missed = state.last_id - seen;
         if missed > MAX_STORE_REPLAY {
             return None;
         }
-        let events = store
-            .events_between(seen, state.last_id)
-            .inspect_err(|e| {
-                tracing::warn!("replay from the store failed, sending a snapshot: {e}")
-            })
-            .ok()?;
         // Ids are contiguous, so a complete replay starts right after `seen`
         // and has one event per id; anything else means `seen` is older than
         // what is retained.
-        let complete =
-            events.len() as u64 == missed && events.first().is_none_or(|e| e.id == seen + 1);
-        complete.then_some(events)
+        let complete = |events: &Vec<StoredEvent>| {
+            events.len() as u64 == missed && events.first().is_none_or(|e| e.id == seen + 1)
+        };
+        if let Some(store) = &state.store {
+            match store.events_between(seen, state.last_id) {
+                Ok(events) if complete(&events) => return Some(events),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("replay from the store failed: {e}"),
+            }
+        }
+        let broker = self.broker.as_ref().filter(|_| self.degraded().is_none())?;
+        let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, mut events) =
+            tokio::task::block_in_place(|| broker.since(seen, missed as usize)).ok()?;
+        events.retain(|e| e.id <= state.last_id);
+        complete(&events).then_some(events)
     }
 
     /// One metric of one device over `from ..= to`, oldest first: the value
@@ -584,13 +695,225 @@ impl Hub {
 
     /// How many subscriptions are open right now.
     pub fn subscribers(&self) -> usize {
-        self.sender.receiver_count()
+        self.lock().sender.receiver_count()
+    }
+
+    /// Cluster mode: publish through `broker` (see
+    /// [`cluster`](super::cluster)). Until [`follow`](Self::follow) has
+    /// joined the cluster, the hub is degraded and refuses changes.
+    pub fn with_broker(mut self, broker: Broker) -> Self {
+        self.broker = Some(Mutex::new(broker));
+        *self.degraded.get_mut().unwrap_or_else(|e| e.into_inner()) =
+            Some("not yet joined to the cluster".into());
+        self
+    }
+
+    /// Cluster mode: why this instance cannot accept changes right now.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_degraded(&self, reason: Option<String>) {
+        let mut degraded = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*degraded, &reason) {
+            (None, Some(why)) => tracing::warn!("degraded: {why}"),
+            (Some(_), None) => tracing::info!("joined the cluster"),
+            _ => {}
+        }
+        *degraded = reason;
+    }
+
+    /// Catches up with the cluster on the publishing connection.
+    fn catch_up(&self, state: &mut State) -> Result<(), StoreError> {
+        let Some(broker) = &self.broker else {
+            return Ok(());
+        };
+        let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
+        tokio::task::block_in_place(|| self.sync(state, &mut broker))
+    }
+
+    /// Brings this hub level with the cluster: applies the events it
+    /// missed, or, when the stream no longer holds them all, adopts the
+    /// cluster's state. A Redis that holds less than this hub (new, or
+    /// restarted empty) is given this hub's state first.
+    fn sync(&self, state: &mut State, broker: &mut Broker) -> Result<(), StoreError> {
+        const BATCH: usize = 1024;
+        let head = broker.last_id()?;
+        if head.is_none_or(|h| h < state.last_id && !state.fresh) {
+            let devices: Vec<Device> = state.devices.values().cloned().collect();
+            let recent: Vec<StoredEvent> = state
+                .ring
+                .iter()
+                .map(|p| StoredEvent {
+                    id: p.id,
+                    device: p.device.clone(),
+                    json: p.json.to_string(),
+                })
+                .collect();
+            if broker.seed(state.last_id, &devices, &recent, state.fresh)? {
+                tracing::info!(
+                    "Redis held events up to {head:?} only: gave it this instance's state, \
+                     up to event {}",
+                    state.last_id
+                );
+                // This hub's ids are the cluster's now.
+                state.fresh = false;
+                return Ok(());
+            }
+        }
+        if state.fresh {
+            return self.adopt(state, broker);
+        }
+        loop {
+            let (head, events) = broker.since(state.last_id, BATCH)?;
+            let connects = match events.first() {
+                Some(first) => first.id == state.last_id + 1,
+                // Level, unless the stream lost what follows our last id.
+                None => head.is_none_or(|h| h <= state.last_id),
+            };
+            if !connects {
+                return self.adopt(state, broker);
+            }
+            if events.is_empty() {
+                return Ok(());
+            }
+            for event in events {
+                self.apply_remote(state, event)?;
+            }
+        }
+    }
+
+    /// Takes the cluster's state as this hub's. The events in between are
+    /// lost to this hub's subscribers, so they are all cut off: each client
+    /// reconnects and, its last id now unknown here, starts from a snapshot.
+    fn adopt(&self, state: &mut State, broker: &mut Broker) -> Result<(), StoreError> {
+        let (Some(head), devices) = broker.state()? else {
+            return Err(StoreError::Broker("Redis lost the cluster's state".into()));
+        };
+        if let Some(store) = &mut state.store {
+            tokio::task::block_in_place(|| store.adopt(head, &devices))?;
+        }
+        if !state.fresh {
+            tracing::warn!(
+                "fell behind the cluster's stream (had event {}, cluster at {head}): \
+                 took the cluster's state",
+                state.last_id
+            );
+        }
+        state.devices = devices.into_iter().map(|d| (d.id.clone(), d)).collect();
+        state.last_id = head;
+        state.fresh = false;
+        state.ring.clear();
+        state.sender = broadcast::channel(self.client_queue.max(1)).0;
+        let ids: Vec<DeviceId> = state.devices.keys().cloned().collect();
+        for id in &ids {
+            self.heard(state, id, false);
+        }
+        Ok(())
+    }
+
+    /// Applies an event of the cluster's, if it is the next one; one this
+    /// hub already has is skipped.
+    fn apply_remote(&self, state: &mut State, event: StoredEvent) -> Result<(), StoreError> {
+        if event.id <= state.last_id {
+            return Ok(());
+        }
+        if event.id != state.last_id + 1 {
+            return Err(StoreError::Behind);
+        }
+        let device = serde_json::from_str::<StatusEvent>(&event.json)
+            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?
+            .into_device();
+        let previous = state.devices.get(&device.id);
+        // As in `apply`: a report after a quiet spell teaches nothing.
+        let learn = previous.is_some_and(|p| {
+            !p.stale && p.online != Some(false) && p.updated_at != device.updated_at
+        });
+        let (id, spoke) = (device.id.clone(), !device.stale);
+        self.commit(state, event.id, device, event.json.into())?;
+        if spoke {
+            self.heard(state, &id, learn);
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: joins the cluster, then applies its events as they
+    /// come, until `shutdown`. Runs on a thread of its own (it blocks on
+    /// Redis). While Redis is unreachable the hub is degraded and this
+    /// retries, with backoff, catching up without a gap when it answers.
+    pub fn follow(&self, mut broker: Broker, shutdown: CancellationToken) {
+        const WAIT: Duration = Duration::from_millis(500);
+        const MAX_BACKOFF: Duration = Duration::from_secs(5);
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            // Ping first, outside the lock: while Redis is away, readers
+            // of this hub never wait on it.
+            let joined = broker.ping().and_then(|()| {
+                let mut state = self.lock();
+                self.sync(&mut state, &mut broker)
+            });
+            if let Err(e) = joined {
+                self.set_degraded(Some(why(&e)));
+                let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+                std::thread::sleep(backoff + Duration::from_millis(jitter));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+            self.set_degraded(None);
+            backoff = Duration::from_millis(100);
+            while !shutdown.is_cancelled() {
+                let after = self.lock().last_id;
+                let applied = broker.follow(after, 1024, WAIT).and_then(|events| {
+                    let mut state = self.lock();
+                    for event in events {
+                        match self.apply_remote(&mut state, event) {
+                            Err(StoreError::Behind) => return self.sync(&mut state, &mut broker),
+                            other => other?,
+                        }
+                    }
+                    Ok(())
+                });
+                if let Err(e) = applied {
+                    self.set_degraded(Some(why(&e)));
+                    break;
+                }
+            }
+        }
     }
 
     /// The current event id and number of devices.
     pub fn stats(&self) -> (EventId, usize) {
         let state = self.lock();
         (state.last_id, state.devices.len())
+    }
+}
+
+/// What went wrong with Redis, for `/healthz` and the errors of refused
+/// changes.
+fn why(e: &StoreError) -> String {
+    match e {
+        StoreError::Broker(reason) => reason.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// Whether an error only says another instance published first.
+trait IsBehind {
+    fn is_behind(&self) -> bool;
+}
+
+impl IsBehind for StoreError {
+    fn is_behind(&self) -> bool {
+        matches!(self, Self::Behind)
+    }
+}
+
+impl IsBehind for ApplyError {
+    fn is_behind(&self) -> bool {
+        matches!(self, Self::Store(StoreError::Behind))
     }
 }
 

@@ -3,6 +3,7 @@
 mod api;
 mod assets;
 pub mod auth;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 mod error;
@@ -149,6 +150,28 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     if memory_dir.is_none() {
         tracing::info!("data directory {}", dir.display());
     }
+    let hub = match &config.redis_url {
+        Some(url) => {
+            // Ten rings' worth: a client that reconnects to another
+            // instance after a while still resumes from the stream.
+            let broker = cluster::Broker::new(url, config.replay_capacity.saturating_mul(10))
+                .map_err(|e| std::io::Error::other(format!("--redis-url: {e}")))?;
+            let hub = Arc::new(hub.with_broker(broker.another()));
+            let (follower, stop) = (hub.clone(), shutdown.clone());
+            std::thread::Builder::new()
+                .name("cluster".into())
+                .spawn(move || follower.follow(broker, stop))?;
+            tracing::info!("cluster mode: events go through Redis");
+            // Join before taking any change, so this instance's first
+            // write is based on the cluster's state.
+            let joined = tokio::time::Instant::now() + Duration::from_secs(5);
+            while hub.degraded().is_some() && tokio::time::Instant::now() < joined {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            hub
+        }
+        None => Arc::new(hub),
+    };
     tokio::spawn(retention::run_every(
         retention,
         config.retention_interval,
@@ -163,8 +186,14 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             per_device: file.device_stale_after,
         },
     )
-    .map_err(|e| std::io::Error::other(format!("{}: {e}", dir.display())))?;
-    let hub = Arc::new(hub);
+    .or_else(|e| match e {
+        // Redis is away: the alerts are published once it is back.
+        store::StoreError::Broker(_) => {
+            tracing::warn!("alerts not re-evaluated: {e}");
+            Ok(())
+        }
+        e => Err(std::io::Error::other(format!("{}: {e}", dir.display()))),
+    })?;
     tokio::spawn(stale::run(hub.clone(), shutdown.clone()));
     let commands = Arc::new(Commands::new(
         hub.clone(),

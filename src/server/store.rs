@@ -41,6 +41,13 @@ pub enum StoreError {
         humantime::format_duration(std::time::Duration::from_millis(*.fits_step_ms as u64))
     )]
     TooManyPoints { limit: usize, fits_step_ms: i64 },
+    /// Cluster mode: Redis did not answer, so nothing was published.
+    #[error("the cluster's Redis is unreachable, so nothing was accepted; retry shortly ({0})")]
+    Broker(String),
+    /// Cluster mode: another instance published first. The hub catches up
+    /// and tries again; this never reaches a client.
+    #[error("this instance is behind the cluster")]
+    Behind,
 }
 
 /// One stored status event: its id, device and `StatusEvent` JSON.
@@ -294,23 +301,7 @@ impl Store {
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )?
         .execute(params![LAST_EVENT_ID, id as i64])?;
-        tx.prepare_cached(
-            "INSERT INTO devices (id, name, status_json, online, updated_at, stale, alerts_json)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (id) DO UPDATE SET name = excluded.name,
-                 status_json = excluded.status_json, online = excluded.online,
-                 updated_at = excluded.updated_at, stale = excluded.stale,
-                 alerts_json = excluded.alerts_json",
-        )?
-        .execute(params![
-            device.id.as_str(),
-            device.name,
-            serde_json::to_string(&device.status).expect("a status always serializes"),
-            device.online,
-            device.updated_at.to_rfc3339(),
-            device.stale,
-            serde_json::to_string(&device.alerts).expect("alerts always serialize"),
-        ])?;
+        save_device(&tx, device)?;
         {
             let mut reading = tx.prepare_cached(
                 "INSERT INTO readings (device, metric, ts, value) VALUES (?1, ?2, ?3, ?4)",
@@ -334,6 +325,25 @@ impl Store {
                 changed(name, Some(value), before)?;
             }
         }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Cluster mode: takes the cluster's state, as of event `last_id`, in
+    /// place of this store's devices. The events stay (history); the ones
+    /// in between are missing, which a replay notices.
+    pub fn adopt(&mut self, last_id: EventId, devices: &[Device]) -> Result<(), StoreError> {
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM devices", [])?;
+        for device in devices {
+            save_device(&tx, device)?;
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![LAST_EVENT_ID, last_id as i64],
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -461,6 +471,28 @@ impl Store {
 }
 
 /// A connection to the database at `path` with this crate's settings.
+/// Inserts or replaces `device`'s row.
+fn save_device(tx: &rusqlite::Transaction, device: &Device) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO devices (id, name, status_json, online, updated_at, stale, alerts_json)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (id) DO UPDATE SET name = excluded.name,
+             status_json = excluded.status_json, online = excluded.online,
+             updated_at = excluded.updated_at, stale = excluded.stale,
+             alerts_json = excluded.alerts_json",
+    )?
+    .execute(params![
+        device.id.as_str(),
+        device.name,
+        serde_json::to_string(&device.status).expect("a status always serializes"),
+        device.online,
+        device.updated_at.to_rfc3339(),
+        device.stale,
+        serde_json::to_string(&device.alerts).expect("alerts always serialize"),
+    ])
+    .map(drop)
+}
+
 fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     // Another writer (the retention task, or a second server on the same

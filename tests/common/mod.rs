@@ -46,7 +46,8 @@ where
 
 /// A running `telltale` process, killed when dropped.
 pub struct Server {
-    child: Child,
+    /// `None` for a [`front`](Self::front): another address of a server.
+    child: Option<Child>,
     pub addr: SocketAddr,
     pub base_url: String,
     pub token: String,
@@ -83,10 +84,35 @@ impl Server {
         Self::launch(extra, true).await
     }
 
+    /// Starts an instance of the cluster on `redis_url`, with no simulator.
+    /// Every instance a test process starts has the same tokens, so a
+    /// request may go to any of them.
+    pub async fn start_in_cluster(redis_url: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["--redis-url", redis_url];
+        args.extend(extra);
+        let pid = std::process::id();
+        Self::launch_as(
+            &args,
+            false,
+            format!("test-token-{pid}-cluster"),
+            format!("test-operator-{pid}-cluster"),
+        )
+        .await
+    }
+
     async fn launch(extra: &[&str], simulator: bool) -> Self {
         let n = SERVERS.fetch_add(1, Ordering::Relaxed);
         let token = format!("test-token-{}-{n}", std::process::id());
         let operator_token = format!("test-operator-{}-{n}", std::process::id());
+        Self::launch_as(extra, simulator, token, operator_token).await
+    }
+
+    async fn launch_as(
+        extra: &[&str],
+        simulator: bool,
+        token: String,
+        operator_token: String,
+    ) -> Self {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let log = Arc::new(Mutex::new(Vec::new()));
         let (child, addr) = spawn_server(
@@ -99,7 +125,7 @@ impl Server {
         )
         .await;
         Server {
-            child,
+            child: Some(child),
             addr,
             base_url: format!("http://{addr}"),
             token,
@@ -114,7 +140,12 @@ impl Server {
     /// Kills the server and starts it again on the same address, with the
     /// same tokens and options, and nothing of its state.
     pub async fn restart(&mut self) {
-        self.child.kill().await.expect("the server is killed");
+        self.child
+            .as_mut()
+            .expect("a server process")
+            .kill()
+            .await
+            .expect("the server is killed");
         let (child, addr) = spawn_server(
             &self.addr.to_string(),
             &self.token,
@@ -125,7 +156,23 @@ impl Server {
         )
         .await;
         assert_eq!(addr, self.addr);
-        self.child = child;
+        self.child = Some(child);
+    }
+
+    /// This server as reached through a proxy at `addr`: same tokens, no
+    /// process of its own.
+    pub fn front(&self, addr: SocketAddr) -> Server {
+        Server {
+            child: None,
+            addr,
+            base_url: format!("http://{addr}"),
+            token: self.token.clone(),
+            operator_token: self.operator_token.clone(),
+            client: self.client.clone(),
+            log: Arc::new(Mutex::new(Vec::new())),
+            extra: Vec::new(),
+            simulator: false,
+        }
     }
 
     /// The URL of `GET /api/ws`, for an agent.
@@ -315,7 +362,9 @@ impl Drop for Server {
         if std::thread::panicking() {
             eprintln!("--- telltale output ---\n{}\n---", self.output());
         }
-        let _ = self.child.start_kill();
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+        }
     }
 }
 
@@ -902,3 +951,150 @@ impl Ws {
 }
 
 pub use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// A private `redis-server` on a free port, for cluster tests: it keeps
+/// nothing on disk, and the test may stop and start it again.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Redis {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut redis = Redis { child: None, port };
+        redis.resume().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kills it: everything it held is gone.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("redis-server is killed");
+        }
+    }
+
+    /// Starts it (again, empty) on the same port; returns once it answers.
+    pub async fn resume(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server starts (apt-get install redis-server)");
+        self.child = Some(child);
+        let port = self.port;
+        within("redis-server to answer PING", async move {
+            loop {
+                if let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)).await {
+                    let mut pong = [0u8; 7];
+                    if tcp.write_all(b"PING\r\n").await.is_ok()
+                        && tcp.read_exact(&mut pong).await.is_ok()
+                        && &pong == b"+PONG\r\n"
+                    {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// nginx, configured by `tests/nginx/telltale.conf` (the example the README
+/// gives), in front of `upstreams`, on a free port.
+pub struct Nginx {
+    child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub async fn start(upstreams: &[SocketAddr]) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/nginx/telltale.conf"
+        ))
+        .expect("the nginx example");
+        let servers: String = upstreams
+            .iter()
+            .map(|a| format!("    server {a} max_fails=1 fail_timeout=2s;\n"))
+            .collect();
+        let mut site = String::new();
+        let mut listed = false;
+        for line in example.lines() {
+            if line.trim_start().starts_with("server 127.0.0.1:") {
+                if !std::mem::replace(&mut listed, true) {
+                    site.push_str(&servers);
+                }
+            } else if line.trim() == "listen 8080;" {
+                site.push_str(&format!("    listen 127.0.0.1:{port};\n"));
+            } else {
+                site.push_str(line);
+                site.push('\n');
+            }
+        }
+        assert!(listed, "the example lists its upstream servers");
+        // Readable by nginx's workers (`nobody` when started as root).
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("the directory is readable");
+        let d = dir.path().display();
+        let main = format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             {site}\n}}\n"
+        );
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(&conf, main).expect("nginx.conf is written");
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nginx starts (apt-get install nginx)");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        within("nginx to listen", async {
+            while TcpStream::connect(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        Nginx {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}

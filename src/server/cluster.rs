@@ -1,0 +1,350 @@
+//! Cluster mode (`--redis-url`): several instances share one event stream
+//! and one device state through Redis.
+//!
+//! The design, in three keys:
+//! - `telltale:last_id` — the newest event id of the cluster;
+//! - `telltale:devices` — a hash of device id → its current `StatusEvent`
+//!   JSON (the shared state a new or recovering instance starts from);
+//! - `telltale:events` — a Redis Stream of every event, whose entry id is
+//!   `<event id>-0`, trimmed to about `--replay-capacity` × 16 entries.
+//!
+//! An instance publishes with one Lua script that appends event
+//! `expected + 1` only if the cluster's newest id is still `expected`, the
+//! newest id this instance has applied. So an instance only ever writes a
+//! state computed from the complete history, ids are global, contiguous and
+//! the same on every instance, and no two instances can interleave half of
+//! a change. When another instance published first, the script answers
+//! "behind": the hub catches up from the stream and computes its change
+//! again (see [`Hub`](super::hub::Hub)).
+//!
+//! Every instance reads the stream ([`follow`]) and applies each event to
+//! its own hub (and its own store) in id order, then fans it out to its own
+//! SSE and WebSocket clients: Redis carries each event once per instance,
+//! never once per viewer.
+//!
+//! While Redis is unreachable, an instance keeps serving what it has, says
+//! `degraded` on `/healthz`, and refuses writes with 503 (a write needs the
+//! next global id, which only Redis gives; an id made up locally would
+//! clash with another instance's). A write is acknowledged only once Redis
+//! has it, so refusing loses nothing acknowledged. When Redis comes back
+//! empty (it keeps nothing on disk), the instance that has seen the newest
+//! event puts its state and recent events back ([`Broker::seed`]); the
+//! others catch up from there.
+
+use super::store::{StoreError, StoredEvent};
+use crate::model::{Device, DeviceId, EventId, StatusEvent};
+use redis::{Client, Connection, Script, Value};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+const LAST_ID: &str = "telltale:last_id";
+const DEVICES: &str = "telltale:devices";
+const EVENTS: &str = "telltale:events";
+
+/// How long connecting, or any one command, may take before Redis counts
+/// as unreachable.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Publishes an event if the cluster's newest id is still the expected one.
+/// KEYS: last_id, devices, events. ARGV: expected id, new id (expected + 1,
+/// computed in Rust: the script only compares strings, so no id passes
+/// through Lua's doubles), device id, event JSON, max stream length.
+/// Returns 1, or the cluster's newest id when it is not the expected one.
+const APPEND: &str = r"
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return cur end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', 'd', ARGV[3], 'j', ARGV[4])
+return 1
+";
+
+/// Puts an instance's state into a Redis that has less than it (new, or
+/// restarted empty). KEYS as APPEND. ARGV: the instance's newest id, max
+/// stream length, '1' when the instance is new itself (it then only starts
+/// a new cluster, never overrides one), the number of devices, then
+/// (device, JSON) pairs, then (id, device, JSON) triples of its recent
+/// events, oldest first. Only events newer than what the stream holds are
+/// added.
+const SEED: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur and (ARGV[3] == '1' or tonumber(cur) >= tonumber(ARGV[1])) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+local n = tonumber(ARGV[4])
+for i = 0, n - 1 do
+  redis.call('HSET', KEYS[2], ARGV[5 + 2 * i], ARGV[6 + 2 * i])
+end
+local top = tonumber(cur or '0')
+local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+if #newest > 0 then top = math.max(top, tonumber(string.match(newest[1][1], '^(%d+)'))) end
+local i = 5 + 2 * n
+while i + 2 <= #ARGV do
+  if tonumber(ARGV[i]) > top then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], ARGV[i] .. '-0', 'd', ARGV[i + 1], 'j', ARGV[i + 2])
+  end
+  i = i + 3
+end
+return 1
+";
+
+/// What [`Broker::append`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Append {
+    Done,
+    /// Another instance published first: the cluster is further on.
+    Behind,
+}
+
+/// One connection to Redis (reconnected on the next call after a failure).
+pub struct Broker {
+    client: Client,
+    conn: Option<Connection>,
+    /// How many events the stream keeps (approximately, at least).
+    max_len: usize,
+}
+
+static APPEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(APPEND));
+static SEED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SEED));
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        Self::Broker(e.to_string())
+    }
+}
+
+impl Broker {
+    /// A broker for `url` (`redis://host:port/db`); connects on first use.
+    pub fn new(url: &str, max_len: usize) -> Result<Self, StoreError> {
+        Ok(Self {
+            client: Client::open(url)?,
+            conn: None,
+            max_len: max_len.max(1),
+        })
+    }
+
+    /// A second broker on the same Redis, with its own connection.
+    pub fn another(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            conn: None,
+            max_len: self.max_len,
+        }
+    }
+
+    /// Runs `f` on the connection, connecting first when there is none. A
+    /// failed call drops the connection; when it was an old connection
+    /// that broke (Redis restarted since), `f` runs once more on a new one.
+    /// That is safe for every call here: reads, and scripts that check the
+    /// cluster's newest id before they write.
+    fn with<T>(
+        &mut self,
+        read_timeout: Duration,
+        mut f: impl FnMut(&mut Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut retried = false;
+        loop {
+            let reused = self.conn.is_some();
+            let conn = match &mut self.conn {
+                Some(conn) => conn,
+                None => {
+                    let conn = self.client.get_connection_with_timeout(TIMEOUT)?;
+                    conn.set_write_timeout(Some(TIMEOUT))?;
+                    self.conn.insert(conn)
+                }
+            };
+            match conn
+                .set_read_timeout(Some(read_timeout))
+                .and_then(|()| f(conn))
+            {
+                Ok(value) => return Ok(value),
+                Err(e) => {
+                    self.conn = None;
+                    let broken = e.is_io_error() || e.is_connection_dropped();
+                    if !(reused && broken) || std::mem::replace(&mut retried, true) {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks that Redis answers.
+    pub fn ping(&mut self) -> Result<(), StoreError> {
+        self.with(TIMEOUT, |c| redis::cmd("PING").query::<String>(c).map(drop))
+    }
+
+    /// The cluster's newest event id, `None` for a Redis that holds none.
+    pub fn last_id(&mut self) -> Result<Option<EventId>, StoreError> {
+        let id: Option<String> = self.with(TIMEOUT, |c| redis::cmd("GET").arg(LAST_ID).query(c))?;
+        id.map(|s| parse_id(&s)).transpose()
+    }
+
+    /// Publishes `device`'s new state as event `expected + 1`, if the
+    /// cluster's newest id is still `expected`.
+    pub fn append(
+        &mut self,
+        expected: EventId,
+        device: &DeviceId,
+        json: &str,
+    ) -> Result<Append, StoreError> {
+        let max_len = self.max_len;
+        let reply: Value = self.with(TIMEOUT, |c| {
+            APPEND_SCRIPT
+                .key(LAST_ID)
+                .key(DEVICES)
+                .key(EVENTS)
+                .arg(expected.to_string())
+                .arg((expected + 1).to_string())
+                .arg(device.as_str())
+                .arg(json)
+                .arg(max_len)
+                .invoke(c)
+        })?;
+        Ok(match reply {
+            Value::Int(1) => Append::Done,
+            _ => Append::Behind,
+        })
+    }
+
+    /// Puts `last_id`, `devices` and the `recent` events into Redis if it
+    /// holds an older id (or none). Returns whether it did.
+    pub fn seed(
+        &mut self,
+        last_id: EventId,
+        devices: &[Device],
+        recent: &[StoredEvent],
+        new: bool,
+    ) -> Result<bool, StoreError> {
+        let max_len = self.max_len;
+        let seeded: i64 = self.with(TIMEOUT, |c| {
+            let mut call = SEED_SCRIPT.key(LAST_ID);
+            call.key(DEVICES).key(EVENTS);
+            call.arg(last_id.to_string())
+                .arg(max_len)
+                .arg(if new { "1" } else { "0" })
+                .arg(devices.len());
+            for d in devices {
+                call.arg(d.id.as_str())
+                    .arg(serde_json::to_string(&StatusEvent::from(d)).expect("serializes"));
+            }
+            for e in recent {
+                call.arg(e.id.to_string())
+                    .arg(e.device.as_str())
+                    .arg(&e.json);
+            }
+            call.invoke(c)
+        })?;
+        Ok(seeded == 1)
+    }
+
+    /// Every device of the cluster, at [`last_id`](Self::last_id) (read both
+    /// in one transaction so they agree).
+    pub fn state(&mut self) -> Result<(Option<EventId>, Vec<Device>), StoreError> {
+        let (id, devices): (Option<String>, Vec<(String, String)>) = self.with(TIMEOUT, |c| {
+            redis::pipe()
+                .atomic()
+                .cmd("GET")
+                .arg(LAST_ID)
+                .cmd("HGETALL")
+                .arg(DEVICES)
+                .query(c)
+        })?;
+        let id = id.map(|s| parse_id(&s)).transpose()?;
+        let devices = devices
+            .into_iter()
+            .map(|(key, json)| {
+                serde_json::from_str::<StatusEvent>(&json)
+                    .map(StatusEvent::into_device)
+                    .map_err(|e| StoreError::Corrupt(format!("{DEVICES} {key}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok((id, devices))
+    }
+
+    /// Up to `count` events after `after`, oldest first, from the stream,
+    /// and the cluster's newest id at that moment (read together, so an
+    /// empty answer with a newer id means the stream lost events).
+    pub fn since(
+        &mut self,
+        after: EventId,
+        count: usize,
+    ) -> Result<(Option<EventId>, Vec<StoredEvent>), StoreError> {
+        type Entries = Vec<(String, Vec<String>)>;
+        let (head, entries): (Option<String>, Entries) = self.with(TIMEOUT, |c| {
+            redis::pipe()
+                .atomic()
+                .cmd("GET")
+                .arg(LAST_ID)
+                .cmd("XRANGE")
+                .arg(EVENTS)
+                .arg(format!("{}-0", after + 1))
+                .arg("+")
+                .arg("COUNT")
+                .arg(count)
+                .query(c)
+        })?;
+        Ok((
+            head.map(|h| parse_id(&h)).transpose()?,
+            entries
+                .into_iter()
+                .map(parse_entry)
+                .collect::<Result<_, _>>()?,
+        ))
+    }
+
+    /// Waits up to `block` for events after `after` (at most `count`).
+    pub fn follow(
+        &mut self,
+        after: EventId,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        type Reply = Option<Vec<(String, Vec<(String, Vec<String>)>)>>;
+        let reply: Reply = self.with(block + TIMEOUT, |c| {
+            redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(count)
+                .arg("BLOCK")
+                .arg(block.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(EVENTS)
+                .arg(format!("{after}-0"))
+                .query(c)
+        })?;
+        reply
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, entries)| entries)
+            .map(parse_entry)
+            .collect()
+    }
+}
+
+fn parse_id(s: &str) -> Result<EventId, StoreError> {
+    s.parse()
+        .map_err(|_| StoreError::Corrupt(format!("{LAST_ID} holds {s:?}, not an event id")))
+}
+
+/// A stream entry `<id>-0` with fields `d` (device) and `j` (JSON).
+fn parse_entry((id, fields): (String, Vec<String>)) -> Result<StoredEvent, StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("{EVENTS} entry {id}"));
+    let event_id = id
+        .strip_suffix("-0")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(corrupt)?;
+    let mut device = None;
+    let mut json = None;
+    for pair in fields.chunks_exact(2) {
+        match pair[0].as_str() {
+            "d" => device = DeviceId::parse(&pair[1]).ok(),
+            "j" => json = Some(pair[1].clone()),
+            _ => {}
+        }
+    }
+    Ok(StoredEvent {
+        id: event_id,
+        device: device.ok_or_else(corrupt)?,
+        json: json.ok_or_else(corrupt)?,
+    })
+}

@@ -1,0 +1,296 @@
+#![cfg(feature = "ssr")]
+//! Cluster mode: several instances on one Redis (a private `redis-server`
+//! per test) share one stream, one set of event ids and one state.
+
+mod common;
+
+use common::{Nginx, Redis, Server, SseStream, eventually, within};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+async fn instances(redis: &Redis, n: usize) -> Vec<Server> {
+    let mut servers = Vec::new();
+    for _ in 0..n {
+        servers.push(Server::start_in_cluster(&redis.url(), &[]).await);
+    }
+    servers
+}
+
+/// The next `n` status events of `stream`, as (id, device, temperature).
+async fn statuses(stream: &mut SseStream, n: usize) -> Vec<(u64, String, f64)> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let record = stream.expect_status().await;
+        let data = record.json();
+        seen.push((
+            record.id(),
+            data["device"].as_str().unwrap().to_owned(),
+            data["status"]["temperature"].as_f64().unwrap(),
+        ));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_on_one_instance_reaches_every_client_of_every_instance_once_in_order() {
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 3).await;
+    let mut streams = Vec::new();
+    let mut viewers = Vec::new();
+    let mut start = None;
+    for server in &servers {
+        let mut stream = server.sse("").await;
+        let snapshot = stream.expect_start().await;
+        // The instances agree on where the cluster is.
+        assert_eq!(*start.get_or_insert(snapshot.id), snapshot.id);
+        streams.push(stream);
+        let mut viewer = server.viewer().await;
+        viewer.send(&json!({"type": "subscribe"})).await;
+        assert_eq!(viewer.expect("snapshot").await["id"], json!(snapshot.id));
+        viewers.push(viewer);
+    }
+    // Posts to every instance in turn, some concurrently.
+    let mut posted = Vec::new();
+    for round in 0..10 {
+        let posts = servers.iter().enumerate().map(|(i, server)| async move {
+            let temp = f64::from(round * 10 + i as u32);
+            let answer = server
+                .post_status(&format!("dev-{i}"), &json!({ "temperature": temp }))
+                .await;
+            assert!(answer.changed);
+            (answer.id, format!("dev-{i}"), temp)
+        });
+        posted.extend(futures::future::join_all(posts).await);
+    }
+    posted.sort_by_key(|p| p.0);
+    let first = start.unwrap() + 1;
+    let ids: Vec<u64> = posted.iter().map(|p| p.0).collect();
+    assert_eq!(
+        ids,
+        (first..first + 30).collect::<Vec<_>>(),
+        "global ids, one per change, no gap"
+    );
+    for stream in &mut streams {
+        assert_eq!(statuses(stream, 30).await, posted);
+    }
+    for viewer in &mut viewers {
+        for (id, device, temp) in &posted {
+            let status = viewer.expect("status").await;
+            assert_eq!(status["id"], json!(id));
+            assert_eq!(status["data"]["device"], json!(device));
+            assert_eq!(status["data"]["status"]["temperature"], json!(temp));
+        }
+    }
+    // The same state everywhere.
+    let (_, reference) = servers[0].get_json("/api/devices").await;
+    for server in &servers[1..] {
+        assert_eq!(server.get_json("/api/devices").await.1, reference);
+    }
+    assert_eq!(reference["event_id"], json!(first + 29));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_of_a_killed_instance_resumes_on_another_without_gap_or_duplicate() {
+    let redis = Redis::start().await;
+    let mut servers = instances(&redis, 2).await;
+    let survivor = servers.pop().unwrap();
+    let doomed = servers.pop().unwrap();
+    let mut stream = doomed.sse("").await;
+    stream.expect_start().await;
+    for i in 0..5 {
+        doomed
+            .post_status("probe", &json!({ "temperature": f64::from(i) }))
+            .await;
+    }
+    let seen = statuses(&mut stream, 5).await;
+    let last_seen = seen.last().unwrap().0;
+    drop(stream);
+    drop(doomed);
+    let mut missed = Vec::new();
+    for i in 5..12 {
+        let temp = f64::from(i);
+        let id = survivor
+            .post_status("probe", &json!({ "temperature": temp }))
+            .await
+            .id;
+        missed.push((id, "probe".to_owned(), temp));
+    }
+    let mut resumed = survivor
+        .sse_with("", &[("last-event-id", &last_seen.to_string())])
+        .await;
+    resumed.expect_retry().await;
+    assert_eq!(statuses(&mut resumed, missed.len()).await, missed);
+    assert_eq!(missed[0].0, last_seen + 1);
+}
+
+/// Posts a new temperature to one of `servers` in turn until `stop`;
+/// returns every acknowledged (id, device, temperature) and how many posts
+/// were refused with 503.
+async fn publish_until(
+    servers: &[Server],
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> (Vec<(u64, String, f64)>, usize) {
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for i in 0u32.. {
+        if *stop.borrow() {
+            break;
+        }
+        let server = &servers[i as usize % servers.len()];
+        let device = format!("load-{}", i % 3);
+        let temp = f64::from(i);
+        let (status, body) = server
+            .try_post_status(&device, &json!({ "temperature": temp }))
+            .await;
+        match status {
+            StatusCode::OK => acked.push((body["id"].as_u64().unwrap(), device, temp)),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(
+                    body["error"].as_str().unwrap().contains("Redis"),
+                    "a refusal says why: {body}"
+                );
+                refused += 1;
+            }
+            other => panic!("POST answered {other}: {body}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    (acked, refused)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_going_away_loses_no_acknowledged_update() {
+    let mut redis = Redis::start().await;
+    let servers = instances(&redis, 2).await;
+    let start = servers[0].healthz().await["event_id"].as_u64().unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = async {
+        let servers = &servers;
+        let (acked, refused) = publish_until(servers, stopped).await;
+        (acked, refused)
+    };
+    let outage = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // Redis dies, losing all it held, and comes back empty.
+        redis.stop().await;
+        for server in &servers {
+            eventually("the instance to say it is degraded", || async {
+                let (status, body) = server.get_json("/healthz").await;
+                status == StatusCode::SERVICE_UNAVAILABLE && body["status"] == "degraded"
+            })
+            .await;
+        }
+        // Reading goes on from the last known state.
+        let (status, devices) = servers[1].get_json("/api/devices").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!devices["devices"].as_array().unwrap().is_empty());
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        redis.resume().await;
+        for server in &servers {
+            eventually("the instance to rejoin", || async {
+                server.get_json("/healthz").await.0 == StatusCode::OK
+            })
+            .await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        stop.send(true).unwrap();
+    };
+    let ((acked, refused), ()) = tokio::join!(load, outage);
+    assert!(refused > 0, "writes during the outage are refused");
+    assert!(
+        acked.len() > 20,
+        "only {} updates went through",
+        acked.len()
+    );
+    let last = acked.iter().map(|a| a.0).max().unwrap();
+    // Every instance holds every acknowledged update, under its id.
+    for server in &servers {
+        let mut stream = server
+            .sse_with("", &[("last-event-id", &start.to_string())])
+            .await;
+        stream.expect_retry().await;
+        let mut events = BTreeMap::new();
+        within("the replay up to the last acknowledged id", async {
+            while events.last_key_value().is_none_or(|(id, _)| *id < last) {
+                let record = stream.expect_status().await;
+                let data: Value = record.json();
+                events.insert(
+                    record.id(),
+                    (
+                        data["device"].as_str().unwrap().to_owned(),
+                        data["status"]["temperature"].as_f64().unwrap(),
+                    ),
+                );
+            }
+        })
+        .await;
+        for (id, device, temp) in &acked {
+            assert_eq!(
+                events.get(id),
+                Some(&(device.clone(), *temp)),
+                "acknowledged event {id} missing on {}",
+                server.base_url
+            );
+        }
+    }
+    // And both agree on the current state.
+    assert_eq!(
+        servers[0].get_json("/api/devices").await.1,
+        servers[1].get_json("/api/devices").await.1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn through_nginx_clients_see_every_change_once_and_outlive_an_instance() {
+    let redis = Redis::start().await;
+    let mut servers = instances(&redis, 3).await;
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let nginx = Nginx::start(&addrs).await;
+    let front = servers[0].front(nginx.addr);
+    let mut stream = front.sse("").await;
+    let start = stream.expect_start().await.id;
+    let mut viewer = front.viewer().await;
+    viewer.send(&json!({"type": "subscribe"})).await;
+    viewer.expect("snapshot").await;
+    let post = |i: u32| {
+        let front = &front;
+        async move {
+            let temp = f64::from(i);
+            let id = front
+                .post_status("front", &json!({ "temperature": temp }))
+                .await
+                .id;
+            (id, "front".to_owned(), temp)
+        }
+    };
+    let mut posted = Vec::new();
+    for i in 0..9 {
+        posted.push(post(i).await);
+    }
+    // Round robin spread the posts over the instances; the ids still follow
+    // one another, and every client sees each change once, in order.
+    let ids: Vec<u64> = posted.iter().map(|p| p.0).collect();
+    assert_eq!(ids, (start + 1..=start + 9).collect::<Vec<_>>());
+    assert_eq!(statuses(&mut stream, 9).await, posted);
+    for (id, _, temp) in &posted {
+        let status = viewer.expect("status").await;
+        assert_eq!(status["id"], json!(id));
+        assert_eq!(status["data"]["status"]["temperature"], json!(temp));
+    }
+    // An instance dies: nginx sends what follows to the others, and a
+    // client resumes from its last id wherever it lands.
+    let last_seen = posted.last().unwrap().0;
+    drop(stream);
+    drop(servers.remove(0));
+    let mut missed = Vec::new();
+    for i in 9..15 {
+        missed.push(post(i).await);
+    }
+    let mut resumed = front
+        .sse_with("", &[("last-event-id", &last_seen.to_string())])
+        .await;
+    resumed.expect_retry().await;
+    assert_eq!(statuses(&mut resumed, missed.len()).await, missed);
+    assert_eq!(missed[0].0, last_seen + 1);
+}
