@@ -293,4 +293,95 @@ async fn through_nginx_clients_see_every_change_once_and_outlive_an_instance() {
     resumed.expect_retry().await;
     assert_eq!(statuses(&mut resumed, missed.len()).await, missed);
     assert_eq!(missed[0].0, last_seen + 1);
+    // An operator and an agent, each wherever nginx sends them: the command
+    // goes through, and its result comes back.
+    let mut agent = front.agent("relay").await;
+    let mut operator = front.operator().await;
+    operator
+        .send(&json!({"type": "command", "device": "relay",
+                      "set": {"power_on": true}, "request_id": "n-1"}))
+        .await;
+    assert_eq!(operator.expect("ack").await["request_id"], "n-1");
+    let command = agent.expect("command").await;
+    agent
+        .send(
+            &json!({"type": "result", "request_id": command["request_id"],
+                      "outcome": "applied"}),
+        )
+        .await;
+    assert_eq!(operator.expect("result").await["outcome"], "applied");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_on_one_instance_reaches_the_agent_on_another_and_its_result_comes_back() {
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 2).await;
+    let (near, far) = (&servers[0], &servers[1]);
+    let mut agent = far.agent("lamp").await;
+    agent
+        .send(&json!({"type": "status", "device": "lamp", "update": {"power_on": true}}))
+        .await;
+    eventually("the agent's report on the other instance", || async {
+        near.device("lamp")
+            .await
+            .is_some_and(|d| d["status"]["power_on"] == true && d["online"] == true)
+    })
+    .await;
+    let mut operator = near.operator().await;
+    for (i, apply) in [(1, true), (2, false)] {
+        let request_id = format!("r-{i}");
+        operator
+            .send(&json!({"type": "command", "device": "lamp",
+                          "set": {"power_on": false}, "request_id": request_id}))
+            .await;
+        assert_eq!(
+            operator.expect("ack").await["request_id"],
+            json!(request_id)
+        );
+        let command = agent.expect("command").await;
+        assert_eq!(command["set"], json!({"power_on": false}));
+        if apply {
+            agent
+                .send(&json!({"type": "status", "device": "lamp",
+                              "update": {"power_on": false}}))
+                .await;
+        }
+        agent
+            .send(
+                &json!({"type": "result", "request_id": command["request_id"],
+                          "outcome": if apply { "applied" } else { "failed" },
+                          "reason": if apply { Value::Null } else { json!("relay stuck") }}),
+            )
+            .await;
+        let result = operator.expect("result").await;
+        assert_eq!(result["request_id"], json!(request_id));
+        if apply {
+            assert_eq!(result["outcome"], "applied", "{result}");
+            assert_eq!(
+                near.device("lamp").await.unwrap()["status"]["power_on"],
+                false
+            );
+        } else {
+            assert_eq!(result["outcome"], "failed", "{result}");
+            assert_eq!(result["reason"], "relay stuck");
+        }
+    }
+    // Once the agent is gone, a command fails at once, from either side.
+    drop(agent);
+    eventually("the agent's departure on the other instance", || async {
+        near.device("lamp")
+            .await
+            .is_some_and(|d| d["online"] == false)
+    })
+    .await;
+    operator
+        .send(&json!({"type": "command", "device": "lamp",
+                      "set": {"power_on": true}, "request_id": "r-3"}))
+        .await;
+    let result = operator.expect("result").await;
+    assert_eq!(result["outcome"], "failed");
+    assert!(
+        result["reason"].as_str().unwrap().contains("no agent"),
+        "{result}"
+    );
 }

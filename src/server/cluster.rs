@@ -30,16 +30,59 @@
 //! empty (it keeps nothing on disk), the instance that has seen the newest
 //! event puts its state and recent events back ([`Broker::seed`]); the
 //! others catch up from there.
+//!
+//! Commands cross instances the same way: `telltale:agents` maps each
+//! device to the instance its agent is connected to; a command for a device
+//! whose agent is elsewhere is published on that instance's channel
+//! `telltale:commands:<instance>`, and the result comes back on the
+//! sender's ([`Relay`]).
 
 use super::store::{StoreError, StoredEvent};
 use crate::model::{Device, DeviceId, EventId, StatusEvent};
+use crate::protocol::{CommandSet, Outcome};
 use redis::{Client, Connection, Script, Value};
+use serde::{Deserialize, Serialize};
 use std::sync::LazyLock;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 const LAST_ID: &str = "telltale:last_id";
 const DEVICES: &str = "telltale:devices";
 const EVENTS: &str = "telltale:events";
+const AGENTS: &str = "telltale:agents";
+
+/// The channel an instance receives its [`Relay`]s on.
+fn inbox(instance: &str) -> String {
+    format!("telltale:commands:{instance}")
+}
+
+/// A message between instances about a command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Relay {
+    /// For the instance the device's agent is connected to.
+    Command {
+        from: String,
+        request_id: String,
+        device: DeviceId,
+        set: CommandSet,
+    },
+    /// Back to the instance the command came from.
+    Result {
+        request_id: String,
+        outcome: Outcome,
+        reason: Option<String>,
+    },
+}
+
+/// Removes a device's agent entry only if it is still this instance's.
+const RELEASE: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+";
+static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
 
 /// How long connecting, or any one command, may take before Redis counts
 /// as unreachable.
@@ -324,6 +367,94 @@ impl Broker {
 fn parse_id(s: &str) -> Result<EventId, StoreError> {
     s.parse()
         .map_err(|_| StoreError::Corrupt(format!("{LAST_ID} holds {s:?}, not an event id")))
+}
+
+impl Broker {
+    /// Notes that `device`'s agent is connected to `instance`.
+    pub fn claim_agent(&mut self, device: &DeviceId, instance: &str) -> Result<(), StoreError> {
+        self.with(TIMEOUT, |c| {
+            redis::cmd("HSET")
+                .arg(AGENTS)
+                .arg(device.as_str())
+                .arg(instance)
+                .query::<i64>(c)
+                .map(drop)
+        })
+    }
+
+    /// Forgets `device`'s agent, if it is still `instance`'s.
+    pub fn release_agent(&mut self, device: &DeviceId, instance: &str) -> Result<(), StoreError> {
+        self.with(TIMEOUT, |c| {
+            RELEASE_SCRIPT
+                .key(AGENTS)
+                .arg(device.as_str())
+                .arg(instance)
+                .invoke::<i64>(c)
+                .map(drop)
+        })
+    }
+
+    /// The instance `device`'s agent is connected to, if any.
+    pub fn agent_of(&mut self, device: &DeviceId) -> Result<Option<String>, StoreError> {
+        self.with(TIMEOUT, |c| {
+            redis::cmd("HGET").arg(AGENTS).arg(device.as_str()).query(c)
+        })
+    }
+
+    /// Sends `relay` to `instance`; returns whether it is listening.
+    pub fn relay(&mut self, instance: &str, relay: &Relay) -> Result<bool, StoreError> {
+        let payload = serde_json::to_string(relay).expect("a relay serializes");
+        let receivers: i64 = self.with(TIMEOUT, |c| {
+            redis::cmd("PUBLISH")
+                .arg(inbox(instance))
+                .arg(&payload)
+                .query(c)
+        })?;
+        Ok(receivers > 0)
+    }
+
+    /// Receives the relays for `instance`, handing each to `deliver`, until
+    /// `shutdown`; reconnects with backoff. `subscribed` runs each time the
+    /// subscription is (re)made: Redis may have lost everything meanwhile.
+    pub fn listen(
+        &self,
+        instance: &str,
+        deliver: impl Fn(Relay),
+        subscribed: impl Fn(),
+        shutdown: &CancellationToken,
+    ) {
+        const WAIT: Duration = Duration::from_millis(500);
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let listened = (|| -> redis::RedisResult<()> {
+                let mut conn = self.client.get_connection_with_timeout(TIMEOUT)?;
+                let mut pubsub = conn.as_pubsub();
+                pubsub.subscribe(inbox(instance))?;
+                pubsub.set_read_timeout(Some(WAIT))?;
+                subscribed();
+                backoff = Duration::from_millis(100);
+                while !shutdown.is_cancelled() {
+                    match pubsub.get_message() {
+                        Ok(message) => {
+                            let payload: String = message.get_payload()?;
+                            match serde_json::from_str(&payload) {
+                                Ok(relay) => deliver(relay),
+                                Err(e) => tracing::warn!("a relay that does not read: {e}"),
+                            }
+                        }
+                        Err(e) if e.is_timeout() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = listened {
+                tracing::debug!("the command relay lost Redis: {e}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// A stream entry `<id>-0` with fields `d` (device) and `j` (JSON).

@@ -18,7 +18,12 @@
 //!
 //! The simulator registers its devices here like any agent; the WebSocket
 //! and `POST /api/devices/{id}/commands` dispatch through the same path.
+//!
+//! In cluster mode, a command for a device whose agent is connected to
+//! another instance is relayed there through Redis ([`Relay`]), and its
+//! result comes back to the ticket here: the caller cannot tell.
 
+use super::cluster::{Broker, Relay};
 use super::hub::Hub;
 use crate::model::DeviceId;
 use crate::protocol::{CommandSet, Outcome};
@@ -62,6 +67,8 @@ pub enum Refused {
     NoAgent(DeviceId),
     #[error("the agent of device `{0}` has too many commands queued")]
     Busy(DeviceId),
+    #[error("the agent of device `{0}` is on another instance, which cannot be reached now")]
+    Unreachable(DeviceId),
 }
 
 /// A connected agent's end: its commands, and the signal that it was replaced.
@@ -78,7 +85,17 @@ pub struct Commands {
     timeout: Duration,
     queue: usize,
     state: Mutex<State>,
+    cluster: Option<Cluster>,
 }
+
+/// Cluster mode: this instance's name and its connection for relays.
+struct Cluster {
+    instance: String,
+    broker: Mutex<Broker>,
+}
+
+/// The generation of a command relayed to another instance.
+const RELAYED: u64 = u64::MAX;
 
 #[derive(Default)]
 struct State {
@@ -125,6 +142,97 @@ impl Commands {
             timeout,
             queue: queue.max(1),
             state: Mutex::new(State::default()),
+            cluster: None,
+        }
+    }
+
+    /// Cluster mode: agents are announced, and commands relayed, through
+    /// `broker`, as `instance`. Start [`listen`](Self::listen) too.
+    pub fn with_cluster(mut self, broker: Broker, instance: String) -> Self {
+        self.cluster = Some(Cluster {
+            instance,
+            broker: Mutex::new(broker),
+        });
+        self
+    }
+
+    /// Cluster mode: runs `f` on the relay connection (blocking).
+    fn on_cluster<T>(
+        &self,
+        f: impl FnOnce(&mut Broker, &str) -> Result<T, super::store::StoreError>,
+    ) -> Option<Result<T, super::store::StoreError>> {
+        let cluster = self.cluster.as_ref()?;
+        let mut broker = cluster.broker.lock().unwrap_or_else(|e| e.into_inner());
+        Some(tokio::task::block_in_place(|| {
+            f(&mut broker, &cluster.instance)
+        }))
+    }
+
+    /// Cluster mode: receives the relays addressed to this instance until
+    /// `shutdown` (blocking: run it on a thread of its own).
+    pub fn listen(self: &Arc<Self>, broker: Broker, shutdown: CancellationToken) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let runtime = tokio::runtime::Handle::current();
+        broker.listen(
+            &cluster.instance,
+            |relay| {
+                let commands = self.clone();
+                runtime.spawn(async move { commands.relayed(relay).await });
+            },
+            // Redis may have restarted empty: announce our agents again.
+            || {
+                let devices: Vec<DeviceId> = self.lock().agents.keys().cloned().collect();
+                let mut broker = cluster.broker.lock().unwrap_or_else(|e| e.into_inner());
+                for device in devices {
+                    if let Err(e) = broker.claim_agent(&device, &cluster.instance) {
+                        tracing::warn!("announcing the agent of {device}: {e}");
+                    }
+                }
+            },
+            &shutdown,
+        );
+    }
+
+    /// A relay from another instance: a command for one of our agents (its
+    /// result goes back), or the result of one of our relayed commands.
+    async fn relayed(self: Arc<Self>, relay: Relay) {
+        match relay {
+            Relay::Result {
+                request_id,
+                outcome,
+                reason,
+            } => {
+                let mut state = self.lock();
+                if state
+                    .pending
+                    .get(&request_id)
+                    .is_some_and(|p| p.generation == RELAYED)
+                    && let Some(p) = state.pending.remove(&request_id)
+                {
+                    let _ = p.reply.send(Settled { outcome, reason });
+                }
+            }
+            Relay::Command {
+                from,
+                request_id,
+                device,
+                set,
+            } => {
+                let settled = match self.dispatch_here(&device, set) {
+                    Ok(ticket) => ticket.outcome().await,
+                    Err(refused) => Settled::failed(refused.to_string()),
+                };
+                let result = Relay::Result {
+                    request_id,
+                    outcome: settled.outcome,
+                    reason: settled.reason,
+                };
+                if let Some(Err(e)) = self.on_cluster(|b, _| b.relay(&from, &result)) {
+                    tracing::warn!("a command's result could not go back to {from}: {e}");
+                }
+            }
         }
     }
 
@@ -161,6 +269,10 @@ impl Commands {
         if let Err(e) = self.hub.set_online(device, Some(true)) {
             tracing::error!("{device} is online, but that could not be recorded: {e}");
         }
+        drop(state);
+        if let Some(Err(e)) = self.on_cluster(|b, me| b.claim_agent(device, me)) {
+            tracing::warn!("the agent of {device} is not announced to the cluster: {e}");
+        }
         AgentLink {
             device: device.clone(),
             generation,
@@ -190,6 +302,10 @@ impl Commands {
                     link.device
                 );
             }
+            drop(state);
+            if let Some(Err(e)) = self.on_cluster(|b, me| b.release_agent(&link.device, me)) {
+                tracing::warn!("the agent of {} is still announced: {e}", link.device);
+            }
         }
         current
     }
@@ -198,9 +314,71 @@ impl Commands {
         self.lock().agents.contains_key(device)
     }
 
-    /// Routes a command to the device's agent. Refused at once when there is
-    /// none or its queue is full.
+    /// Routes a command to the device's agent, here or (cluster mode) on
+    /// another instance. Refused at once when there is none or its queue is
+    /// full.
     pub fn dispatch(
+        self: &Arc<Self>,
+        device: &DeviceId,
+        set: CommandSet,
+    ) -> Result<Ticket, Refused> {
+        match self.dispatch_here(device, set.clone()) {
+            Err(Refused::NoAgent(_)) if self.cluster.is_some() => self.relay(device, set),
+            routed => routed,
+        }
+    }
+
+    /// Relays a command to the instance that has the device's agent.
+    fn relay(self: &Arc<Self>, device: &DeviceId, set: CommandSet) -> Result<Ticket, Refused> {
+        let unreachable = |e| {
+            tracing::warn!("relaying a command for {device}: {e}");
+            Refused::Unreachable(device.clone())
+        };
+        let owner = self
+            .on_cluster(|b, me| Ok(b.agent_of(device)?.filter(|owner| owner != me)))
+            .expect("cluster mode")
+            .map_err(unreachable)?
+            .ok_or_else(|| Refused::NoAgent(device.clone()))?;
+        let (request_id, ticket) = {
+            let mut state = self.lock();
+            state.next_request += 1;
+            let instance = &self.cluster.as_ref().expect("cluster mode").instance;
+            let request_id = format!("{instance}-c-{}", state.next_request);
+            let (reply, answer) = oneshot::channel();
+            state.pending.insert(
+                request_id.clone(),
+                Pending {
+                    device: device.clone(),
+                    generation: RELAYED,
+                    reply,
+                },
+            );
+            let ticket = Ticket {
+                request_id: request_id.clone(),
+                answer,
+                commands: self.clone(),
+            };
+            (request_id, ticket)
+        };
+        let relay = |b: &mut Broker, me: &str| {
+            let command = Relay::Command {
+                from: me.to_owned(),
+                request_id,
+                device: device.clone(),
+                set,
+            };
+            b.relay(&owner, &command)
+        };
+        match self.on_cluster(relay).expect("cluster mode") {
+            Ok(true) => Ok(ticket),
+            // Nobody listens there: that instance is gone, and its agent.
+            Ok(false) => Err(Refused::NoAgent(device.clone())),
+            Err(e) => Err(unreachable(e)),
+        }
+    }
+
+    /// Routes a command to the device's agent on this instance.
+    fn dispatch_here(
         self: &Arc<Self>,
         device: &DeviceId,
         set: CommandSet,

@@ -150,12 +150,18 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     if memory_dir.is_none() {
         tracing::info!("data directory {}", dir.display());
     }
-    let hub = match &config.redis_url {
-        Some(url) => {
-            // Ten rings' worth: a client that reconnects to another
-            // instance after a while still resumes from the stream.
-            let broker = cluster::Broker::new(url, config.replay_capacity.saturating_mul(10))
-                .map_err(|e| std::io::Error::other(format!("--redis-url: {e}")))?;
+    let broker = match &config.redis_url {
+        // Ten rings' worth: a client that reconnects to another instance
+        // after a while still resumes from the stream.
+        Some(url) => Some(
+            cluster::Broker::new(url, config.replay_capacity.saturating_mul(10))
+                .map_err(|e| std::io::Error::other(format!("--redis-url: {e}")))?,
+        ),
+        None => None,
+    };
+    let hub = match &broker {
+        Some(broker) => {
+            let broker = broker.another();
             let hub = Arc::new(hub.with_broker(broker.another()));
             let (follower, stop) = (hub.clone(), shutdown.clone());
             std::thread::Builder::new()
@@ -195,11 +201,26 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         e => Err(std::io::Error::other(format!("{}: {e}", dir.display()))),
     })?;
     tokio::spawn(stale::run(hub.clone(), shutdown.clone()));
-    let commands = Arc::new(Commands::new(
+    let mut commands = Commands::new(
         hub.clone(),
         config.command_timeout,
         config.client_queue as usize,
-    ));
+    );
+    if let Some(broker) = &broker {
+        let instance = format!("{:016x}", rand::random::<u64>());
+        commands = commands.with_cluster(broker.another(), instance);
+    }
+    let commands = Arc::new(commands);
+    if let Some(broker) = broker {
+        let (relays, stop) = (commands.clone(), shutdown.clone());
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("relays".into())
+            .spawn(move || {
+                let _entered = runtime.enter();
+                relays.listen(broker, stop)
+            })?;
+    }
     if config.simulator_enabled() {
         tokio::spawn(simulator::run(
             hub.clone(),
