@@ -25,6 +25,12 @@
 //!   otherwise every write of the server wakes an idle core (an IPI, costly in
 //!   a VM) and that cost, which a server talking to remote clients does not
 //!   pay, lands on the server's CPU time and latency;
+//! - `--instances N` run N instances in cluster mode on one private
+//!   `redis-server` (all pinned like the one server), the clients spread
+//!   over them in turn, events published to the first: the figures are for
+//!   the whole cluster (CPU and memory summed over the instances and Redis);
+//! - `--redis` cluster mode even with one instance, to measure the Redis
+//!   hop against the embedded default;
 //! - `--server-bin PATH` run another build of the server (to compare two
 //!   versions) instead of the one cargo built for this bench;
 //! - `--server-wrapper 'CMD ARGS'` run the server under a profiler, e.g.
@@ -104,6 +110,12 @@ struct Args {
     /// Let the load generator sleep between events instead of polling on its own core.
     #[arg(long)]
     no_busy_poll: bool,
+    /// Instances of a cluster on one private redis-server (implies --redis).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Cluster mode (a private redis-server), even with one instance.
+    #[arg(long)]
+    redis: bool,
     /// A server binary to run instead of the one cargo built (to compare builds).
     #[arg(long)]
     server_bin: Option<String>,
@@ -171,8 +183,22 @@ async fn run(args: Args, pinned: Option<(String, std::ops::Range<usize>)>, place
         eprintln!("could not raise the open-file limit: {e}");
     }
     let (server_cpus, server_cores) = pinned.unzip();
-    let mut server = Server::start(&args, server_cpus.as_deref()).await;
-    let addr = server.addr.clone();
+    let redis = if args.redis || args.instances > 1 {
+        Some(Redis::start(server_cpus.as_deref()).await)
+    } else {
+        None
+    };
+    let mut servers = Vec::new();
+    for _ in 0..args.instances.max(1) {
+        let url = redis.as_ref().map(Redis::url);
+        servers.push(Server::start(&args, server_cpus.as_deref(), url.as_deref()).await);
+    }
+    let mut server = Cluster {
+        servers,
+        redis: redis.as_ref().map(|r| r.pid),
+    };
+    let addr = server.servers[0].addr.clone();
+    let addrs: Vec<String> = server.servers.iter().map(|s| s.addr.clone()).collect();
     let http = reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
@@ -192,6 +218,12 @@ async fn run(args: Args, pinned: Option<(String, std::ops::Range<usize>)>, place
         "fanout: {} clients, {} events/s for {} s; {placement}",
         args.clients, args.rate, args.seconds
     );
+    if redis.is_some() {
+        println!(
+            "cluster:     {} instance(s) on one redis-server, clients spread over them, events published to the first",
+            addrs.len()
+        );
+    }
     let shared = Arc::new(Shared::default());
     let cancel = CancellationToken::new();
     if busy_poll {
@@ -208,9 +240,9 @@ async fn run(args: Args, pinned: Option<(String, std::ops::Range<usize>)>, place
     let expected_events = (args.rate * args.seconds).round().max(1.0) as u64;
     let connect_start = Instant::now();
     let handles: Vec<_> = (0..args.clients)
-        .map(|_| {
+        .map(|i| {
             tokio::spawn(client(
-                addr.clone(),
+                addrs[i % addrs.len()].clone(),
                 shared.clone(),
                 permits.clone(),
                 cancel.clone(),
@@ -231,7 +263,12 @@ async fn run(args: Args, pinned: Option<(String, std::ops::Range<usize>)>, place
     let ready = shared.ready.load(Ordering::Relaxed);
     let mut subscribers = 0;
     for _ in 0..500 {
-        subscribers = healthz_subscribers(&http, &base).await.unwrap_or(0);
+        subscribers = 0;
+        for addr in &addrs {
+            subscribers += healthz_subscribers(&http, &format!("http://{addr}"))
+                .await
+                .unwrap_or(0);
+        }
         if subscribers >= ready {
             break;
         }
@@ -252,7 +289,7 @@ async fn run(args: Args, pinned: Option<(String, std::ops::Range<usize>)>, place
     );
 
     // Publish at the fixed rate.
-    let cpu_before = Cpu::sample(server.pid);
+    let cpu_before = Cpu::sample(&server.pids());
     let phase_start = Instant::now();
     let period = Duration::from_secs_f64(1.0 / args.rate);
     let mut request_hist = latency_histogram();
@@ -289,7 +326,7 @@ async fn run(args: Args, pinned: Option<(String, std::ops::Range<usize>)>, place
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let phase_secs = phase_start.elapsed().as_secs_f64();
-    let cpu_after = Cpu::sample(server.pid);
+    let cpu_after = Cpu::sample(&server.pids());
     let rss_after = server.rss_kib();
 
     // Collect every client's tally.
@@ -304,6 +341,7 @@ async fn run(args: Args, pinned: Option<(String, std::ops::Range<usize>)>, place
         }
     }
     server.stop().await;
+    drop(redis);
 
     let lost = expected.saturating_sub(totals.unique);
     println!(
@@ -440,7 +478,90 @@ async fn healthz_subscribers(http: &reqwest::Client, base: &str) -> Option<usize
     body["subscribers"].as_u64().map(|n| n as usize)
 }
 
-/// The server under test.
+/// The servers under test, and their Redis in cluster mode.
+struct Cluster {
+    servers: Vec<Server>,
+    redis: Option<u32>,
+}
+
+impl Cluster {
+    /// Every process of the server side.
+    fn pids(&self) -> Vec<u32> {
+        self.servers
+            .iter()
+            .map(|s| s.pid)
+            .chain(self.redis)
+            .collect()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        self.pids().into_iter().map(rss_kib).sum()
+    }
+
+    async fn stop(&mut self) {
+        for server in &mut self.servers {
+            server.stop().await;
+        }
+    }
+}
+
+/// A private `redis-server` for cluster mode, killed when dropped.
+struct Redis {
+    _child: tokio::process::Child,
+    pid: u32,
+    port: u16,
+}
+
+impl Redis {
+    async fn start(cpus: Option<&str>) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(cpus) = cpus {
+            argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
+        }
+        argv.push("redis-server".into());
+        let child = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server starts");
+        let pid = child.id().expect("redis-server pid");
+        for _ in 0..500 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self {
+            _child: child,
+            pid,
+            port,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One server under test.
 struct Server {
     child: tokio::process::Child,
     pid: u32,
@@ -449,7 +570,7 @@ struct Server {
 }
 
 impl Server {
-    async fn start(args: &Args, cpus: Option<&str>) -> Self {
+    async fn start(args: &Args, cpus: Option<&str>, redis_url: Option<&str>) -> Self {
         let exe = args
             .server_bin
             .as_deref()
@@ -474,6 +595,9 @@ impl Server {
         if let Some(h) = &args.heartbeat {
             cmd.args(["--heartbeat", h]);
         }
+        if let Some(url) = redis_url {
+            cmd.args(["--redis-url", url]);
+        }
         if let Some(q) = args.client_queue {
             cmd.args(["--client-queue", &q.to_string()]);
         }
@@ -490,17 +614,6 @@ impl Server {
             addr,
             wrapped: args.server_wrapper.is_some(),
         }
-    }
-
-    fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            })
-            .unwrap_or(0)
     }
 
     /// SIGTERM (the server shuts down gracefully, and a profiler wrapping it
@@ -530,7 +643,7 @@ struct Cpu {
 }
 
 impl Cpu {
-    fn sample(server: u32) -> Self {
+    fn sample(server: &[u32]) -> Self {
         let proc_ticks = |path: &str| -> u64 {
             std::fs::read_to_string(path)
                 .ok()
@@ -559,7 +672,10 @@ impl Cpu {
             .map(busy_of)
             .collect();
         Self {
-            server: proc_ticks(&format!("/proc/{server}/stat")),
+            server: server
+                .iter()
+                .map(|pid| proc_ticks(&format!("/proc/{pid}/stat")))
+                .sum(),
             me: proc_ticks("/proc/self/stat"),
             busy,
             cores: per_core.len(),
