@@ -141,6 +141,15 @@ pub struct StatusEvent {
     pub updated_at: DateTime<Utc>,
 }
 
+/// The SSE `health` event: whether the server can take changes. Sent when
+/// that changes, and at the start of a stream from a degraded server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Why the server takes no changes right now (cluster mode, Redis
+    /// unreachable); `None` when it does.
+    pub degraded: Option<String>,
+}
+
 impl From<&Device> for StatusEvent {
     fn from(d: &Device) -> Self {
         Self {

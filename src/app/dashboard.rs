@@ -284,7 +284,7 @@ pub fn Dashboard() -> impl IntoView {
         <header class="top">
             <h1>"Telltale"</h1>
             <SessionControl operator=board.operator />
-            <ConnectionIndicator connection=board.feed.connection />
+            <ConnectionIndicator feed=board.feed />
         </header>
         <Show when=move || alerting.with(|a| !a.is_empty())>
             <nav class="attention" data-testid="attention" aria-label="Needs attention">
@@ -327,10 +327,18 @@ pub fn Dashboard() -> impl IntoView {
     .into_any()
 }
 
-/// The page's stream state: Live, Reconnecting… or Offline.
+/// The page's stream state: Live, Reconnecting… or Offline; and, when the
+/// server says it takes no changes (its cluster's Redis is away), a
+/// "Degraded" mark with the reason as its title.
 #[component]
-pub fn ConnectionIndicator(connection: RwSignal<Connection>) -> impl IntoView {
+pub fn ConnectionIndicator(feed: Feed) -> impl IntoView {
+    let Feed {
+        connection,
+        degraded,
+        ..
+    } = feed;
     view! {
+        <span class="indicators">
         <span
             class="connection"
             class:live=move || connection.get() == Connection::Live
@@ -339,6 +347,17 @@ pub fn ConnectionIndicator(connection: RwSignal<Connection>) -> impl IntoView {
             role="status"
         >
             {move || connection.get().label()}
+        </span>
+        <Show when=move || degraded.with(Option::is_some)>
+            <span
+                class="degraded"
+                data-testid="degraded"
+                role="status"
+                title=move || degraded.get().unwrap_or_default()
+            >
+                "Degraded: read-only"
+            </span>
+        </Show>
         </span>
     }
 }

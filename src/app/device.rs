@@ -292,7 +292,7 @@ pub fn DevicePage() -> impl IntoView {
                     </span>
                 </Show>
             </span>
-            <ConnectionIndicator connection=feed.connection />
+            <ConnectionIndicator feed=feed />
         </header>
         <main
             class="device-page"

@@ -33,6 +33,9 @@ impl Connection {
 #[derive(Clone, Copy)]
 pub struct Feed {
     pub connection: RwSignal<Connection>,
+    /// Why the server takes no changes right now (cluster mode, its Redis
+    /// unreachable), as its stream says.
+    pub degraded: RwSignal<Option<String>>,
     /// Milliseconds since the epoch; ticks every second once hydrated, so
     /// "updated N s ago" keeps counting and charts slide.
     pub now_ms: RwSignal<i64>,
@@ -44,6 +47,7 @@ impl Feed {
     pub fn new(now_ms: i64) -> Self {
         Self {
             connection: RwSignal::new(Connection::Offline),
+            degraded: RwSignal::new(None),
             now_ms: RwSignal::new(now_ms),
         }
     }
@@ -107,7 +111,7 @@ fn url(device: Option<&DeviceId>, last_id: EventId) -> String {
 #[cfg(feature = "hydrate")]
 mod browser {
     use super::{Connection, Feed, Follower, url};
-    use crate::model::{DeviceId, EventId, Snapshot, StatusEvent};
+    use crate::model::{DeviceId, EventId, Health, Snapshot, StatusEvent};
     use leptos::prelude::{Set, set_timeout};
     use std::cell::{Cell, RefCell};
     use std::rc::Rc;
@@ -135,6 +139,7 @@ mod browser {
         _on_error: Closure<dyn FnMut(Event)>,
         _on_snapshot: Closure<dyn FnMut(MessageEvent)>,
         _on_status: Closure<dyn FnMut(MessageEvent)>,
+        _on_health: Closure<dyn FnMut(MessageEvent)>,
     }
 
     impl<F: Follower> Live<F> {
@@ -181,6 +186,14 @@ mod browser {
             let on_open = Closure::<dyn FnMut(Event)>::new(move |_| {
                 live.backoff_ms.set(1_000.0);
                 live.feed.connection.set(Connection::Live);
+                // A server says so first thing when it is degraded.
+                live.feed.degraded.set(None);
+            });
+            let live = self.clone();
+            let on_health = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| {
+                if let Some(health) = parse::<Health>(&e) {
+                    live.feed.degraded.set(health.degraded);
+                }
             });
             let live = self.clone();
             let on_error = Closure::<dyn FnMut(Event)>::new(move |_| live.on_error());
@@ -206,6 +219,8 @@ mod browser {
                 .add_event_listener_with_callback("snapshot", on_snapshot.as_ref().unchecked_ref());
             let _ = events
                 .add_event_listener_with_callback("status", on_status.as_ref().unchecked_ref());
+            let _ = events
+                .add_event_listener_with_callback("health", on_health.as_ref().unchecked_ref());
 
             let old = self.source.borrow_mut().replace(Source {
                 events,
@@ -213,6 +228,7 @@ mod browser {
                 _on_error: on_error,
                 _on_snapshot: on_snapshot,
                 _on_status: on_status,
+                _on_health: on_health,
             });
             if let Some(old) = old {
                 old.events.close();

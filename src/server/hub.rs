@@ -55,7 +55,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 /// One published change, serialized once for every subscriber.
@@ -150,8 +150,8 @@ pub struct Hub {
     /// locked under `state`.
     broker: Option<Mutex<Broker>>,
     /// Cluster mode: why this instance cannot publish right now (Redis is
-    /// unreachable, or not yet joined), shown on `/healthz`.
-    degraded: Mutex<Option<String>>,
+    /// unreachable, or not yet joined), shown on `/healthz` and the page.
+    degraded: watch::Sender<Option<String>>,
     /// Wakes the stale watcher when a deadline moves earlier.
     stale_wake: Notify,
     /// History reads, on a connection of their own: never under `state`.
@@ -222,7 +222,7 @@ impl Hub {
             ring_capacity,
             client_queue,
             broker: None,
-            degraded: Mutex::new(None),
+            degraded: watch::Sender::new(None),
             stale_wake: Notify::new(),
             history: None,
         }
@@ -703,27 +703,32 @@ impl Hub {
     /// joined the cluster, the hub is degraded and refuses changes.
     pub fn with_broker(mut self, broker: Broker) -> Self {
         self.broker = Some(Mutex::new(broker));
-        *self.degraded.get_mut().unwrap_or_else(|e| e.into_inner()) =
-            Some("not yet joined to the cluster".into());
+        self.degraded
+            .send_replace(Some("not yet joined to the cluster".into()));
         self
     }
 
     /// Cluster mode: why this instance cannot accept changes right now.
     pub fn degraded(&self) -> Option<String> {
-        self.degraded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.degraded.borrow().clone()
+    }
+
+    /// Follows [`degraded`](Self::degraded) as it changes.
+    pub fn health(&self) -> watch::Receiver<Option<String>> {
+        self.degraded.subscribe()
     }
 
     fn set_degraded(&self, reason: Option<String>) {
-        let mut degraded = self.degraded.lock().unwrap_or_else(|e| e.into_inner());
-        match (&*degraded, &reason) {
-            (None, Some(why)) => tracing::warn!("degraded: {why}"),
-            (Some(_), None) => tracing::info!("joined the cluster"),
-            _ => {}
-        }
-        *degraded = reason;
+        self.degraded.send_if_modified(|degraded| {
+            match (&*degraded, &reason) {
+                (None, Some(why)) => tracing::warn!("degraded: {why}"),
+                (Some(_), None) => tracing::info!("joined the cluster"),
+                // Only a change of state is news; a new reason is not.
+                _ => return false,
+            }
+            *degraded = reason;
+            true
+        });
     }
 
     /// Catches up with the cluster on the publishing connection.

@@ -8,7 +8,7 @@
 use super::AppState;
 use super::error::ApiError;
 use super::hub::{Filter, Hub, Start, Subscription};
-use crate::model::{DeviceId, EventId, Snapshot};
+use crate::model::{DeviceId, EventId, Health, Snapshot};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::IntoResponse;
@@ -62,6 +62,11 @@ fn stream(
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     async_stream::stream! {
         yield Ok(Event::default().retry(RETRY));
+        let mut health = hub.health();
+        let degraded = health.borrow_and_update().clone();
+        if degraded.is_some() {
+            yield Ok(health_event(degraded));
+        }
         let Subscription { mut start, mut events } = subscription;
         loop {
             match start {
@@ -74,7 +79,15 @@ fn stream(
             }
             // Live events until this client lags behind or the hub goes away.
             loop {
-                match events.recv().await {
+                let received = tokio::select! {
+                    received = events.recv() => received,
+                    Ok(()) = health.changed() => {
+                        let degraded = health.borrow_and_update().clone();
+                        yield Ok(health_event(degraded));
+                        continue;
+                    }
+                };
+                match received {
                     Ok(event) if filter.matches(&event.device) => yield Ok(event.sse.clone()),
                     Ok(_) => {}
                     Err(RecvError::Lagged(missed)) => {
@@ -87,6 +100,13 @@ fn stream(
             Subscription { start, events } = hub.subscribe(None, &filter);
         }
     }
+}
+
+fn health_event(degraded: Option<String>) -> Event {
+    let health = Health { degraded };
+    Event::default()
+        .event("health")
+        .data(serde_json::to_string(&health).expect("health serializes"))
 }
 
 pub fn snapshot_event(snapshot: &Snapshot) -> Event {
