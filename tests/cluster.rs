@@ -385,3 +385,30 @@ async fn a_command_on_one_instance_reaches_the_agent_on_another_and_its_result_c
         "{result}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unchanged_report_to_one_instance_keeps_the_device_fresh_on_all() {
+    let redis = Redis::start().await;
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        servers.push(Server::start_in_cluster(&redis.url(), &["--stale-after", "1s"]).await);
+    }
+    let (reported_to, other) = (&servers[0], &servers[1]);
+    let body = json!({ "temperature": 5.0 });
+    reported_to.post_status("steady", &body).await;
+    // The same reading every 300 ms for 3 s: no event, but a sign of life.
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!reported_to.post_status("steady", &body).await.changed);
+    }
+    for server in &servers {
+        let device = server.device("steady").await.unwrap();
+        assert_ne!(device["stale"], true, "{device}");
+    }
+    // Silence is noticed everywhere all the same.
+    eventually(
+        "the silent device to be stale on the other instance",
+        || async { other.device("steady").await.unwrap()["stale"] == true },
+    )
+    .await;
+}

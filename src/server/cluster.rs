@@ -50,6 +50,8 @@ const LAST_ID: &str = "telltale:last_id";
 const DEVICES: &str = "telltale:devices";
 const EVENTS: &str = "telltale:events";
 const AGENTS: &str = "telltale:agents";
+/// Every instance listens here for [`Relay::Heard`].
+const HEARD: &str = "telltale:heard";
 
 /// The channel an instance receives its [`Relay`]s on.
 fn inbox(instance: &str) -> String {
@@ -73,6 +75,9 @@ pub enum Relay {
         outcome: Outcome,
         reason: Option<String>,
     },
+    /// To every instance: a device reported without changing anything (no
+    /// event), a sign of life the others' stale watchers must count too.
+    Heard { from: String, device: DeviceId },
 }
 
 /// Removes a device's agent entry only if it is still this instance's.
@@ -143,6 +148,8 @@ pub enum Append {
 pub struct Broker {
     client: Client,
     conn: Option<Connection>,
+    /// This instance's name in the cluster, random per process.
+    instance: String,
     /// How many events the stream keeps (approximately, at least).
     max_len: usize,
 }
@@ -162,6 +169,7 @@ impl Broker {
         Ok(Self {
             client: Client::open(url)?,
             conn: None,
+            instance: format!("{:016x}", rand::random::<u64>()),
             max_len: max_len.max(1),
         })
     }
@@ -171,6 +179,7 @@ impl Broker {
         Self {
             client: self.client.clone(),
             conn: None,
+            instance: self.instance.clone(),
             max_len: self.max_len,
         }
     }
@@ -210,6 +219,27 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// This instance's name in the cluster.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Tells the other instances that `device` reported, unchanged.
+    pub fn heard(&mut self, device: &DeviceId) -> Result<(), StoreError> {
+        let relay = Relay::Heard {
+            from: self.instance.clone(),
+            device: device.clone(),
+        };
+        let payload = serde_json::to_string(&relay).expect("a relay serializes");
+        self.with(TIMEOUT, |c| {
+            redis::cmd("PUBLISH")
+                .arg(HEARD)
+                .arg(&payload)
+                .query::<i64>(c)
+                .map(drop)
+        })
     }
 
     /// Checks that Redis answers.
@@ -413,12 +443,12 @@ impl Broker {
         Ok(receivers > 0)
     }
 
-    /// Receives the relays for `instance`, handing each to `deliver`, until
+    /// Receives the relays for this instance (and every instance's
+    /// [`Relay::Heard`] but its own), handing each to `deliver`, until
     /// `shutdown`; reconnects with backoff. `subscribed` runs each time the
     /// subscription is (re)made: Redis may have lost everything meanwhile.
     pub fn listen(
         &self,
-        instance: &str,
         deliver: impl Fn(Relay),
         subscribed: impl Fn(),
         shutdown: &CancellationToken,
@@ -429,7 +459,7 @@ impl Broker {
             let listened = (|| -> redis::RedisResult<()> {
                 let mut conn = self.client.get_connection_with_timeout(TIMEOUT)?;
                 let mut pubsub = conn.as_pubsub();
-                pubsub.subscribe(inbox(instance))?;
+                pubsub.subscribe(&[inbox(&self.instance), HEARD.to_owned()])?;
                 pubsub.set_read_timeout(Some(WAIT))?;
                 subscribed();
                 backoff = Duration::from_millis(100);
@@ -438,6 +468,7 @@ impl Broker {
                         Ok(message) => {
                             let payload: String = message.get_payload()?;
                             match serde_json::from_str(&payload) {
+                                Ok(Relay::Heard { from, .. }) if from == self.instance => {}
                                 Ok(relay) => deliver(relay),
                                 Err(e) => tracing::warn!("a relay that does not read: {e}"),
                             }

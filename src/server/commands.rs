@@ -148,9 +148,9 @@ impl Commands {
 
     /// Cluster mode: agents are announced, and commands relayed, through
     /// `broker`, as `instance`. Start [`listen`](Self::listen) too.
-    pub fn with_cluster(mut self, broker: Broker, instance: String) -> Self {
+    pub fn with_cluster(mut self, broker: Broker) -> Self {
         self.cluster = Some(Cluster {
-            instance,
+            instance: broker.instance().to_owned(),
             broker: Mutex::new(broker),
         });
         self
@@ -176,7 +176,6 @@ impl Commands {
         };
         let runtime = tokio::runtime::Handle::current();
         broker.listen(
-            &cluster.instance,
             |relay| {
                 let commands = self.clone();
                 runtime.spawn(async move { commands.relayed(relay).await });
@@ -214,6 +213,7 @@ impl Commands {
                     let _ = p.reply.send(Settled { outcome, reason });
                 }
             }
+            Relay::Heard { device, .. } => self.hub.heard_elsewhere(&device),
             Relay::Command {
                 from,
                 request_id,

@@ -264,6 +264,7 @@ impl Hub {
             // old as they were, so `updated_at` stays.
             self.publish_as_is(state, device)?
         } else {
+            self.tell_heard(id);
             Applied {
                 id: state.last_id,
                 changed: false,
@@ -271,6 +272,34 @@ impl Hub {
         };
         self.heard(state, id, learn);
         Ok(applied)
+    }
+
+    /// Cluster mode: an update that changed nothing publishes no event, so
+    /// the other instances are told the device spoke (see [`Self::heard_elsewhere`]).
+    /// Best effort: a lost notice costs at most a stale mark, undone by the
+    /// device's next report.
+    fn tell_heard(&self, id: &DeviceId) {
+        let Some(broker) = &self.broker else {
+            return;
+        };
+        if self.degraded().is_some() {
+            return;
+        }
+        let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = tokio::task::block_in_place(|| broker.heard(id)) {
+            tracing::debug!("telling the cluster {id} spoke: {e}");
+        }
+    }
+
+    /// Cluster mode: `id` reported to another instance without changing
+    /// anything: a sign of life, as if it had reported here.
+    pub fn heard_elsewhere(&self, id: &DeviceId) {
+        let mut state = self.lock();
+        let Some(device) = state.devices.get(id) else {
+            return;
+        };
+        let learn = !device.stale && device.online != Some(false);
+        self.heard(&mut state, id, learn);
     }
 
     /// Runs a change on the state. In cluster mode, when another instance

@@ -207,8 +207,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         config.client_queue as usize,
     );
     if let Some(broker) = &broker {
-        let instance = format!("{:016x}", rand::random::<u64>());
-        commands = commands.with_cluster(broker.another(), instance);
+        commands = commands.with_cluster(broker.another());
     }
     let commands = Arc::new(commands);
     if let Some(broker) = broker {
