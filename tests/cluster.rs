@@ -412,3 +412,58 @@ async fn an_unchanged_report_to_one_instance_keeps_the_device_fresh_on_all() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limits_set_on_one_instance_hold_on_every_instance() {
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 2).await;
+    let (set_on, other) = (&servers[0], &servers[1]);
+    set_on
+        .post_status("oven", &json!({ "temperature": 20.0 }))
+        .await;
+    let (status, body) = send_json_put(
+        set_on,
+        "/api/devices/oven/thresholds",
+        &json!({ "temperature": { "max": 30.0 } }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // A reading over the limit, reported to the *other* instance, alerts.
+    other
+        .post_status("oven", &json!({ "temperature": 35.0 }))
+        .await;
+    for server in &servers {
+        eventually("the alert on every instance", || async {
+            server.device("oven").await.unwrap()["alerts"]["temperature"].is_object()
+        })
+        .await;
+    }
+    let (_, thresholds) = other.get_json("/api/thresholds").await;
+    assert_eq!(
+        thresholds["devices"]["oven"]["temperature"]["max"],
+        json!(30.0),
+        "{thresholds}"
+    );
+    // An instance that joins later has them too.
+    let late = Server::start_in_cluster(&redis.url(), &[]).await;
+    late.post_status("oven", &json!({ "temperature": 36.0 }))
+        .await;
+    assert!(late.device("oven").await.unwrap()["alerts"]["temperature"].is_object());
+}
+
+async fn send_json_put(server: &Server, path: &str, body: &Value) -> (StatusCode, Value) {
+    let response = within(
+        "a PUT answer",
+        server
+            .client
+            .put(server.url(path))
+            .bearer_auth(&server.operator_token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send(),
+    )
+    .await
+    .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}

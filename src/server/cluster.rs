@@ -38,6 +38,7 @@
 //! sender's ([`Relay`]).
 
 use super::store::{StoreError, StoredEvent};
+use super::thresholds::MetricLimits;
 use crate::model::{Device, DeviceId, EventId, StatusEvent};
 use crate::protocol::{CommandSet, Outcome};
 use redis::{Client, Connection, Script, Value};
@@ -50,8 +51,10 @@ const LAST_ID: &str = "telltale:last_id";
 const DEVICES: &str = "telltale:devices";
 const EVENTS: &str = "telltale:events";
 const AGENTS: &str = "telltale:agents";
-/// Every instance listens here for [`Relay::Heard`].
-const HEARD: &str = "telltale:heard";
+/// Every instance listens here, for [`Relay::Heard`] and [`Relay::Limits`].
+const EVERYONE: &str = "telltale:everyone";
+/// A hash of device id → its own limits (JSON), as set over the API.
+const LIMITS: &str = "telltale:limits";
 
 /// The channel an instance receives its [`Relay`]s on.
 fn inbox(instance: &str) -> String {
@@ -78,6 +81,12 @@ pub enum Relay {
     /// To every instance: a device reported without changing anything (no
     /// event), a sign of life the others' stale watchers must count too.
     Heard { from: String, device: DeviceId },
+    /// To every instance: a device's own limits were set over the API.
+    Limits {
+        from: String,
+        device: DeviceId,
+        limits: MetricLimits,
+    },
 }
 
 /// Removes a device's agent entry only if it is still this instance's.
@@ -232,13 +241,60 @@ impl Broker {
             from: self.instance.clone(),
             device: device.clone(),
         };
-        let payload = serde_json::to_string(&relay).expect("a relay serializes");
+        self.tell_everyone(None, &relay)
+    }
+
+    /// Keeps `device`'s own limits for every instance (and those that join
+    /// later), and tells the others at once.
+    pub fn share_limits(
+        &mut self,
+        device: &DeviceId,
+        limits: &MetricLimits,
+    ) -> Result<(), StoreError> {
+        let relay = Relay::Limits {
+            from: self.instance.clone(),
+            device: device.clone(),
+            limits: limits.clone(),
+        };
+        let json = serde_json::to_string(limits).expect("limits serialize");
+        self.tell_everyone(Some((device, &json)), &relay)
+    }
+
+    /// Every device's own limits set over the API, in the whole cluster.
+    pub fn all_limits(&mut self) -> Result<Vec<(DeviceId, MetricLimits)>, StoreError> {
+        let all: Vec<(String, String)> =
+            self.with(TIMEOUT, |c| redis::cmd("HGETALL").arg(LIMITS).query(c))?;
+        all.into_iter()
+            .map(|(device, json)| {
+                let corrupt = |e: String| StoreError::Corrupt(format!("{LIMITS} {device}: {e}"));
+                Ok((
+                    DeviceId::parse(&device).map_err(|e| corrupt(e.to_string()))?,
+                    serde_json::from_str(&json).map_err(|e| corrupt(e.to_string()))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Publishes `relay` to every instance, first saving the limits `kept`
+    /// (in one transaction).
+    fn tell_everyone(
+        &mut self,
+        kept: Option<(&DeviceId, &str)>,
+        relay: &Relay,
+    ) -> Result<(), StoreError> {
+        let payload = serde_json::to_string(relay).expect("a relay serializes");
         self.with(TIMEOUT, |c| {
-            redis::cmd("PUBLISH")
-                .arg(HEARD)
-                .arg(&payload)
-                .query::<i64>(c)
-                .map(drop)
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if let Some((device, json)) = kept {
+                pipe.cmd("HSET")
+                    .arg(LIMITS)
+                    .arg(device.as_str())
+                    .arg(json)
+                    .ignore();
+            }
+            pipe.cmd("PUBLISH").arg(EVERYONE).arg(&payload).ignore();
+            pipe.query::<()>(c)
         })
     }
 
@@ -443,8 +499,8 @@ impl Broker {
         Ok(receivers > 0)
     }
 
-    /// Receives the relays for this instance (and every instance's
-    /// [`Relay::Heard`] but its own), handing each to `deliver`, until
+    /// Receives the relays for this instance (and those for every instance,
+    /// but its own), handing each to `deliver`, until
     /// `shutdown`; reconnects with backoff. `subscribed` runs each time the
     /// subscription is (re)made: Redis may have lost everything meanwhile.
     pub fn listen(
@@ -459,7 +515,7 @@ impl Broker {
             let listened = (|| -> redis::RedisResult<()> {
                 let mut conn = self.client.get_connection_with_timeout(TIMEOUT)?;
                 let mut pubsub = conn.as_pubsub();
-                pubsub.subscribe(&[inbox(&self.instance), HEARD.to_owned()])?;
+                pubsub.subscribe(&[inbox(&self.instance), EVERYONE.to_owned()])?;
                 pubsub.set_read_timeout(Some(WAIT))?;
                 subscribed();
                 backoff = Duration::from_millis(100);
@@ -468,7 +524,8 @@ impl Broker {
                         Ok(message) => {
                             let payload: String = message.get_payload()?;
                             match serde_json::from_str(&payload) {
-                                Ok(Relay::Heard { from, .. }) if from == self.instance => {}
+                                Ok(Relay::Heard { from, .. } | Relay::Limits { from, .. })
+                                    if from == self.instance => {}
                                 Ok(relay) => deliver(relay),
                                 Err(e) => tracing::warn!("a relay that does not read: {e}"),
                             }

@@ -214,6 +214,11 @@ impl Commands {
                 }
             }
             Relay::Heard { device, .. } => self.hub.heard_elsewhere(&device),
+            Relay::Limits { device, limits, .. } => {
+                if let Err(e) = self.hub.limits_elsewhere(&device, limits) {
+                    tracing::error!("keeping the limits of {device} set elsewhere: {e}");
+                }
+            }
             Relay::Command {
                 from,
                 request_id,

@@ -496,14 +496,36 @@ impl Hub {
         device: &DeviceId,
         limits: MetricLimits,
     ) -> Result<Applied, StoreError> {
-        {
-            let mut state = self.lock();
-            if let Some(store) = &mut state.store {
-                tokio::task::block_in_place(|| store.set_device_limits(device, &limits))?;
+        if let Some(broker) = &self.broker {
+            // Every instance evaluates this device's reports: all must
+            // have its limits, or none.
+            if let Some(reason) = self.degraded() {
+                return Err(StoreError::Broker(reason));
             }
-            state.thresholds.set_own(device.clone(), limits);
+            let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
+            tokio::task::block_in_place(|| broker.share_limits(device, &limits))?;
         }
+        self.keep_limits(device, limits)?;
         self.write(|state| self.reevaluate(state, device))
+    }
+
+    /// Cluster mode: another instance set `device`'s own limits (and
+    /// published what they change).
+    pub fn limits_elsewhere(
+        &self,
+        device: &DeviceId,
+        limits: MetricLimits,
+    ) -> Result<(), StoreError> {
+        self.keep_limits(device, limits)
+    }
+
+    fn keep_limits(&self, device: &DeviceId, limits: MetricLimits) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if let Some(store) = &mut state.store {
+            tokio::task::block_in_place(|| store.set_device_limits(device, &limits))?;
+        }
+        state.thresholds.set_own(device.clone(), limits);
+        Ok(())
     }
 
     /// Every configured limit (`GET /api/thresholds`).
@@ -895,6 +917,17 @@ impl Hub {
                 std::thread::sleep(backoff + Duration::from_millis(jitter));
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
+            }
+            // Limits set while this instance was away.
+            match broker.all_limits() {
+                Ok(all) => {
+                    for (device, limits) in all {
+                        if let Err(e) = self.keep_limits(&device, limits) {
+                            tracing::error!("keeping the limits of {device}: {e}");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("reading the cluster's limits: {e}"),
             }
             self.set_degraded(None);
             backoff = Duration::from_millis(100);
