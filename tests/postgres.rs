@@ -1,0 +1,175 @@
+#![cfg(feature = "ssr")]
+//! `--database-url`: the store in PostgreSQL. Devices, history and event
+//! ids outlive a restart, a client resumes across it from the database, and
+//! instances starting together on one empty database all come up.
+//!
+//! Needs a PostgreSQL server: `TELLTALE_TEST_DATABASE_URL`, by default
+//! `postgres://postgres@127.0.0.1:5432/test`. Each test works in a schema of
+//! its own, dropped at the end.
+
+mod common;
+
+use common::Server;
+use serde_json::{Value, json};
+
+/// A fresh schema in the test database; `url` makes it the search path.
+struct Schema {
+    url: String,
+    base: String,
+    name: String,
+}
+
+impl Schema {
+    fn new() -> Self {
+        let base = std::env::var("TELLTALE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("it_{}_{}", std::process::id(), rand_suffix());
+        admin(&base, format!("CREATE SCHEMA {name}"));
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-csearch_path%3D{name}");
+        Self { url, base, name }
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        admin(
+            &self.base,
+            format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+        );
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// Runs `sql` on the test database, on a thread of its own (the sync client
+/// must not block a runtime's thread).
+fn admin(url: &str, sql: String) -> Vec<String> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap_or_else(|e| {
+            panic!(
+                "these tests need PostgreSQL at {url} \
+                 (set TELLTALE_TEST_DATABASE_URL to another): {e}"
+            )
+        });
+        client
+            .simple_query(&sql)
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+fn temperatures(history: &Value) -> Vec<f64> {
+    history["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| p["v"].as_f64().unwrap())
+        .collect()
+}
+
+async fn history(server: &Server, device: &str) -> Value {
+    let (status, body) = server
+        .get_json(&format!("/api/devices/{device}/history?metric=temperature"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_history_and_ids_outlive_a_restart() {
+    let db = Schema::new();
+    // `--memory` (which the test harness adds) gives way to the database.
+    let mut server = Server::start_with(&["--database-url", &db.url]).await;
+    let first = server
+        .post_status("rack-1", &json!({ "temperature": 20.5 }))
+        .await;
+    let second = server
+        .post_status(
+            "rack-1",
+            &json!({ "temperature": 21.5, "metrics": { "load": 0.5 } }),
+        )
+        .await;
+    assert!(second.id > first.id);
+    assert_eq!(
+        temperatures(&history(&server, "rack-1").await),
+        [20.5, 21.5]
+    );
+
+    server.restart().await;
+
+    let device = server
+        .device("rack-1")
+        .await
+        .expect("rack-1 is still there");
+    assert_eq!(device["status"]["temperature"], 21.5, "{device}");
+    assert_eq!(
+        temperatures(&history(&server, "rack-1").await),
+        [20.5, 21.5]
+    );
+    // A client that saw the first event resumes from the database (the
+    // restarted server's ring is empty).
+    let mut stream = server
+        .sse_with("", &[("Last-Event-ID", &first.id.to_string())])
+        .await;
+    stream.expect_retry().await;
+    let replayed = stream.expect_status().await;
+    assert_eq!(replayed.id(), second.id);
+    // Ids go on upward.
+    let third = server
+        .post_status("rack-1", &json!({ "temperature": 22.5 }))
+        .await;
+    assert!(third.id > second.id, "{third:?} after {second:?}");
+    assert_eq!(stream.expect_status().await.id(), third.id);
+    assert_eq!(
+        temperatures(&history(&server, "rack-1").await),
+        [20.5, 21.5, 22.5]
+    );
+    let tables = admin(
+        &db.base,
+        format!(
+            "SELECT table_name FROM information_schema.tables \
+             WHERE table_schema = '{}' ORDER BY table_name",
+            db.name
+        ),
+    );
+    assert!(tables.contains(&"events".to_owned()), "{tables:?}");
+    assert!(
+        server.output().contains("store in PostgreSQL"),
+        "{}",
+        server.output()
+    );
+    assert!(!server.output().contains("memory only"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_starting_together_on_an_empty_database_all_come_up() {
+    let db = Schema::new();
+    let args = ["--database-url", db.url.as_str()];
+    let (one, two, three) = tokio::join!(
+        Server::start_with(&args),
+        Server::start_with(&args),
+        Server::start_with(&args)
+    );
+    for server in [&one, &two, &three] {
+        server.healthz().await;
+    }
+    let posted = one.post_status("a", &json!({ "temperature": 1.0 })).await;
+    assert!(posted.id > 0);
+    let version = admin(
+        &db.base,
+        format!("SELECT version::TEXT FROM {}.schema_version", db.name),
+    );
+    assert_eq!(version, ["1"]);
+}
