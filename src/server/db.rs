@@ -213,10 +213,12 @@ impl Pg {
     }
 
     fn statement(&mut self, sql: &str) -> Result<postgres::Statement, StoreError> {
+        // First, so a connection made again starts with no statements.
+        self.client()?;
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client()?.prepare(sql)?;
+        let s = self.client.prepare(sql)?;
         self.statements.insert(sql.to_owned(), s.clone());
         Ok(s)
     }
@@ -358,19 +360,19 @@ impl Conn {
             (true, _) => "BEGIN",
         };
         self.batch(begin)?;
-        match work(self) {
-            Ok(done) => match self.batch("COMMIT") {
-                Ok(()) => Ok(done),
-                Err(e) => {
-                    let _ = self.batch("ROLLBACK");
-                    Err(e)
-                }
-            },
-            Err(e) => {
-                let _ = self.batch("ROLLBACK");
-                Err(e)
+        // Rolls back if `work` panics, so the connection is not left in a
+        // transaction the next one would run inside.
+        struct Open<'a>(&'a Conn);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                let _ = self.0.batch("ROLLBACK");
             }
         }
+        let open = Open(self);
+        let done = work(open.0)?;
+        open.0.batch("COMMIT")?;
+        std::mem::forget(open);
+        Ok(done)
     }
 }
 
