@@ -123,7 +123,8 @@ pub struct Config {
     /// `postgres://telltale:secret@db.example:5432/telltale`: devices, the
     /// event log, the readings history, limits set over the API and learned
     /// report intervals. Its tables are created (or migrated) at start.
-    /// With it, `--data-dir` and `--memory` are not used.
+    /// With it, `--data-dir` and `--memory` are not used. Not yet together
+    /// with `--redis-url`.
     #[arg(long, env = "TELLTALE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 

@@ -123,6 +123,15 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         Some(path) => thresholds::ThresholdsFile::load(path).map_err(std::io::Error::other)?,
         None => thresholds::ThresholdsFile::default(),
     };
+    // A shared store (`Store::shared`) in cluster mode would have every
+    // instance record every event of the cluster's, each a duplicate of the
+    // first one's; until the hub has only the publishing instance record,
+    // the two do not go together.
+    if config.database_url.is_some() && config.redis_url.is_some() {
+        return Err(std::io::Error::other(
+            "--database-url and --redis-url cannot be combined yet",
+        ));
+    }
     let shutdown = CancellationToken::new();
     let policy = retention::Policy {
         raw: config.retention,
