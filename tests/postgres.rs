@@ -173,3 +173,61 @@ async fn instances_starting_together_on_an_empty_database_all_come_up() {
     );
     assert_eq!(version, ["1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_the_database_stops_cleanly() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let db = Schema::new();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_telltale"));
+    for var in telltale::server::config::Config::env_vars() {
+        command.env_remove(var);
+    }
+    let mut child = command
+        .args([
+            "--addr",
+            "127.0.0.1:0",
+            "--no-simulator",
+            "--ingest-token",
+            "t",
+        ])
+        .args(["--database-url", &db.url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the telltale binary starts");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = common::within("the server to listen", async {
+        loop {
+            let line = stdout.next_line().await.unwrap().expect("a listening line");
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+    })
+    .await;
+    let answer = reqwest::Client::new()
+        .post(format!("http://{addr}/api/devices/a/status"))
+        .bearer_auth("t")
+        .json(&json!({ "temperature": 1.0 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let output = common::within("the server to stop", child.wait_with_output()).await;
+    let output = output.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Dropping the store's connections must not panic (the sync client
+    // blocks on a runtime of its own when dropped).
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -181,7 +181,8 @@ pub enum Conn {
 /// A PostgreSQL connection, its prepared statements, and how to open it
 /// again after it broke.
 pub struct Pg {
-    client: postgres::Client,
+    /// Always there but in `drop`.
+    client: Option<postgres::Client>,
     config: postgres::Config,
     statements: HashMap<String, postgres::Statement>,
     /// Statements run on every new connection (e.g. `SET …`).
@@ -192,7 +193,7 @@ impl Pg {
     pub fn connect(config: &postgres::Config) -> Result<Self, StoreError> {
         let client = off_runtime(|| config.connect(postgres::NoTls))?;
         Ok(Self {
-            client,
+            client: Some(client),
             config: config.clone(),
             statements: HashMap::new(),
             setup: Vec::new(),
@@ -201,15 +202,17 @@ impl Pg {
 
     /// The client, connected again first if the connection was lost.
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
-        if self.client.is_closed() {
+        let client = self.client.as_mut().expect("a client until dropped");
+        if client.is_closed() {
             tracing::warn!("the store's PostgreSQL connection was lost; connecting again");
             self.statements.clear();
-            self.client = self.config.connect(postgres::NoTls)?;
+            let mut fresh = self.config.connect(postgres::NoTls)?;
             for sql in &self.setup {
-                self.client.batch_execute(sql)?;
+                fresh.batch_execute(sql)?;
             }
+            *client = fresh;
         }
-        Ok(&mut self.client)
+        Ok(client)
     }
 
     fn statement(&mut self, sql: &str) -> Result<postgres::Statement, StoreError> {
@@ -218,9 +221,20 @@ impl Pg {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client.prepare(sql)?;
+        let s = self.client()?.prepare(sql)?;
         self.statements.insert(sql.to_owned(), s.clone());
         Ok(s)
+    }
+}
+
+impl Drop for Pg {
+    /// The sync client's drop blocks on its runtime too, and a store may be
+    /// dropped anywhere (the hub at shutdown, on the main thread's runtime;
+    /// retention's task): it goes on a thread of its own.
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            let _ = std::thread::spawn(move || drop(client)).join();
+        }
     }
 }
 
