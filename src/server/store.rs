@@ -265,6 +265,16 @@ impl Store {
     pub fn open_postgres(url: &str) -> Result<Self, StoreError> {
         let config: postgres::Config = url.parse()?;
         let conn = Conn::postgres(&config)?;
+        // A commit is durable before it returns: unless the database was
+        // set up to wait for more (a standby), it waits for the local flush.
+        let sync = conn
+            .query_opt("SELECT current_setting('synchronous_commit')", &[])?
+            .map(|r| r.string(0))
+            .transpose()?;
+        if sync.as_deref() == Some("off") {
+            tracing::info!("synchronous_commit is off in the database; the store turns it on");
+            conn.setup("SET synchronous_commit = on")?;
+        }
         let mut store = Self {
             conn,
             backend: Backend::Postgres(Box::new(config)),
@@ -1185,6 +1195,47 @@ pub(crate) mod testing {
                 .query("SELECT COUNT(*)::BIGINT FROM schema_version", &[])
                 .unwrap();
             assert_eq!(rows[0].i64(0).unwrap(), 1);
+        }
+
+        #[test]
+        fn a_lost_connection_is_made_again() {
+            let db = PgSchema::new();
+            let mut store = db.open();
+            store.record(1, &device("a", 1.0), None, "{}").unwrap();
+            let pid = store
+                .conn
+                .query("SELECT pg_backend_pid()::BIGINT", &[])
+                .unwrap()[0]
+                .i64(0)
+                .unwrap();
+            super::admin(&db.base)
+                .execute("SELECT pg_terminate_backend($1)", &[&(pid as i32)])
+                .unwrap();
+            // The first use may find the connection gone; the next one
+            // connects again.
+            let mut id = 2;
+            while store.record(id, &device("a", 2.0), None, "{}").is_err() {
+                id += 1;
+                assert!(id < 5, "the store did not connect again");
+            }
+            assert_eq!(store.last_event_id().unwrap(), Some(id));
+        }
+
+        #[test]
+        fn commits_wait_for_the_flush_even_where_the_database_does_not() {
+            let db = PgSchema::new();
+            let url = format!("{}%20-csynchronous_commit%3Doff", db.url);
+            let plain = super::admin(&url)
+                .query_one("SELECT current_setting('synchronous_commit')", &[])
+                .unwrap()
+                .get::<_, String>(0);
+            assert_eq!(plain, "off", "the URL turns it off");
+            let store = Store::open_postgres(&url).unwrap();
+            let rows = store
+                .conn
+                .query("SELECT current_setting('synchronous_commit')", &[])
+                .unwrap();
+            assert_eq!(rows[0].string(0).unwrap(), "on");
         }
 
         #[test]
