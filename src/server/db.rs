@@ -187,6 +187,10 @@ pub struct Pg {
     statements: HashMap<String, postgres::Statement>,
     /// Statements run on every new connection (e.g. `SET …`).
     setup: Vec<String>,
+    /// Inside a transaction: a lost connection is then an error, never
+    /// connected again (the rest of the transaction would run without its
+    /// beginning).
+    in_tx: bool,
 }
 
 impl Pg {
@@ -197,6 +201,7 @@ impl Pg {
             config: config.clone(),
             statements: HashMap::new(),
             setup: Vec::new(),
+            in_tx: false,
         })
     }
 
@@ -204,6 +209,9 @@ impl Pg {
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
         let client = self.client.as_mut().expect("a client until dropped");
         if client.is_closed() {
+            if self.in_tx {
+                return Err(StoreError::ConnectionLost);
+            }
             tracing::warn!("the store's PostgreSQL connection was lost; connecting again");
             self.statements.clear();
             let mut fresh = self.config.connect(postgres::NoTls)?;
@@ -374,11 +382,13 @@ impl Conn {
             (true, _) => "BEGIN",
         };
         self.batch(begin)?;
-        // Rolls back if `work` panics, so the connection is not left in a
-        // transaction the next one would run inside.
+        self.in_transaction(true);
+        // Rolls back if `work` fails or panics, so the connection is not
+        // left in a transaction the next one would run inside.
         struct Open<'a>(&'a Conn);
         impl Drop for Open<'_> {
             fn drop(&mut self) {
+                self.0.in_transaction(false);
                 let _ = self.0.batch("ROLLBACK");
             }
         }
@@ -386,7 +396,14 @@ impl Conn {
         let done = work(open.0)?;
         open.0.batch("COMMIT")?;
         std::mem::forget(open);
+        self.in_transaction(false);
         Ok(done)
+    }
+
+    fn in_transaction(&self, open: bool) {
+        if let Conn::Postgres(pg) = self {
+            lock(pg).in_tx = open;
+        }
     }
 }
 

@@ -37,6 +37,10 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the store (PostgreSQL): {0}")]
     Postgres(#[from] postgres::Error),
+    /// The connection to PostgreSQL broke inside a transaction: it is rolled
+    /// back; the next use connects again.
+    #[error("the store (PostgreSQL): the connection was lost during a transaction")]
+    ConnectionLost,
     #[error("the store's data directory: {0}")]
     Io(#[from] std::io::Error),
     #[error("the store holds a device that does not read back: {0}")]
@@ -1013,7 +1017,9 @@ pub(crate) mod testing {
     mod tests {
         use super::*;
         use crate::model::{Device, DeviceId, Status};
+        use crate::server::db::TxKind;
         use crate::server::history::Reader;
+        use crate::server::store::StoreError;
         use chrono::Utc;
         use std::time::Duration;
 
@@ -1211,6 +1217,22 @@ pub(crate) mod testing {
             super::admin(&db.base)
                 .execute("SELECT pg_terminate_backend($1)", &[&(pid as i32)])
                 .unwrap();
+            // Lost inside a transaction: an error, never the rest of the
+            // transaction on a new connection.
+            let lost = store.conn.transaction(TxKind::Write, |tx| {
+                tx.execute("INSERT INTO meta (key, value) VALUES ('x', 1)", &[])?;
+                super::admin(&db.base)
+                    .execute("SELECT pg_terminate_backend($1)", &[&(pid as i32)])
+                    .unwrap();
+                while !matches!(
+                    tx.execute("INSERT INTO meta (key, value) VALUES ('y', 1)", &[]),
+                    Err(StoreError::ConnectionLost)
+                ) {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Ok(())
+            });
+            assert!(lost.is_err());
             // The first use may find the connection gone; the next one
             // connects again.
             let mut id = 2;
@@ -1219,6 +1241,12 @@ pub(crate) mod testing {
                 assert!(id < 5, "the store did not connect again");
             }
             assert_eq!(store.last_event_id().unwrap(), Some(id));
+            // Nothing of the broken transaction was written.
+            let keys = store
+                .conn
+                .query("SELECT key FROM meta ORDER BY key", &[])
+                .unwrap();
+            assert_eq!(keys.len(), 1, "{keys:?}");
         }
 
         #[test]
