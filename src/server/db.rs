@@ -2,8 +2,9 @@
 //! small interface, so the store, history reads and retention write each
 //! query once.
 //!
-//! SQL is written with PostgreSQL's numbered placeholders (`$1`, `$2`…);
-//! for SQLite they become `?1`, `?2`… (the same numbering). Both dialects
+//! SQL is written with SQLite's numbered placeholders (`?1`, `?2`…), which
+//! go to SQLite as they are; for PostgreSQL they become `$1`, `$2`… (once
+//! per statement: prepared statements are kept by their SQL). Both dialects
 //! take `INSERT … ON CONFLICT … DO UPDATE` and `excluded.`; the PostgreSQL
 //! schema gives `readings` and `readings_1m` a `rowid` column, so queries
 //! ordering by `rowid` read the same on both. Arguments are a few plain
@@ -229,7 +230,7 @@ impl Pg {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.client()?.prepare(sql)?;
+        let s = self.client()?.prepare(&postgres_sql(sql))?;
         self.statements.insert(sql.to_owned(), s.clone());
         Ok(s)
     }
@@ -265,21 +266,18 @@ fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
-/// `$1` → `?1`: PostgreSQL placeholders in SQLite's spelling.
-fn sqlite_sql(sql: &str) -> std::borrow::Cow<'_, str> {
-    if !sql.contains('$') {
-        return sql.into();
-    }
+/// `?1` → `$1`: SQLite's numbered placeholders in PostgreSQL's spelling.
+fn postgres_sql(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut chars = sql.chars().peekable();
     while let Some(c) = chars.next() {
-        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
-            out.push('?');
+        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
         } else {
             out.push(c);
         }
     }
-    out.into()
+    out
 }
 
 impl Conn {
@@ -320,7 +318,7 @@ impl Conn {
         match self {
             Conn::Sqlite(c) => {
                 let n = c
-                    .prepare_cached(&sqlite_sql(sql))?
+                    .prepare_cached(sql)?
                     .execute(rusqlite::params_from_iter(args))?;
                 Ok(n as u64)
             }
@@ -340,7 +338,7 @@ impl Conn {
     pub fn query(&self, sql: &str, args: &[Arg]) -> Result<Vec<Row>, StoreError> {
         match self {
             Conn::Sqlite(c) => {
-                let mut stmt = c.prepare_cached(&sqlite_sql(sql))?;
+                let mut stmt = c.prepare_cached(sql)?;
                 let n = stmt.column_count();
                 let rows = stmt
                     .query_map(rusqlite::params_from_iter(args), |r| Row::from_sqlite(r, n))?
@@ -416,11 +414,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_become_sqlites() {
+    fn placeholders_become_postgresqls() {
         assert_eq!(
-            sqlite_sql("SELECT $1, $12 FROM t WHERE a = '$' AND b = $2"),
-            "SELECT ?1, ?12 FROM t WHERE a = '$' AND b = ?2"
+            postgres_sql("SELECT ?1, ?12 FROM t WHERE a = '?' AND b = ?2"),
+            "SELECT $1, $12 FROM t WHERE a = '?' AND b = $2"
         );
-        assert_eq!(sqlite_sql("SELECT 1"), "SELECT 1");
+        assert_eq!(postgres_sql("SELECT 1"), "SELECT 1");
     }
 }

@@ -222,7 +222,7 @@ impl Reader {
         let (before, minutes, raw) = self.conn.transaction(TxKind::Snapshot, |tx| {
             let folded_until = tx
                 .query_opt(
-                    "SELECT value FROM meta WHERE key = $1",
+                    "SELECT value FROM meta WHERE key = ?1",
                     &[Arg::Str(FOLDED_UNTIL)],
                 )?
                 .map(|r| r.i64(0))
@@ -233,7 +233,7 @@ impl Reader {
             // and the last folded minute at or before it.
             let raw_before = tx
                 .query_opt(
-                    "SELECT ts, value FROM readings WHERE device = $1 AND metric = $2 AND ts <= $3
+                    "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2 AND ts <= ?3
                      ORDER BY ts DESC, rowid DESC LIMIT 1",
                     &[dev, metric_arg, lo_arg],
                 )?
@@ -242,7 +242,7 @@ impl Reader {
             let minute_before = tx
                 .query_opt(
                     "SELECT minute, min, avg, max, count, last FROM readings_1m
-                     WHERE device = $1 AND metric = $2 AND minute <= $3
+                     WHERE device = ?1 AND metric = ?2 AND minute <= ?3
                      ORDER BY minute DESC LIMIT 1",
                     &[dev, metric_arg, lo_arg],
                 )?
@@ -260,7 +260,7 @@ impl Reader {
             let mut minutes: BTreeMap<i64, Minute> = BTreeMap::new();
             for r in tx.query(
                 "SELECT minute, min, avg, max, count, last FROM readings_1m
-                 WHERE device = $1 AND metric = $2 AND minute > $3 AND minute <= $4
+                 WHERE device = ?1 AND metric = ?2 AND minute > ?3 AND minute <= ?4
                  ORDER BY minute",
                 &[dev, metric_arg, lo_arg, hi_arg],
             )? {
@@ -269,8 +269,8 @@ impl Reader {
             }
             let folded = Arg::I64(folded_until);
             for r in tx.query(
-                "SELECT ts, value FROM readings WHERE device = $1 AND metric = $2
-                 AND ts > $3 AND ts <= $4 AND ts < $5 ORDER BY ts, rowid",
+                "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2
+                 AND ts > ?3 AND ts <= ?4 AND ts < ?5 ORDER BY ts, rowid",
                 &[dev, metric_arg, lo_arg, hi_arg, folded],
             )? {
                 let (t, v) = (r.i64(0)?, r.f64(1)?);
@@ -280,8 +280,8 @@ impl Reader {
                     .or_insert_with(|| Minute::of(v));
             }
             let raw = tx.query(
-                "SELECT ts, value FROM readings WHERE device = $1 AND metric = $2
-                 AND ts > $3 AND ts <= $4 AND ts >= $5 ORDER BY ts, rowid",
+                "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2
+                 AND ts > ?3 AND ts <= ?4 AND ts >= ?5 ORDER BY ts, rowid",
                 &[dev, metric_arg, lo_arg, hi_arg, folded],
             )?;
             Ok((before, minutes, raw))

@@ -148,7 +148,7 @@ impl Retention {
                     // them twice. The lock goes with the transaction, and the
                     // one that waited reads what is left once it has it.
                     tx.query(
-                        "SELECT pg_advisory_xact_lock($1)::TEXT",
+                        "SELECT pg_advisory_xact_lock(?1)::TEXT",
                         &[Arg::I64(RETENTION_LOCK)],
                     )?;
                 }
@@ -173,7 +173,7 @@ impl Retention {
 /// their minutes and deletes them. Returns (rows folded, more to do).
 fn fold(tx: &Conn, batch: usize, cutoff: i64) -> Result<(u64, bool), StoreError> {
     let rows = tx.query(
-        "SELECT rowid, device, metric, ts, value FROM readings ORDER BY rowid LIMIT $1",
+        "SELECT rowid, device, metric, ts, value FROM readings ORDER BY rowid LIMIT ?1",
         &[Arg::I64(batch as i64)],
     )?;
     let mut minutes: BTreeMap<(String, String, i64), Minute> = BTreeMap::new();
@@ -197,7 +197,7 @@ fn fold(tx: &Conn, batch: usize, cutoff: i64) -> Result<(u64, bool), StoreError>
     for ((device, metric, minute), m) in &minutes {
         tx.execute(
             "INSERT INTO readings_1m (device, metric, minute, min, avg, max, count, last)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (device, metric, minute) DO UPDATE SET
                  min = CASE WHEN excluded.min < readings_1m.min
                      THEN excluded.min ELSE readings_1m.min END,
@@ -220,13 +220,13 @@ fn fold(tx: &Conn, batch: usize, cutoff: i64) -> Result<(u64, bool), StoreError>
         )?;
     }
     tx.execute(
-        "DELETE FROM readings WHERE rowid <= $1",
+        "DELETE FROM readings WHERE rowid <= ?1",
         &[Arg::I64(last_rowid)],
     )?;
     // Reads take everything before this from the minutes (and fold any raw
     // leftover of the last minute on the fly).
     tx.execute(
-        "INSERT INTO meta (key, value) VALUES ($1, $2)
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
          ON CONFLICT (key) DO UPDATE SET value =
              CASE WHEN excluded.value > meta.value THEN excluded.value ELSE meta.value END",
         &[
@@ -249,7 +249,7 @@ fn delete_prefix(
     cutoff: i64,
 ) -> Result<(u64, bool), StoreError> {
     let rows = tx.query(
-        &format!("SELECT {key}, {time} FROM {table} ORDER BY {key} LIMIT $1"),
+        &format!("SELECT {key}, {time} FROM {table} ORDER BY {key} LIMIT ?1"),
         &[Arg::I64(batch as i64)],
     )?;
     let (mut n, mut read, mut last) = (0u64, 0usize, None);
@@ -266,7 +266,7 @@ fn delete_prefix(
         return Ok((0, false));
     };
     tx.execute(
-        &format!("DELETE FROM {table} WHERE {key} <= $1"),
+        &format!("DELETE FROM {table} WHERE {key} <= ?1"),
         &[Arg::I64(last)],
     )?;
     Ok((n, n as usize == read && read == batch))

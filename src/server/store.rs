@@ -234,7 +234,7 @@ pub type WriteGate = Arc<Mutex<()>>;
 
 /// Keeps the value already stored if it is larger: two instances sharing a
 /// database may commit their events out of order.
-const SAVE_LAST_ID: &str = "INSERT INTO meta (key, value) VALUES ($1, $2)
+const SAVE_LAST_ID: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
      ON CONFLICT (key) DO UPDATE SET value =
          CASE WHEN excluded.value > meta.value THEN excluded.value ELSE meta.value END";
 
@@ -333,7 +333,7 @@ impl Store {
         let recorded = self
             .conn
             .query_opt(
-                "SELECT value FROM meta WHERE key = $1",
+                "SELECT value FROM meta WHERE key = ?1",
                 &[Arg::Str(LAST_EVENT_ID)],
             )?
             .map(|r| r.i64(0))
@@ -362,7 +362,7 @@ impl Store {
                 // Instances starting together wait here for each other; the
                 // lock goes with the transaction.
                 tx.query(
-                    "SELECT pg_advisory_xact_lock($1)::TEXT",
+                    "SELECT pg_advisory_xact_lock(?1)::TEXT",
                     &[Arg::I64(PG_MIGRATION_LOCK)],
                 )?;
                 tx.batch("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
@@ -376,7 +376,7 @@ impl Store {
                 }
                 tx.execute("DELETE FROM schema_version", &[])?;
                 tx.execute(
-                    "INSERT INTO schema_version (version) VALUES ($1)",
+                    "INSERT INTO schema_version (version) VALUES (?1)",
                     &[Arg::I64(version.max(known))],
                 )?;
                 Ok(())
@@ -446,7 +446,7 @@ impl Store {
             // resume from before it falls back to a snapshot, never to a gap).
             let ts = device.updated_at.timestamp_millis();
             tx.execute(
-                "INSERT INTO events (id, device, json, ts) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO events (id, device, json, ts) VALUES (?1, ?2, ?3, ?4)",
                 &[
                     Arg::I64(id as i64),
                     Arg::Str(device.id.as_str()),
@@ -463,7 +463,7 @@ impl Store {
             let changed = |metric: &str, now: Option<f64>, before: Option<f64>| match now {
                 Some(value) if Some(value) != before => tx
                     .execute(
-                        "INSERT INTO readings (device, metric, ts, value) VALUES ($1, $2, $3, $4)",
+                        "INSERT INTO readings (device, metric, ts, value) VALUES (?1, ?2, ?3, ?4)",
                         &[
                             Arg::Str(device.id.as_str()),
                             Arg::Str(metric),
@@ -500,7 +500,7 @@ impl Store {
                 save_device(tx, device)?;
             }
             tx.execute(
-                "INSERT INTO meta (key, value) VALUES ($1, $2)
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 &[Arg::Str(LAST_EVENT_ID), Arg::I64(last_id as i64)],
             )?;
@@ -515,7 +515,7 @@ impl Store {
         upto: EventId,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let rows = self.conn.query(
-            "SELECT id, device, json FROM events WHERE id > $1 AND id <= $2 ORDER BY id",
+            "SELECT id, device, json FROM events WHERE id > ?1 AND id <= ?2 ORDER BY id",
             &[Arg::I64(after as i64), Arg::I64(upto as i64)],
         )?;
         let mut events = Vec::with_capacity(rows.len());
@@ -537,7 +537,7 @@ impl Store {
     pub fn readings(&self, device: &DeviceId, metric: &str) -> Result<Vec<(i64, f64)>, StoreError> {
         self.conn
             .query(
-                "SELECT ts, value FROM readings WHERE device = $1 AND metric = $2
+                "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2
                  ORDER BY ts, rowid",
                 &[Arg::Str(device.as_str()), Arg::Str(metric)],
             )?
@@ -573,7 +573,7 @@ impl Store {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let json = serde_json::to_string(limits).expect("limits always serialize");
         self.conn.execute(
-            "INSERT INTO device_limits (device, limits_json) VALUES ($1, $2)
+            "INSERT INTO device_limits (device, limits_json) VALUES (?1, ?2)
              ON CONFLICT (device) DO UPDATE SET limits_json = excluded.limits_json",
             &[Arg::Str(device.as_str()), Arg::Str(&json)],
         )?;
@@ -605,7 +605,7 @@ impl Store {
         let ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         self.conn.execute(
-            "INSERT INTO report_intervals (device, interval_ms) VALUES ($1, $2)
+            "INSERT INTO report_intervals (device, interval_ms) VALUES (?1, ?2)
              ON CONFLICT (device) DO UPDATE SET interval_ms = excluded.interval_ms",
             &[Arg::Str(device.as_str()), Arg::I64(ms)],
         )?;
@@ -656,7 +656,7 @@ fn save_device(tx: &Conn, device: &Device) -> Result<(), StoreError> {
     let updated_at = device.updated_at.to_rfc3339();
     tx.execute(
         "INSERT INTO devices (id, name, status_json, online, updated_at, stale, alerts_json)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (id) DO UPDATE SET name = excluded.name,
              status_json = excluded.status_json, online = excluded.online,
              updated_at = excluded.updated_at, stale = excluded.stale,
