@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Nginx, Redis, Server, SseStream, eventually, within};
+use common::{Nginx, Redis, Schema, Server, SseStream, eventually, within};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -466,4 +466,54 @@ async fn send_json_put(server: &Server, path: &str, body: &Value) -> (StatusCode
     .unwrap();
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_on_one_postgresql_share_one_history_that_outlives_them() {
+    let redis = Redis::start().await;
+    let db = Schema::new();
+    let args = ["--database-url", db.url.as_str()];
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(Server::start_in_cluster(&redis.url(), &args).await);
+    }
+    // Each instance takes some of the readings.
+    let mut ids = Vec::new();
+    for (i, temp) in [10.0, 11.0, 12.0, 13.0, 14.0, 15.0].into_iter().enumerate() {
+        let posted = servers[i % 3]
+            .post_status("shared", &json!({ "temperature": temp }))
+            .await;
+        ids.push(posted.id);
+    }
+    let history = |server: &Server| {
+        let url = server.url("/api/devices/shared/history?metric=temperature");
+        let client = server.client.clone();
+        async move {
+            let body: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+            body["points"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["v"].as_f64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let all = vec![10.0, 11.0, 12.0, 13.0, 14.0, 15.0];
+    for server in &servers {
+        eventually("every reading in every instance's history", || async {
+            history(server).await == all
+        })
+        .await;
+    }
+    // Every instance gone, Redis too: a new one has the whole history, and
+    // ids go on from the last.
+    drop(servers);
+    drop(redis);
+    let redis = Redis::start().await;
+    let reborn = Server::start_in_cluster(&redis.url(), &args).await;
+    assert_eq!(history(&reborn).await, all);
+    let next = reborn
+        .post_status("shared", &json!({ "temperature": 16.0 }))
+        .await;
+    assert!(next.id > *ids.iter().max().unwrap());
 }

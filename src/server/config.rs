@@ -119,6 +119,15 @@ pub struct Config {
           num_args = 0..=1, default_missing_value = "on")]
     pub memory: bool,
 
+    /// Keep the store in PostgreSQL instead of SQLite, e.g.
+    /// `postgres://telltale:secret@db.example:5432/telltale`: devices, the
+    /// event log, the readings history, limits set over the API and learned
+    /// report intervals. Its tables are created (or migrated) at start.
+    /// With it, `--data-dir` and `--memory` are not used. Not yet together
+    /// with `--redis-url`.
+    #[arg(long, env = "TELLTALE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
     /// Cluster mode: share one event stream and device state with every
     /// instance on this Redis, e.g. `redis://127.0.0.1:6379/0`. Run Redis
     /// with `appendonly yes` so a Redis restart keeps the stream.
@@ -324,6 +333,9 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
         let c = Config::try_parse_from(["telltale", "--memory", "off"]).unwrap();
         assert!(!c.memory);
+        assert_eq!(c.database_url, None);
+        let c = Config::try_parse_from(["telltale", "--database-url", "postgres://h/db"]).unwrap();
+        assert_eq!(c.database_url.as_deref(), Some("postgres://h/db"));
     }
 
     #[test]

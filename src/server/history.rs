@@ -16,10 +16,10 @@
 //! minimum and maximum of every value that held in it and their mean
 //! weighted by how long each held.
 
+use super::db::{Arg, Conn, Row, TxKind};
 use super::store::{FOLDED_UNTIL, StoreError};
 use crate::model::{DeviceId, History, Point};
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::BTreeMap;
 
 /// Most points one read returns; beyond it the read is refused with the
@@ -148,29 +148,38 @@ impl Minute {
 }
 
 /// A `readings_1m` row `minute, min, avg, max, count, last` as (minute, aggregate).
-fn minute_row(r: &rusqlite::Row) -> rusqlite::Result<(i64, Minute)> {
-    let count: i64 = r.get(4)?;
+fn minute_row(r: &Row) -> Result<(i64, Minute), StoreError> {
+    let count = r.i64(4)?;
     Ok((
-        r.get(0)?,
+        r.i64(0)?,
         Minute {
-            min: r.get(1)?,
-            sum: r.get::<_, f64>(2)? * count as f64,
-            max: r.get(3)?,
+            min: r.f64(1)?,
+            sum: r.f64(2)? * count as f64,
+            max: r.f64(3)?,
             count,
-            last: r.get(5)?,
+            last: r.f64(5)?,
         },
     ))
 }
 
 /// The read side of the store: its own connection.
 pub struct Reader {
-    conn: Connection,
+    conn: Conn,
 }
 
 impl Reader {
-    pub fn new(conn: Connection) -> Result<Self, StoreError> {
-        conn.pragma_update(None, "query_only", true)?;
+    pub fn new(conn: Conn) -> Result<Self, StoreError> {
+        conn.setup(if conn.is_postgres() {
+            "SET default_transaction_read_only = on"
+        } else {
+            "PRAGMA query_only = true"
+        })?;
         Ok(Self { conn })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn conn_for_tests(&self) -> &Conn {
+        &self.conn
     }
 
     /// See [`Hub::history`](super::hub::Hub::history). `now` bounds the
@@ -205,83 +214,87 @@ impl Reader {
                 fits_step_ms: fitting_step_ms(hi - lo),
             });
         }
-        let tx = self.conn.transaction()?;
-        let dev = device.as_str();
-        let folded_until: i64 = tx
-            .query_row(
-                "SELECT value FROM meta WHERE key = ?1",
-                [FOLDED_UNTIL],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(i64::MIN);
+        let dev = Arg::Str(device.as_str());
+        let metric_arg = Arg::Str(metric);
+        let (lo_arg, hi_arg) = (Arg::I64(lo), Arg::I64(hi));
+        // One snapshot of both tables (a fold running meanwhile is seen
+        // wholly or not at all).
+        let (before, minutes, raw) = self.conn.transaction(TxKind::Snapshot, |tx| {
+            let folded_until = tx
+                .query_opt(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    &[Arg::Str(FOLDED_UNTIL)],
+                )?
+                .map(|r| r.i64(0))
+                .transpose()?
+                .unwrap_or(i64::MIN);
 
-        // The value in force at `from`: the later of the last raw reading
-        // and the last folded minute at or before it.
-        let raw_before: Option<(i64, f64)> = tx
-            .prepare_cached(
-                "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2 AND ts <= ?3
-                 ORDER BY ts DESC, rowid DESC LIMIT 1",
-            )?
-            .query_row(params![dev, metric, lo], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let minute_before: Option<(i64, Minute)> = tx
-            .prepare_cached(
-                "SELECT minute, min, avg, max, count, last FROM readings_1m
-                 WHERE device = ?1 AND metric = ?2 AND minute <= ?3
-                 ORDER BY minute DESC LIMIT 1",
-            )?
-            .query_row(params![dev, metric, lo], minute_row)
-            .optional()?;
-        let before = match (raw_before, minute_before) {
-            (Some((t, v)), Some((m, _))) if t >= m => Some(Sample::reading(lo, v)),
-            // `from` within a folded minute: that minute is what is known.
-            (_, Some((m, minute))) if m + MINUTE_MS > lo => Some(minute.sample(m).at(lo)),
-            (_, Some((_, minute))) => Some(Sample::reading(lo, minute.last)),
-            (raw, None) => raw.map(|(_, v)| Sample::reading(lo, v)),
-        };
+            // The value in force at `from`: the later of the last raw reading
+            // and the last folded minute at or before it.
+            let raw_before = tx
+                .query_opt(
+                    "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2 AND ts <= ?3
+                     ORDER BY ts DESC, rowid DESC LIMIT 1",
+                    &[dev, metric_arg, lo_arg],
+                )?
+                .map(|r| Ok::<_, StoreError>((r.i64(0)?, r.f64(1)?)))
+                .transpose()?;
+            let minute_before = tx
+                .query_opt(
+                    "SELECT minute, min, avg, max, count, last FROM readings_1m
+                     WHERE device = ?1 AND metric = ?2 AND minute <= ?3
+                     ORDER BY minute DESC LIMIT 1",
+                    &[dev, metric_arg, lo_arg],
+                )?
+                .map(|r| minute_row(&r))
+                .transpose()?;
+            let before = match (raw_before, minute_before) {
+                (Some((t, v)), Some((m, _))) if t >= m => Some(Sample::reading(lo, v)),
+                // `from` within a folded minute: that minute is what is known.
+                (_, Some((m, minute))) if m + MINUTE_MS > lo => Some(minute.sample(m).at(lo)),
+                (_, Some((_, minute))) => Some(Sample::reading(lo, minute.last)),
+                (raw, None) => raw.map(|(_, v)| Sample::reading(lo, v)),
+            };
 
-        // The folded past, per minute, with any raw leftovers merged in.
-        let mut minutes: BTreeMap<i64, Minute> = BTreeMap::new();
-        {
-            let mut stmt = tx.prepare_cached(
+            // The folded past, per minute, with any raw leftovers merged in.
+            let mut minutes: BTreeMap<i64, Minute> = BTreeMap::new();
+            for r in tx.query(
                 "SELECT minute, min, avg, max, count, last FROM readings_1m
                  WHERE device = ?1 AND metric = ?2 AND minute > ?3 AND minute <= ?4
                  ORDER BY minute",
-            )?;
-            let rows = stmt.query_map(params![dev, metric, lo, hi], minute_row)?;
-            for row in rows {
-                let (minute, m) = row?;
+                &[dev, metric_arg, lo_arg, hi_arg],
+            )? {
+                let (minute, m) = minute_row(&r)?;
                 minutes.insert(minute, m);
             }
-            let mut stmt = tx.prepare_cached(
+            let folded = Arg::I64(folded_until);
+            for r in tx.query(
                 "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2
                  AND ts > ?3 AND ts <= ?4 AND ts < ?5 ORDER BY ts, rowid",
-            )?;
-            let rows = stmt.query_map(params![dev, metric, lo, hi, folded_until], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, f64>(1)?))
-            })?;
-            for row in rows {
-                let (t, v) = row?;
+                &[dev, metric_arg, lo_arg, hi_arg, folded],
+            )? {
+                let (t, v) = (r.i64(0)?, r.f64(1)?);
                 minutes
                     .entry(minute_of(t))
                     .and_modify(|m| m.add(v))
                     .or_insert_with(|| Minute::of(v));
             }
-        }
+            let raw = tx.query(
+                "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2
+                 AND ts > ?3 AND ts <= ?4 AND ts >= ?5 ORDER BY ts, rowid",
+                &[dev, metric_arg, lo_arg, hi_arg, folded],
+            )?;
+            Ok((before, minutes, raw))
+        })?;
         // A minute that began at or before `from` is shown just after it.
         let mut samples = minutes.iter().map(|(&t, m)| m.sample(t).at(t.max(lo + 1)));
-        let mut stmt = tx.prepare_cached(
-            "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2
-             AND ts > ?3 AND ts <= ?4 AND ts >= ?5 ORDER BY ts, rowid",
-        )?;
-        let mut rows = stmt.query(params![dev, metric, lo, hi, folded_until])?;
+        let mut rows = raw.into_iter();
         let mut next = || -> Result<Option<Sample>, StoreError> {
             if let Some(s) = samples.next() {
                 return Ok(Some(s));
             }
-            Ok(match rows.next()? {
-                Some(r) => Some(Sample::reading(r.get(0)?, r.get(1)?)),
+            Ok(match rows.next() {
+                Some(r) => Some(Sample::reading(r.i64(0)?, r.f64(1)?)),
                 None => None,
             })
         };

@@ -403,21 +403,24 @@ impl Hub {
                 return Err(StoreError::Behind);
             }
         }
-        self.commit(state, id, device, json)?;
+        self.commit(state, id, device, json, true)?;
         Ok(Applied { id, changed: true })
     }
 
     /// Makes event `id` (the next one) durable in the store, then this
-    /// hub's current state, and sends it to every subscriber.
+    /// hub's current state, and sends it to every subscriber. Another
+    /// instance's event (not `own`) is not recorded in a store shared with
+    /// that instance: it did so itself.
     fn commit(
         &self,
         state: &mut State,
         id: EventId,
         device: Device,
         json: Box<str>,
+        own: bool,
     ) -> Result<(), StoreError> {
         let State { store, devices, .. } = state;
-        if let Some(store) = store {
+        if let Some(store) = store.as_mut().filter(|s| own || !s.shared()) {
             let fsyncs = store.fsyncs();
             let mut record = || store.record(id, &device, devices.get(&device.id), &json);
             if fsyncs {
@@ -849,7 +852,7 @@ impl Hub {
         let (Some(head), devices) = broker.state()? else {
             return Err(StoreError::Broker("Redis lost the cluster's state".into()));
         };
-        if let Some(store) = &mut state.store {
+        if let Some(store) = state.store.as_mut().filter(|s| !s.shared()) {
             tokio::task::block_in_place(|| store.adopt(head, &devices))?;
         }
         if !state.fresh {
@@ -889,7 +892,9 @@ impl Hub {
             !p.stale && p.online != Some(false) && p.updated_at != device.updated_at
         });
         let (id, spoke) = (device.id.clone(), !device.stale);
-        self.commit(state, event.id, device, event.json.into())?;
+        // The instance that published it recorded it, when the store is
+        // the cluster's own (PostgreSQL).
+        self.commit(state, event.id, device, event.json.into(), false)?;
         if spoke {
             self.heard(state, &id, learn);
         }

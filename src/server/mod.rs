@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cluster;
 pub mod commands;
 pub mod config;
+pub mod db;
 mod error;
 pub mod history;
 pub mod hub;
@@ -123,32 +124,51 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         None => thresholds::ThresholdsFile::default(),
     };
     let shutdown = CancellationToken::new();
-    // `--memory` is a store too, in a temporary directory removed when
-    // this function returns, that promises nothing across restarts.
-    let memory_dir = if config.memory {
-        tracing::info!("memory only (--memory): nothing is kept across restarts");
-        Some(store::MemoryDir::new().map_err(std::io::Error::other)?)
-    } else {
-        None
-    };
-    let (dir, durability) = match &memory_dir {
-        Some(m) => (m.path(), store::Durability::Off),
-        None => (config.data_dir.as_path(), store::Durability::Full),
-    };
     let policy = retention::Policy {
         raw: config.retention,
         downsampled: config.downsampled_retention,
         batch: retention::BATCH,
     };
-    let (hub, retention) = store::Store::open_with(dir, durability)
+    // `--memory` is a store too, in a temporary directory removed when
+    // this function returns, that promises nothing across restarts.
+    // `--database-url` puts it in PostgreSQL instead of either.
+    let memory_dir = if config.database_url.is_some() {
+        if config.memory {
+            tracing::info!("--database-url given: --memory is not used");
+        }
+        None
+    } else if config.memory {
+        tracing::info!("memory only (--memory): nothing is kept across restarts");
+        Some(store::MemoryDir::new().map_err(std::io::Error::other)?)
+    } else {
+        None
+    };
+    let opened = match &config.database_url {
+        // Its calls block on the network off the async workers (see
+        // `db::off_runtime`).
+        Some(url) => store::Store::open_postgres(url),
+        None => match &memory_dir {
+            Some(m) => store::Store::open_with(m.path(), store::Durability::Off),
+            None => store::Store::open_with(&config.data_dir, store::Durability::Full),
+        },
+    };
+    let where_ = match (&config.database_url, &memory_dir) {
+        (Some(_), _) => "--database-url".to_owned(),
+        (None, Some(m)) => m.path().display().to_string(),
+        (None, None) => config.data_dir.display().to_string(),
+    };
+    let (hub, retention, described) = opened
         .and_then(|s| {
+            let described = s.describe();
             let retention = retention::Retention::new(&s, policy)?;
             let hub = Hub::with_store(s, config.replay_capacity, config.client_queue as usize)?;
-            Ok((hub, retention))
+            Ok((hub, retention, described))
         })
-        .map_err(|e| std::io::Error::other(format!("{}: {e}", dir.display())))?;
-    if memory_dir.is_none() {
-        tracing::info!("data directory {}", dir.display());
+        .map_err(|e| std::io::Error::other(format!("{where_}: {e}")))?;
+    match (&config.database_url, &memory_dir) {
+        (Some(_), _) => tracing::info!("store in PostgreSQL, {described}"),
+        (None, None) => tracing::info!("data directory {}", config.data_dir.display()),
+        (None, Some(_)) => {}
     }
     let broker = match &config.redis_url {
         // Ten rings' worth: a client that reconnects to another instance
@@ -198,7 +218,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             tracing::warn!("alerts not re-evaluated: {e}");
             Ok(())
         }
-        e => Err(std::io::Error::other(format!("{}: {e}", dir.display()))),
+        e => Err(std::io::Error::other(format!("{where_}: {e}"))),
     })?;
     tokio::spawn(stale::run(hub.clone(), shutdown.clone()));
     let mut commands = Commands::new(

@@ -19,9 +19,9 @@
 //! transaction, so it is counted once however often, or however
 //! interrupted, retention runs.
 
+use super::db::{Arg, Conn, TxKind};
 use super::history::{MINUTE_MS, Minute, minute_of};
 use super::store::{FOLDED_UNTIL, Store, StoreError, WriteGate};
-use rusqlite::{Connection, TransactionBehavior, params};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,9 @@ pub struct Policy {
 /// 100,000 events took 1 s in 100 batches, the longest 7 ms, on 2 cores).
 pub const BATCH: usize = 2_000;
 
+/// The advisory lock a PostgreSQL retention batch holds ("RETAIN" in ASCII).
+const RETENTION_LOCK: i64 = 0x5245_5441_494e;
+
 /// What one run did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pruned {
@@ -55,7 +58,7 @@ pub struct Pruned {
 }
 
 pub struct Retention {
-    conn: Connection,
+    conn: Conn,
     gate: WriteGate,
     policy: Policy,
 }
@@ -64,19 +67,26 @@ impl Retention {
     /// Retention for `store`, on a connection of its own.
     pub fn new(store: &Store, policy: Policy) -> Result<Self, StoreError> {
         let conn = store.connect()?;
-        // Its commits need no fsync of their own: they acknowledge nothing,
-        // a crash can only undo whole batches (which the next run redoes),
-        // and the hub's next fsynced commit makes them durable with it. The
-        // fsync was most of a batch's time, so this is what keeps an
-        // ingest's wait behind a batch short.
-        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
-        if sync > 1 {
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
+        match &conn {
+            Conn::Sqlite(c) => {
+                // Its commits need no fsync of their own: they acknowledge
+                // nothing, a crash can only undo whole batches (which the
+                // next run redoes), and the hub's next fsynced commit makes
+                // them durable with it. The fsync was most of a batch's
+                // time, so this is what keeps an ingest's wait behind a batch
+                // short.
+                let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+                if sync > 1 {
+                    c.pragma_update(None, "synchronous", "NORMAL")?;
+                }
+                // Checkpoints (copying the WAL into the database, with an
+                // fsync) are run after each batch, outside the write gate,
+                // where they block no writer, rather than inside a commit.
+                c.pragma_update(None, "wal_autocheckpoint", 0)?;
+            }
+            // The same reasoning: its commits need not wait for the flush.
+            Conn::Postgres(_) => conn.setup("SET synchronous_commit = off")?,
         }
-        // Checkpoints (copying the WAL into the database, with an fsync) are
-        // run after each batch, outside the write gate, where they block no
-        // writer, rather than inside a commit.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Self {
             conn,
             gate: store.write_gate(),
@@ -125,22 +135,31 @@ impl Retention {
     fn batch(
         &mut self,
         pruned: &mut Pruned,
-        work: impl FnOnce(&rusqlite::Transaction, usize) -> Result<(u64, bool), StoreError>,
+        work: impl FnOnce(&Conn, usize) -> Result<(u64, bool), StoreError>,
     ) -> Result<(u64, bool), StoreError> {
         let started = Instant::now();
         let done = {
             let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let done = work(&tx, self.policy.batch)?;
-            tx.commit()?;
-            done
+            let batch = self.policy.batch;
+            self.conn.transaction(TxKind::WriteNow, |tx| {
+                if tx.is_postgres() {
+                    // Instances sharing the database take turns, batch by
+                    // batch: two folding the same rows at once would count
+                    // them twice. The lock goes with the transaction, and the
+                    // one that waited reads what is left once it has it.
+                    tx.query(
+                        "SELECT pg_advisory_xact_lock(?1)::TEXT",
+                        &[Arg::I64(RETENTION_LOCK)],
+                    )?;
+                }
+                work(tx, batch)
+            })?
         };
         pruned.longest_batch = pruned.longest_batch.max(started.elapsed());
-        if done.0 > 0 {
-            self.conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        if done.0 > 0
+            && let Conn::Sqlite(c) = &self.conn
+        {
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         }
         if done.1 {
             // Let a writer that waited on the gate go first.
@@ -152,29 +171,21 @@ impl Retention {
 
 /// Folds the oldest raw readings older than `cutoff` (at most `batch`) into
 /// their minutes and deletes them. Returns (rows folded, more to do).
-fn fold(tx: &rusqlite::Transaction, batch: usize, cutoff: i64) -> Result<(u64, bool), StoreError> {
-    let mut stmt = tx.prepare_cached(
+fn fold(tx: &Conn, batch: usize, cutoff: i64) -> Result<(u64, bool), StoreError> {
+    let rows = tx.query(
         "SELECT rowid, device, metric, ts, value FROM readings ORDER BY rowid LIMIT ?1",
+        &[Arg::I64(batch as i64)],
     )?;
-    let rows = stmt.query_map([batch as i64], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, f64>(4)?,
-        ))
-    })?;
     let mut minutes: BTreeMap<(String, String, i64), Minute> = BTreeMap::new();
     let (mut n, mut read, mut last) = (0u64, 0usize, None);
-    for row in rows {
-        let (rowid, device, metric, ts, value) = row?;
+    for r in rows {
+        let (rowid, ts, value) = (r.i64(0)?, r.i64(3)?, r.f64(4)?);
         read += 1;
         if ts >= cutoff {
             break;
         }
         minutes
-            .entry((device, metric, minute_of(ts)))
+            .entry((r.string(1)?, r.string(2)?, minute_of(ts)))
             .and_modify(|m| m.add(value))
             .or_insert_with(|| Minute::of(value));
         n += 1;
@@ -183,37 +194,46 @@ fn fold(tx: &rusqlite::Transaction, batch: usize, cutoff: i64) -> Result<(u64, b
     let Some((last_rowid, last_ts)) = last else {
         return Ok((0, false));
     };
-    let mut upsert = tx.prepare_cached(
-        "INSERT INTO readings_1m (device, metric, minute, min, avg, max, count, last)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (device, metric, minute) DO UPDATE SET
-             min = MIN(min, excluded.min),
-             max = MAX(max, excluded.max),
-             avg = (avg * count + excluded.avg * excluded.count) / (count + excluded.count),
-             count = count + excluded.count,
-             last = excluded.last",
-    )?;
     for ((device, metric, minute), m) in &minutes {
-        upsert.execute(params![
-            device,
-            metric,
-            minute,
-            m.min,
-            m.avg(),
-            m.max,
-            m.count,
-            m.last
-        ])?;
+        tx.execute(
+            "INSERT INTO readings_1m (device, metric, minute, min, avg, max, count, last)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (device, metric, minute) DO UPDATE SET
+                 min = CASE WHEN excluded.min < readings_1m.min
+                     THEN excluded.min ELSE readings_1m.min END,
+                 max = CASE WHEN excluded.max > readings_1m.max
+                     THEN excluded.max ELSE readings_1m.max END,
+                 avg = (readings_1m.avg * readings_1m.count + excluded.avg * excluded.count)
+                     / (readings_1m.count + excluded.count),
+                 count = readings_1m.count + excluded.count,
+                 last = excluded.last",
+            &[
+                Arg::Str(device),
+                Arg::Str(metric),
+                Arg::I64(*minute),
+                Arg::F64(m.min),
+                Arg::F64(m.avg()),
+                Arg::F64(m.max),
+                Arg::I64(m.count),
+                Arg::F64(m.last),
+            ],
+        )?;
     }
-    tx.prepare_cached("DELETE FROM readings WHERE rowid <= ?1")?
-        .execute([last_rowid])?;
+    tx.execute(
+        "DELETE FROM readings WHERE rowid <= ?1",
+        &[Arg::I64(last_rowid)],
+    )?;
     // Reads take everything before this from the minutes (and fold any raw
     // leftover of the last minute on the fly).
-    tx.prepare_cached(
+    tx.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
-    )?
-    .execute(params![FOLDED_UNTIL, minute_of(last_ts) + MINUTE_MS])?;
+         ON CONFLICT (key) DO UPDATE SET value =
+             CASE WHEN excluded.value > meta.value THEN excluded.value ELSE meta.value END",
+        &[
+            Arg::Str(FOLDED_UNTIL),
+            Arg::I64(minute_of(last_ts) + MINUTE_MS),
+        ],
+    )?;
     let more = n as usize == read && read == batch;
     Ok((n, more))
 }
@@ -221,22 +241,20 @@ fn fold(tx: &rusqlite::Transaction, batch: usize, cutoff: i64) -> Result<(u64, b
 /// Deletes the oldest rows of `table` (by `key`) whose `time` is before
 /// `cutoff`, at most `batch`. Returns (rows deleted, more to do).
 fn delete_prefix(
-    tx: &rusqlite::Transaction,
+    tx: &Conn,
     batch: usize,
     table: &str,
     key: &str,
     time: &str,
     cutoff: i64,
 ) -> Result<(u64, bool), StoreError> {
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {key}, {time} FROM {table} ORDER BY {key} LIMIT ?1"
-    ))?;
-    let rows = stmt.query_map([batch as i64], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-    })?;
+    let rows = tx.query(
+        &format!("SELECT {key}, {time} FROM {table} ORDER BY {key} LIMIT ?1"),
+        &[Arg::I64(batch as i64)],
+    )?;
     let (mut n, mut read, mut last) = (0u64, 0usize, None);
-    for row in rows {
-        let (k, t) = row?;
+    for r in rows {
+        let (k, t) = (r.i64(0)?, r.i64(1)?);
         read += 1;
         if t >= cutoff {
             break;
@@ -247,8 +265,10 @@ fn delete_prefix(
     let Some(last) = last else {
         return Ok((0, false));
     };
-    tx.prepare_cached(&format!("DELETE FROM {table} WHERE {key} <= ?1"))?
-        .execute([last])?;
+    tx.execute(
+        &format!("DELETE FROM {table} WHERE {key} <= ?1"),
+        &[Arg::I64(last)],
+    )?;
     Ok((n, n as usize == read && read == batch))
 }
 
@@ -292,6 +312,7 @@ mod tests {
     use crate::model::{Device, DeviceId, Point, Status, StatusUpdate};
     use crate::server::history::Reader;
     use crate::server::hub::Hub;
+    use crate::server::store::testing::PgSchema;
     use chrono::{DateTime, Utc};
 
     /// A whole minute, so minutes below are easy to name.
@@ -319,7 +340,10 @@ mod tests {
     /// Events 1..=6: device `a` at 10, 20, 30 in minute BASE, 5 in the next,
     /// 99 half an hour before BASE + 2h; `b` at 7 in minute BASE.
     fn filled(dir: &std::path::Path) -> Store {
-        let mut store = Store::open(dir).unwrap();
+        fill(Store::open(dir).unwrap())
+    }
+
+    fn fill(mut store: Store) -> Store {
         let writes = [
             ("a", 10.0, BASE),
             ("a", 20.0, BASE + 10 * S),
@@ -353,26 +377,25 @@ mod tests {
 
     fn minutes(store: &Store) -> Vec<MinuteRow> {
         let conn = store.connect().unwrap();
-        let mut stmt = conn
-            .prepare(
-                "SELECT device, minute, min, avg, max, count, last FROM readings_1m
-                 WHERE metric = 'temperature' ORDER BY device, minute",
+        conn.query(
+            "SELECT device, minute, min, avg, max, count, last FROM readings_1m
+             WHERE metric = 'temperature' ORDER BY device, minute",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.string(0).unwrap(),
+                r.i64(1).unwrap(),
+                r.f64(2).unwrap(),
+                r.f64(3).unwrap(),
+                r.f64(4).unwrap(),
+                r.i64(5).unwrap(),
+                r.f64(6).unwrap(),
             )
-            .unwrap();
-        stmt.query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-            ))
         })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+        .collect()
     }
 
     fn raw(store: &Store, id: &str) -> Vec<(i64, f64)> {
@@ -393,7 +416,39 @@ mod tests {
     #[test]
     fn old_readings_fold_into_their_minutes_in_small_batches_once() {
         let dir = tempfile::tempdir().unwrap();
-        let store = filled(dir.path());
+        folds_in_small_batches_once(filled(dir.path()));
+    }
+
+    #[test]
+    fn postgres_old_readings_fold_into_their_minutes_in_small_batches_once() {
+        let db = PgSchema::new();
+        folds_in_small_batches_once(fill(db.open()));
+    }
+
+    #[test]
+    fn postgres_instances_folding_at_once_count_each_reading_once() {
+        let db = PgSchema::new();
+        let store = fill(db.open());
+        let stores: Vec<Store> = (0..4).map(|_| db.open()).collect();
+        let folded: u64 = std::thread::scope(|s| {
+            let runs: Vec<_> = stores
+                .into_iter()
+                .map(|other| s.spawn(move || retention(&other, 1).run(BASE + 2 * HOUR).unwrap()))
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap().folded).sum()
+        });
+        assert_eq!(folded, 5);
+        assert_eq!(
+            minutes(&store),
+            [
+                ("a".into(), BASE, 10.0, 20.0, 30.0, 3, 30.0),
+                ("a".into(), BASE + MIN, 5.0, 5.0, 5.0, 1, 5.0),
+                ("b".into(), BASE, 7.0, 7.0, 7.0, 1, 7.0),
+            ]
+        );
+    }
+
+    fn folds_in_small_batches_once(store: Store) {
         // Batches of 3 split minute BASE of `a` between two transactions.
         let mut r = retention(&store, 3);
         let pruned = r.run(BASE + 2 * HOUR).unwrap();
@@ -422,7 +477,16 @@ mod tests {
     #[test]
     fn history_joins_folded_minutes_and_raw_readings() {
         let dir = tempfile::tempdir().unwrap();
-        let store = filled(dir.path());
+        history_joins(filled(dir.path()));
+    }
+
+    #[test]
+    fn postgres_history_joins_folded_minutes_and_raw_readings() {
+        let db = PgSchema::new();
+        history_joins(fill(db.open()));
+    }
+
+    fn history_joins(store: Store) {
         retention(&store, BATCH).run(BASE + 2 * HOUR).unwrap();
         let mut reader = Reader::new(store.connect().unwrap()).unwrap();
         let a = DeviceId::parse("a").unwrap();
@@ -471,7 +535,16 @@ mod tests {
     #[test]
     fn a_raw_reading_left_behind_a_fold_joins_its_minute() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = filled(dir.path());
+        left_behind_joins(filled(dir.path()));
+    }
+
+    #[test]
+    fn postgres_a_raw_reading_left_behind_a_fold_joins_its_minute() {
+        let db = PgSchema::new();
+        left_behind_joins(fill(db.open()));
+    }
+
+    fn left_behind_joins(mut store: Store) {
         retention(&store, BATCH).run(BASE + 2 * HOUR).unwrap();
         // A clock that went back: a reading in an already folded minute.
         store
@@ -501,8 +574,18 @@ mod tests {
     #[test]
     fn everything_expires_and_ids_go_on_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
+        expires_and_ids_go_on(|| Store::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn postgres_everything_expires_and_ids_go_on_after_a_reopen() {
+        let db = PgSchema::new();
+        expires_and_ids_go_on(|| db.open());
+    }
+
+    fn expires_and_ids_go_on(open: impl Fn() -> Store) {
         {
-            let store = filled(dir.path());
+            let store = fill(open());
             let mut r = retention(&store, 2);
             r.run(BASE + 2 * HOUR).unwrap();
             // A day later the minutes expire too, and the last reading and
@@ -514,7 +597,7 @@ mod tests {
             assert!(raw(&store, "a").is_empty());
             assert_eq!(store.id_range().unwrap(), None);
         }
-        let hub = Hub::with_store(Store::open(dir.path()).unwrap(), 8, 8).unwrap();
+        let hub = Hub::with_store(open(), 8, 8).unwrap();
         assert_eq!(hub.stats(), (6, 2));
         let update = StatusUpdate {
             temperature: Some(1.0),

@@ -1,4 +1,8 @@
-//! The durable store: an embedded SQLite database in the data directory.
+//! The durable store: an embedded SQLite database in the data directory,
+//! or (`--database-url`) a PostgreSQL database, which several instances may
+//! share. Both go through one code path ([`db`](super::db)): each query is
+//! written once, and the hub, history reads and retention do not know which
+//! backend they use.
 //!
 //! It keeps every device's last state, every status event (the event log
 //! that `Last-Event-ID` resumes from after a restart), the readings
@@ -12,11 +16,14 @@
 //! (kill -9: committed pages sit in the OS cache and reach the file), but
 //! after a power loss or kernel crash it may lose the last commits — updates
 //! that were already answered 200. "Nothing acknowledged is lost" has to hold
-//! for both, so the price is one fsync per event.
+//! for both, so the price is one fsync per event. On PostgreSQL a commit
+//! returns once the server has made it durable (`synchronous_commit=on`, its
+//! default); only retention's own connection turns that off.
 
+use super::db::{Arg, Conn, TxKind};
 use super::thresholds::MetricLimits;
 use crate::model::{Device, DeviceId, EventId};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +35,12 @@ pub const FILE_NAME: &str = "telltale.sqlite3";
 pub enum StoreError {
     #[error("the store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("the store (PostgreSQL): {0}")]
+    Postgres(#[from] postgres::Error),
+    /// The connection to PostgreSQL broke inside a transaction: it is rolled
+    /// back; the next use connects again.
+    #[error("the store (PostgreSQL): the connection was lost during a transaction")]
+    ConnectionLost,
     #[error("the store's data directory: {0}")]
     Io(#[from] std::io::Error),
     #[error("the store holds a device that does not read back: {0}")]
@@ -120,6 +133,65 @@ const MIGRATIONS: &[&str] = &[
      );",
 ];
 
+/// The PostgreSQL schema, in order; the `schema_version` table holds how
+/// many were applied. Its own list (the SQLite one carries the upgrades of
+/// older files): the same tables and columns, with PostgreSQL's types, and
+/// a `rowid` on the readings tables so queries ordering by it read the same.
+const PG_MIGRATIONS: &[&str] = &[
+    // 1: everything SQLite's three migrations make.
+    "CREATE TABLE devices (
+         id TEXT PRIMARY KEY NOT NULL,
+         name TEXT NOT NULL,
+         status_json TEXT NOT NULL,
+         online BOOLEAN,
+         updated_at TEXT NOT NULL,
+         stale BOOLEAN NOT NULL DEFAULT FALSE,
+         alerts_json TEXT NOT NULL DEFAULT '{}'
+     );
+     CREATE TABLE events (
+         id BIGINT PRIMARY KEY NOT NULL,
+         device TEXT NOT NULL,
+         json TEXT NOT NULL,
+         ts BIGINT NOT NULL DEFAULT 0
+     );
+     CREATE TABLE readings (
+         rowid BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+         device TEXT NOT NULL,
+         metric TEXT NOT NULL,
+         ts BIGINT NOT NULL,
+         value DOUBLE PRECISION NOT NULL
+     );
+     CREATE INDEX readings_by_device_metric_ts ON readings (device, metric, ts);
+     CREATE TABLE device_limits (
+         device TEXT PRIMARY KEY NOT NULL,
+         limits_json TEXT NOT NULL
+     );
+     CREATE TABLE report_intervals (
+         device TEXT PRIMARY KEY NOT NULL,
+         interval_ms BIGINT NOT NULL
+     );
+     CREATE TABLE meta (
+         key TEXT PRIMARY KEY NOT NULL,
+         value BIGINT NOT NULL
+     );
+     CREATE TABLE readings_1m (
+         rowid BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+         device TEXT NOT NULL,
+         metric TEXT NOT NULL,
+         minute BIGINT NOT NULL,
+         min DOUBLE PRECISION NOT NULL,
+         avg DOUBLE PRECISION NOT NULL,
+         max DOUBLE PRECISION NOT NULL,
+         count BIGINT NOT NULL,
+         last DOUBLE PRECISION NOT NULL,
+         UNIQUE (device, metric, minute)
+     );",
+];
+
+/// The advisory lock the PostgreSQL migrations run under, so instances
+/// starting together migrate one after the other ("TELLTALE" in ASCII).
+const PG_MIGRATION_LOCK: i64 = 0x5445_4c4c_5441_4c45;
+
 /// `meta` keys.
 pub(crate) const LAST_EVENT_ID: &str = "last_event_id";
 /// Raw readings older than this (ms) have been folded into `readings_1m`.
@@ -135,10 +207,21 @@ pub enum Durability {
     Off,
 }
 
+/// Where the store's database is.
+#[derive(Clone)]
+enum Backend {
+    Sqlite {
+        path: PathBuf,
+        durability: Durability,
+    },
+    /// PostgreSQL: a commit returns once it is durable on the server
+    /// (`synchronous_commit` as the server has it, `on` by default).
+    Postgres(Box<postgres::Config>),
+}
+
 pub struct Store {
-    conn: Connection,
-    path: PathBuf,
-    durability: Durability,
+    conn: Conn,
+    backend: Backend,
     /// Taken around every write transaction of this process (the hub's
     /// commits, each retention batch), so writers wait on each other here,
     /// woken the moment the other is done, rather than in SQLite's busy
@@ -148,6 +231,12 @@ pub struct Store {
 
 /// See [`Store`]'s `gate`.
 pub type WriteGate = Arc<Mutex<()>>;
+
+/// Keeps the value already stored if it is larger: two instances sharing a
+/// database may commit their events out of order.
+const SAVE_LAST_ID: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
+     ON CONFLICT (key) DO UPDATE SET value =
+         CASE WHEN excluded.value > meta.value THEN excluded.value ELSE meta.value END";
 
 impl Store {
     /// Opens (creating it and the directory if need be) the durable store in
@@ -166,9 +255,33 @@ impl Store {
             tracing::warn!("the store could not switch to WAL mode (it is in {mode} mode)");
         }
         let mut store = Self {
+            conn: Conn::Sqlite(conn),
+            backend: Backend::Sqlite { path, durability },
+            gate: WriteGate::default(),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens the store in the PostgreSQL database at `url`
+    /// (`postgres://user:password@host:port/database?options=…`), creating
+    /// its tables if need be. Several instances may share one database.
+    pub fn open_postgres(url: &str) -> Result<Self, StoreError> {
+        let config: postgres::Config = url.parse()?;
+        let conn = Conn::postgres(&config)?;
+        // A commit is durable before it returns: unless the database was
+        // set up to wait for more (a standby), it waits for the local flush.
+        let sync = conn
+            .query_opt("SELECT current_setting('synchronous_commit')", &[])?
+            .map(|r| r.string(0))
+            .transpose()?;
+        if sync.as_deref() == Some("off") {
+            tracing::info!("synchronous_commit is off in the database; the store turns it on");
+            conn.setup("SET synchronous_commit = on")?;
+        }
+        let mut store = Self {
             conn,
-            path,
-            durability,
+            backend: Backend::Postgres(Box::new(config)),
             gate: WriteGate::default(),
         };
         store.migrate()?;
@@ -176,15 +289,29 @@ impl Store {
     }
 
     /// Another connection to the same database, for work that must not wait
-    /// for the hub's lock: history reads, retention. WAL lets readers run
-    /// beside the writer; writers take turns (each waits up to 5 s).
-    pub fn connect(&self) -> Result<Connection, StoreError> {
-        connect(&self.path, self.durability)
+    /// for the hub's lock: history reads, retention. Readers run beside the
+    /// writer (SQLite's WAL, PostgreSQL's MVCC); SQLite writers take turns
+    /// (each waits up to 5 s).
+    pub fn connect(&self) -> Result<Conn, StoreError> {
+        match &self.backend {
+            Backend::Sqlite { path, durability } => Ok(Conn::Sqlite(connect(path, *durability)?)),
+            Backend::Postgres(config) => Conn::postgres(config),
+        }
     }
 
-    /// Whether a commit waits for the disk (it does unless `--memory`).
+    /// Whether a commit waits for the disk, or the network (it does unless
+    /// `--memory`): the hub then lets the runtime move other tasks off the
+    /// committing thread.
     pub fn fsyncs(&self) -> bool {
-        self.durability == Durability::Full
+        match &self.backend {
+            Backend::Sqlite { durability, .. } => *durability == Durability::Full,
+            Backend::Postgres(_) => true,
+        }
+    }
+
+    /// Whether other instances may write to this database too (PostgreSQL).
+    pub fn shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
     }
 
     /// The lock every writer of this process takes around its transaction.
@@ -192,73 +319,93 @@ impl Store {
         self.gate.clone()
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// What the store is, for messages: the SQLite file, or PostgreSQL's
+    /// host and database (never the password).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite { path, .. } => path.display().to_string(),
+            Backend::Postgres(config) => describe_postgres(config),
+        }
     }
 
     /// The newest event id ever recorded, even if that event was pruned.
     pub fn last_event_id(&self) -> Result<Option<EventId>, StoreError> {
-        let recorded: Option<i64> = self
+        let recorded = self
             .conn
-            .query_row(
+            .query_opt(
                 "SELECT value FROM meta WHERE key = ?1",
-                [LAST_EVENT_ID],
-                |r| r.get(0),
-            )
-            .optional()?;
+                &[Arg::Str(LAST_EVENT_ID)],
+            )?
+            .map(|r| r.i64(0))
+            .transpose()?;
         let newest = self.id_range()?.map(|(_, newest)| newest);
         Ok(recorded.map(|id| id as EventId).max(newest))
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let known = MIGRATIONS.len() as i64;
-        let version: i64 = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > known {
-            return Err(StoreError::TooNew(version, known));
+        match &mut self.conn {
+            Conn::Sqlite(conn) => {
+                let known = MIGRATIONS.len() as i64;
+                let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+                if version > known {
+                    return Err(StoreError::TooNew(version, known));
+                }
+                for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                    let tx = conn.transaction()?;
+                    tx.execute_batch(sql)?;
+                    tx.pragma_update(None, "user_version", i as i64 + 1)?;
+                    tx.commit()?;
+                }
+                Ok(())
+            }
+            Conn::Postgres(_) => self.conn.transaction(TxKind::Write, |tx| {
+                // Instances starting together wait here for each other; the
+                // lock goes with the transaction.
+                tx.query(
+                    "SELECT pg_advisory_xact_lock(?1)::TEXT",
+                    &[Arg::I64(PG_MIGRATION_LOCK)],
+                )?;
+                tx.batch("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+                let version = pg_version(tx)?;
+                let known = PG_MIGRATIONS.len() as i64;
+                if version > known {
+                    return Err(StoreError::TooNew(version, known));
+                }
+                for sql in PG_MIGRATIONS.iter().skip(version as usize) {
+                    tx.batch(sql)?;
+                }
+                tx.execute("DELETE FROM schema_version", &[])?;
+                tx.execute(
+                    "INSERT INTO schema_version (version) VALUES (?1)",
+                    &[Arg::I64(version.max(known))],
+                )?;
+                Ok(())
+            }),
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = self.conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1)?;
-            tx.commit()?;
-        }
-        Ok(())
     }
 
     /// Every stored device, by id.
     pub fn devices(&self) -> Result<Vec<Device>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        let rows = self.conn.query(
             "SELECT id, name, status_json, online, updated_at, stale, alerts_json
              FROM devices ORDER BY id",
+            &[],
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<bool>>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, bool>(5)?,
-                r.get::<_, String>(6)?,
-            ))
-        })?;
         let mut devices = Vec::new();
-        for row in rows {
-            let (id, name, status, online, updated_at, stale, alerts) = row?;
+        for r in rows {
+            let id = r.string(0)?;
+            let (status, updated_at, alerts) = (r.string(2)?, r.string(4)?, r.string(6)?);
             let corrupt = |what: &str| StoreError::Corrupt(format!("{id}: {what}"));
             devices.push(Device {
                 id: DeviceId::parse(&id).map_err(&corrupt)?,
                 status: serde_json::from_str(&status).map_err(|e| corrupt(&e.to_string()))?,
-                online,
-                stale,
+                online: r.opt_bool(3)?,
+                stale: r.bool(5)?,
                 alerts: serde_json::from_str(&alerts).map_err(|e| corrupt(&e.to_string()))?,
                 updated_at: updated_at
                     .parse()
                     .map_err(|e: chrono::ParseError| corrupt(&e.to_string()))?,
-                name,
+                name: r.string(1)?,
             });
         }
         Ok(devices)
@@ -266,12 +413,13 @@ impl Store {
 
     /// The newest and oldest stored event ids, if there are any.
     pub fn id_range(&self) -> Result<Option<(EventId, EventId)>, StoreError> {
-        let range: (Option<i64>, Option<i64>) =
-            self.conn
-                .query_row("SELECT MIN(id), MAX(id) FROM events", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?;
-        Ok(match range {
+        let Some(r) = self
+            .conn
+            .query_opt("SELECT MIN(id), MAX(id) FROM events", &[])?
+        else {
+            return Ok(None);
+        };
+        Ok(match (r.opt_i64(0)?, r.opt_i64(1)?) {
             (Some(oldest), Some(newest)) => Some((oldest as EventId, newest as EventId)),
             _ => None,
         })
@@ -281,6 +429,9 @@ impl Store {
     /// `json` — in one transaction: the event row, the device row, and a
     /// reading for each number that differs from `previous` (so the history
     /// holds every change, with the time it was made).
+    ///
+    /// On a shared database two instances may record (distinct) events at
+    /// once: the last id kept is the larger one, whichever commits last.
     pub fn record(
         &mut self,
         id: EventId,
@@ -289,27 +440,37 @@ impl Store {
         json: &str,
     ) -> Result<(), StoreError> {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = self.conn.transaction()?;
-        // The event's time is its device's `updated_at` (a stale mark keeps
-        // an older one: retention may then prune it early, and a resume
-        // from before it falls back to a snapshot, never to a gap).
-        let ts = device.updated_at.timestamp_millis();
-        tx.prepare_cached("INSERT INTO events (id, device, json, ts) VALUES (?1, ?2, ?3, ?4)")?
-            .execute(params![id as i64, device.id.as_str(), json, ts])?;
-        tx.prepare_cached(
-            "INSERT INTO meta (key, value) VALUES (?1, ?2)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )?
-        .execute(params![LAST_EVENT_ID, id as i64])?;
-        save_device(&tx, device)?;
-        {
-            let mut reading = tx.prepare_cached(
-                "INSERT INTO readings (device, metric, ts, value) VALUES (?1, ?2, ?3, ?4)",
+        self.conn.transaction(TxKind::Write, |tx| {
+            // The event's time is its device's `updated_at` (a stale mark
+            // keeps an older one: retention may then prune it early, and a
+            // resume from before it falls back to a snapshot, never to a gap).
+            let ts = device.updated_at.timestamp_millis();
+            tx.execute(
+                "INSERT INTO events (id, device, json, ts) VALUES (?1, ?2, ?3, ?4)",
+                &[
+                    Arg::I64(id as i64),
+                    Arg::Str(device.id.as_str()),
+                    Arg::Str(json),
+                    Arg::I64(ts),
+                ],
             )?;
+            tx.execute(
+                SAVE_LAST_ID,
+                &[Arg::Str(LAST_EVENT_ID), Arg::I64(id as i64)],
+            )?;
+            save_device(tx, device)?;
             let old = previous.map(|d| &d.status);
-            let mut changed = |metric: &str, now: Option<f64>, before: Option<f64>| match now {
-                Some(value) if Some(value) != before => reading
-                    .execute(params![device.id.as_str(), metric, ts, value])
+            let changed = |metric: &str, now: Option<f64>, before: Option<f64>| match now {
+                Some(value) if Some(value) != before => tx
+                    .execute(
+                        "INSERT INTO readings (device, metric, ts, value) VALUES (?1, ?2, ?3, ?4)",
+                        &[
+                            Arg::Str(device.id.as_str()),
+                            Arg::Str(metric),
+                            Arg::I64(ts),
+                            Arg::F64(value),
+                        ],
+                    )
                     .map(drop),
                 _ => Ok(()),
             };
@@ -324,9 +485,8 @@ impl Store {
                 let before = old.and_then(|o| o.metrics.get(name).copied());
                 changed(name, Some(value), before)?;
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Cluster mode: takes the cluster's state, as of event `last_id`, in
@@ -334,18 +494,18 @@ impl Store {
     /// in between are missing, which a replay notices.
     pub fn adopt(&mut self, last_id: EventId, devices: &[Device]) -> Result<(), StoreError> {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM devices", [])?;
-        for device in devices {
-            save_device(&tx, device)?;
-        }
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES (?1, ?2)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            params![LAST_EVENT_ID, last_id as i64],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.conn.transaction(TxKind::Write, |tx| {
+            tx.execute("DELETE FROM devices", &[])?;
+            for device in devices {
+                save_device(tx, device)?;
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[Arg::Str(LAST_EVENT_ID), Arg::I64(last_id as i64)],
+            )?;
+            Ok(())
+        })
     }
 
     /// The stored events with ids in `after+1 ..= upto`, oldest first.
@@ -354,25 +514,19 @@ impl Store {
         after: EventId,
         upto: EventId,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let rows = self.conn.query(
             "SELECT id, device, json FROM events WHERE id > ?1 AND id <= ?2 ORDER BY id",
+            &[Arg::I64(after as i64), Arg::I64(upto as i64)],
         )?;
-        let rows = stmt.query_map(params![after as i64, upto as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        let mut events = Vec::new();
-        for row in rows {
-            let (id, device, json) = row?;
-            let device = DeviceId::parse(&device)
+        let mut events = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id = r.i64(0)?;
+            let device = DeviceId::parse(&r.string(1)?)
                 .map_err(|e| StoreError::Corrupt(format!("event {id}: {e}")))?;
             events.push(StoredEvent {
                 id: id as EventId,
                 device,
-                json,
+                json: r.string(2)?,
             });
         }
         Ok(events)
@@ -381,24 +535,26 @@ impl Store {
     /// The stored readings of one device's metric, `(ts ms, value)` oldest
     /// first.
     pub fn readings(&self, device: &DeviceId, metric: &str) -> Result<Vec<(i64, f64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2 ORDER BY ts, rowid",
-        )?;
-        let rows = stmt.query_map(params![device.as_str(), metric], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.conn
+            .query(
+                "SELECT ts, value FROM readings WHERE device = ?1 AND metric = ?2
+                 ORDER BY ts, rowid",
+                &[Arg::Str(device.as_str()), Arg::Str(metric)],
+            )?
+            .iter()
+            .map(|r| Ok((r.i64(0)?, r.f64(1)?)))
+            .collect()
     }
 
     /// The alert limits set over the API, by device.
     pub fn device_limits(&self) -> Result<Vec<(DeviceId, MetricLimits)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device, limits_json FROM device_limits ORDER BY device")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = self.conn.query(
+            "SELECT device, limits_json FROM device_limits ORDER BY device",
+            &[],
+        )?;
         let mut all = Vec::new();
-        for row in rows {
-            let (id, limits) = row?;
+        for r in rows {
+            let (id, limits) = (r.string(0)?, r.string(1)?);
             let corrupt = |what: &str| StoreError::Corrupt(format!("limits of {id}: {what}"));
             all.push((
                 DeviceId::parse(&id).map_err(&corrupt)?,
@@ -415,27 +571,24 @@ impl Store {
         limits: &MetricLimits,
     ) -> Result<(), StoreError> {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        self.conn
-            .prepare_cached(
-                "INSERT INTO device_limits (device, limits_json) VALUES (?1, ?2)
-                 ON CONFLICT (device) DO UPDATE SET limits_json = excluded.limits_json",
-            )?
-            .execute(params![
-                device.as_str(),
-                serde_json::to_string(limits).expect("limits always serialize"),
-            ])?;
+        let json = serde_json::to_string(limits).expect("limits always serialize");
+        self.conn.execute(
+            "INSERT INTO device_limits (device, limits_json) VALUES (?1, ?2)
+             ON CONFLICT (device) DO UPDATE SET limits_json = excluded.limits_json",
+            &[Arg::Str(device.as_str()), Arg::Str(&json)],
+        )?;
         Ok(())
     }
 
     /// The saved learned report intervals, by device.
     pub fn report_intervals(&self) -> Result<Vec<(DeviceId, Duration)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT device, interval_ms FROM report_intervals ORDER BY device")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let rows = self.conn.query(
+            "SELECT device, interval_ms FROM report_intervals ORDER BY device",
+            &[],
+        )?;
         let mut all = Vec::new();
-        for row in rows {
-            let (id, ms) = row?;
+        for r in rows {
+            let (id, ms) = (r.string(0)?, r.i64(1)?);
             let id = DeviceId::parse(&id)
                 .map_err(|e| StoreError::Corrupt(format!("report interval of {id}: {e}")))?;
             all.push((id, Duration::from_millis(ms.max(0) as u64)));
@@ -451,48 +604,77 @@ impl Store {
     ) -> Result<(), StoreError> {
         let ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        self.conn
-            .prepare_cached(
-                "INSERT INTO report_intervals (device, interval_ms) VALUES (?1, ?2)
-                 ON CONFLICT (device) DO UPDATE SET interval_ms = excluded.interval_ms",
-            )?
-            .execute(params![device.as_str(), ms])?;
+        self.conn.execute(
+            "INSERT INTO report_intervals (device, interval_ms) VALUES (?1, ?2)
+             ON CONFLICT (device) DO UPDATE SET interval_ms = excluded.interval_ms",
+            &[Arg::Str(device.as_str()), Arg::I64(ms)],
+        )?;
         Ok(())
     }
 
-    /// The schema version (for tests and diagnostics).
+    /// The schema version (for tests and diagnostics): SQLite's
+    /// `user_version`, PostgreSQL's `schema_version` (each counts its own
+    /// list of migrations).
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        Ok(self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .optional()?
-            .unwrap_or(0))
+        match &self.conn {
+            Conn::Sqlite(conn) => Ok(conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0)),
+            Conn::Postgres(_) => pg_version(&self.conn),
+        }
     }
 }
 
-/// A connection to the database at `path` with this crate's settings.
+/// The version in PostgreSQL's `schema_version` (0: none yet).
+fn pg_version(conn: &Conn) -> Result<i64, StoreError> {
+    Ok(conn
+        .query_opt("SELECT MAX(version) FROM schema_version", &[])?
+        .map(|r| r.opt_i64(0))
+        .transpose()?
+        .flatten()
+        .unwrap_or(0))
+}
+
+/// `host:port/database` of a PostgreSQL configuration.
+fn describe_postgres(config: &postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let db = config.get_dbname().unwrap_or("");
+    format!("postgres://{host}:{port}/{db}")
+}
+
 /// Inserts or replaces `device`'s row.
-fn save_device(tx: &rusqlite::Transaction, device: &Device) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+fn save_device(tx: &Conn, device: &Device) -> Result<(), StoreError> {
+    let status = serde_json::to_string(&device.status).expect("a status always serializes");
+    let alerts = serde_json::to_string(&device.alerts).expect("alerts always serialize");
+    let updated_at = device.updated_at.to_rfc3339();
+    tx.execute(
         "INSERT INTO devices (id, name, status_json, online, updated_at, stale, alerts_json)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (id) DO UPDATE SET name = excluded.name,
              status_json = excluded.status_json, online = excluded.online,
              updated_at = excluded.updated_at, stale = excluded.stale,
              alerts_json = excluded.alerts_json",
-    )?
-    .execute(params![
-        device.id.as_str(),
-        device.name,
-        serde_json::to_string(&device.status).expect("a status always serializes"),
-        device.online,
-        device.updated_at.to_rfc3339(),
-        device.stale,
-        serde_json::to_string(&device.alerts).expect("alerts always serialize"),
-    ])
+        &[
+            Arg::Str(device.id.as_str()),
+            Arg::Str(&device.name),
+            Arg::Str(&status),
+            Arg::OptBool(device.online),
+            Arg::Str(&updated_at),
+            Arg::Bool(device.stale),
+            Arg::Str(&alerts),
+        ],
+    )
     .map(drop)
 }
 
+/// A connection to the database at `path` with this crate's settings.
 fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     // Another writer (the retention task, or a second server on the same
@@ -712,12 +894,11 @@ mod tests {
         assert_eq!(store.last_event_id().unwrap(), Some(42));
         let ts: Vec<i64> = store
             .conn
-            .prepare("SELECT ts FROM events ORDER BY id")
+            .query("SELECT ts FROM events ORDER BY id", &[])
             .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+            .iter()
+            .map(|r| r.i64(0).unwrap())
+            .collect();
         assert_eq!(ts, [1_795_608_000_250, 0], "an undated event is the oldest");
     }
 
@@ -727,7 +908,7 @@ mod tests {
         let mut store = Store::open(dir.path()).unwrap();
         assert_eq!(store.last_event_id().unwrap(), None);
         store.record(7, &device("a", 1.0), None, "{}").unwrap();
-        store.conn.execute("DELETE FROM events", []).unwrap();
+        store.conn.execute("DELETE FROM events", &[]).unwrap();
         assert_eq!(store.id_range().unwrap(), None);
         assert_eq!(store.last_event_id().unwrap(), Some(7));
     }
@@ -765,15 +946,332 @@ mod tests {
     fn runs_in_wal_mode() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mode: String = store
-            .conn
+        let Conn::Sqlite(conn) = &store.conn else {
+            unreachable!()
+        };
+        let mode: String = conn
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
-        let sync: i64 = store
-            .conn
+        let sync: i64 = conn
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
         assert_eq!(sync, 2, "FULL");
+        assert!(!store.shared());
+    }
+}
+
+/// Test databases: a fresh PostgreSQL schema per test.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Store;
+
+    /// The server the tests use (`TELLTALE_TEST_DATABASE_URL`, by default
+    /// the local one).
+    pub fn base_url() -> String {
+        std::env::var("TELLTALE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    }
+
+    /// A schema of its own in the test database, dropped with this; its
+    /// `url` makes it every connection's search path.
+    pub struct PgSchema {
+        pub url: String,
+        base: String,
+        name: String,
+    }
+
+    impl PgSchema {
+        pub fn new() -> Self {
+            let base = base_url();
+            let name = format!("t_{:016x}", rand::random::<u64>());
+            admin(&base)
+                .batch_execute(&format!("CREATE SCHEMA {name}"))
+                .unwrap();
+            let sep = if base.contains('?') { '&' } else { '?' };
+            let url = format!("{base}{sep}options=-csearch_path%3D{name}");
+            Self { url, base, name }
+        }
+
+        pub fn open(&self) -> Store {
+            Store::open_postgres(&self.url).unwrap()
+        }
+    }
+
+    impl Drop for PgSchema {
+        fn drop(&mut self) {
+            let _ = admin(&self.base)
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+        }
+    }
+
+    fn admin(url: &str) -> postgres::Client {
+        postgres::Client::connect(url, postgres::NoTls).unwrap_or_else(|e| {
+            panic!(
+                "the PostgreSQL tests need a server at {url} \
+                 (set TELLTALE_TEST_DATABASE_URL to another): {e}"
+            )
+        })
+    }
+
+    mod tests {
+        use super::*;
+        use crate::model::{Device, DeviceId, Status};
+        use crate::server::db::TxKind;
+        use crate::server::history::Reader;
+        use crate::server::store::StoreError;
+        use chrono::Utc;
+        use std::time::Duration;
+
+        fn device(id: &str, t: f64) -> Device {
+            Device {
+                id: DeviceId::parse(id).unwrap(),
+                name: format!("Device {id}"),
+                status: Status {
+                    temperature: Some(t),
+                    humidity: None,
+                    power_on: Some(true),
+                    metrics: [("load".to_owned(), t / 10.0)].into(),
+                },
+                online: Some(false),
+                stale: false,
+                alerts: Default::default(),
+                updated_at: Utc::now(),
+            }
+        }
+
+        #[test]
+        fn writes_read_back_after_reopening() {
+            let db = PgSchema::new();
+            let a1 = device("a", 20.0);
+            {
+                let mut store = db.open();
+                assert!(store.shared() && store.fsyncs());
+                assert_eq!(store.schema_version().unwrap(), 1);
+                assert_eq!(store.id_range().unwrap(), None);
+                assert_eq!(store.last_event_id().unwrap(), None);
+                store.record(10, &a1, None, r#"{"n":10}"#).unwrap();
+                store
+                    .record(11, &device("b", 5.0), None, r#"{"n":11}"#)
+                    .unwrap();
+                let mut a2 = device("a", 21.0);
+                a2.online = None;
+                a2.stale = true;
+                a2.status.metrics.insert("load".into(), 2.0); // unchanged
+                store.record(12, &a2, Some(&a1), r#"{"n":12}"#).unwrap();
+                // The same id twice fails, and leaves nothing behind.
+                assert!(store.record(12, &a1, None, "{}").is_err());
+            }
+            let mut store = db.open();
+            assert_eq!(store.schema_version().unwrap(), 1);
+            assert_eq!(store.id_range().unwrap(), Some((10, 12)));
+            assert_eq!(store.last_event_id().unwrap(), Some(12));
+            let devices = store.devices().unwrap();
+            assert_eq!(devices.len(), 2);
+            assert_eq!(devices[0].id.as_str(), "a");
+            assert_eq!(devices[0].status.temperature, Some(21.0));
+            assert_eq!((devices[0].online, devices[0].stale), (None, true));
+            assert_eq!(devices[1].online, Some(false));
+            assert_eq!(devices[0].name, "Device a");
+            let events = store.events_between(10, 12).unwrap();
+            assert_eq!(
+                events
+                    .iter()
+                    .map(|e| (e.id, e.json.as_str()))
+                    .collect::<Vec<_>>(),
+                [(11, r#"{"n":11}"#), (12, r#"{"n":12}"#)]
+            );
+            assert_eq!(events[0].device.as_str(), "b");
+            let a = DeviceId::parse("a").unwrap();
+            let temps: Vec<f64> = store
+                .readings(&a, "temperature")
+                .unwrap()
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(temps, [20.0, 21.0]);
+            assert_eq!(store.readings(&a, "load").unwrap().len(), 1, "only changes");
+            // Ids go on upward after a reopen, even once the events are gone.
+            store.record(13, &a1, None, "{}").unwrap();
+            store.conn.execute("DELETE FROM events", &[]).unwrap();
+            assert_eq!(db.open().last_event_id().unwrap(), Some(13));
+            // Limits and report intervals.
+            let limits = crate::server::thresholds::MetricLimits::from([(
+                "temperature".to_owned(),
+                crate::model::Limits {
+                    min: Some(1.0),
+                    max: None,
+                },
+            )]);
+            store.set_device_limits(&a, &limits).unwrap();
+            store.set_device_limits(&a, &limits).unwrap();
+            assert_eq!(store.device_limits().unwrap(), [(a.clone(), limits)]);
+            store
+                .save_report_interval(&a, Duration::from_millis(1))
+                .unwrap();
+            store
+                .save_report_interval(&a, Duration::from_millis(2500))
+                .unwrap();
+            assert_eq!(
+                store.report_intervals().unwrap(),
+                [(a.clone(), Duration::from_millis(2500))]
+            );
+            // Adopting another state replaces the devices.
+            store.adopt(20, &[device("c", 1.0)]).unwrap();
+            assert_eq!(store.devices().unwrap()[0].id.as_str(), "c");
+            assert_eq!(store.last_event_id().unwrap(), Some(20));
+        }
+
+        #[test]
+        fn the_last_id_only_goes_up_when_instances_commit_out_of_order() {
+            let db = PgSchema::new();
+            let (mut one, mut two) = (db.open(), db.open());
+            two.record(2, &device("b", 1.0), None, "{}").unwrap();
+            one.record(1, &device("a", 1.0), None, "{}").unwrap();
+            assert_eq!(one.last_event_id().unwrap(), Some(2));
+            // Distinct ids from many threads at once: all recorded.
+            std::thread::scope(|s| {
+                for t in 0..4u64 {
+                    let db = &db;
+                    s.spawn(move || {
+                        let mut store = db.open();
+                        for i in 0..10 {
+                            let id = 100 + t * 10 + i;
+                            store
+                                .record(id, &device(&format!("d{t}"), i as f64), None, "{}")
+                                .unwrap();
+                        }
+                    });
+                }
+            });
+            assert_eq!(one.events_between(99, 1000).unwrap().len(), 40);
+            assert_eq!(one.last_event_id().unwrap(), Some(139));
+        }
+
+        #[test]
+        fn a_history_read_sees_the_readings() {
+            let db = PgSchema::new();
+            let mut store = db.open();
+            let base = Utc::now() - chrono::Duration::minutes(10);
+            let mut previous: Option<Device> = None;
+            for (i, t) in [1.0, 2.0, 3.0].into_iter().enumerate() {
+                let mut d = device("a", t);
+                d.updated_at = base + chrono::Duration::seconds(i as i64);
+                store
+                    .record(i as u64 + 1, &d, previous.as_ref(), "{}")
+                    .unwrap();
+                previous = Some(d);
+            }
+            let mut reader = Reader::new(store.connect().unwrap()).unwrap();
+            let a = DeviceId::parse("a").unwrap();
+            let history = reader
+                .history(
+                    &a,
+                    "temperature",
+                    base - chrono::Duration::seconds(1),
+                    Utc::now(),
+                    None,
+                    Utc::now(),
+                )
+                .unwrap();
+            let values: Vec<f64> = history.points.iter().map(|p| p.v).collect();
+            assert_eq!(values, [1.0, 2.0, 3.0]);
+            // The reader's connection writes nothing.
+            assert!(
+                reader
+                    .conn_for_tests()
+                    .execute("DELETE FROM readings", &[])
+                    .is_err()
+            );
+        }
+
+        #[test]
+        fn instances_starting_together_migrate_once() {
+            let db = PgSchema::new();
+            let versions: Vec<i64> = std::thread::scope(|s| {
+                let starts: Vec<_> = (0..6)
+                    .map(|_| s.spawn(|| db.open().schema_version().unwrap()))
+                    .collect();
+                starts.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            assert_eq!(versions, [1; 6]);
+            let store = db.open();
+            let rows = store
+                .conn
+                .query("SELECT COUNT(*)::BIGINT FROM schema_version", &[])
+                .unwrap();
+            assert_eq!(rows[0].i64(0).unwrap(), 1);
+        }
+
+        #[test]
+        fn a_lost_connection_is_made_again() {
+            let db = PgSchema::new();
+            let mut store = db.open();
+            store.record(1, &device("a", 1.0), None, "{}").unwrap();
+            let pid = store
+                .conn
+                .query("SELECT pg_backend_pid()::BIGINT", &[])
+                .unwrap()[0]
+                .i64(0)
+                .unwrap();
+            super::admin(&db.base)
+                .execute("SELECT pg_terminate_backend($1)", &[&(pid as i32)])
+                .unwrap();
+            // Lost inside a transaction: an error, never the rest of the
+            // transaction on a new connection.
+            let lost = store.conn.transaction(TxKind::Write, |tx| {
+                tx.execute("INSERT INTO meta (key, value) VALUES ('x', 1)", &[])?;
+                super::admin(&db.base)
+                    .execute("SELECT pg_terminate_backend($1)", &[&(pid as i32)])
+                    .unwrap();
+                while !matches!(
+                    tx.execute("INSERT INTO meta (key, value) VALUES ('y', 1)", &[]),
+                    Err(StoreError::ConnectionLost)
+                ) {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Ok(())
+            });
+            assert!(lost.is_err());
+            // The first use may find the connection gone; the next one
+            // connects again.
+            let mut id = 2;
+            while store.record(id, &device("a", 2.0), None, "{}").is_err() {
+                id += 1;
+                assert!(id < 5, "the store did not connect again");
+            }
+            assert_eq!(store.last_event_id().unwrap(), Some(id));
+            // Nothing of the broken transaction was written.
+            let keys = store
+                .conn
+                .query("SELECT key FROM meta ORDER BY key", &[])
+                .unwrap();
+            assert_eq!(keys.len(), 1, "{keys:?}");
+        }
+
+        #[test]
+        fn commits_wait_for_the_flush_even_where_the_database_does_not() {
+            let db = PgSchema::new();
+            let url = format!("{}%20-csynchronous_commit%3Doff", db.url);
+            let plain = super::admin(&url)
+                .query_one("SELECT current_setting('synchronous_commit')", &[])
+                .unwrap()
+                .get::<_, String>(0);
+            assert_eq!(plain, "off", "the URL turns it off");
+            let store = Store::open_postgres(&url).unwrap();
+            let rows = store
+                .conn
+                .query("SELECT current_setting('synchronous_commit')", &[])
+                .unwrap();
+            assert_eq!(rows[0].string(0).unwrap(), "on");
+        }
+
+        #[test]
+        fn a_missing_server_is_a_clear_error() {
+            let e = Store::open_postgres("postgres://nobody@127.0.0.1:1/nothing")
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains("PostgreSQL"), "{e}");
+        }
     }
 }

@@ -1098,3 +1098,61 @@ impl Nginx {
         format!("http://{}{path}", self.addr)
     }
 }
+
+/// A fresh schema in the test database; `url` makes it the search path.
+pub struct Schema {
+    pub url: String,
+    pub base: String,
+    pub name: String,
+}
+
+impl Schema {
+    pub fn new() -> Self {
+        let base = std::env::var("TELLTALE_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("it_{}_{}", std::process::id(), rand_suffix());
+        admin(&base, format!("CREATE SCHEMA {name}"));
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-csearch_path%3D{name}");
+        Self { url, base, name }
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        admin(
+            &self.base,
+            format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+        );
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// Runs `sql` on the test database, on a thread of its own (the sync client
+/// must not block a runtime's thread).
+pub fn admin(url: &str, sql: String) -> Vec<String> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap_or_else(|e| {
+            panic!(
+                "these tests need PostgreSQL at {url} \
+                 (set TELLTALE_TEST_DATABASE_URL to another): {e}"
+            )
+        });
+        client
+            .simple_query(&sql)
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
