@@ -567,6 +567,10 @@ impl Hub {
     /// deadline is not watched. A mark that cannot be stored is retried.
     pub fn mark_stale(&self, now: Instant) -> Option<Instant> {
         const RETRY: Duration = Duration::from_secs(1);
+        if self.broker.is_some() && self.degraded().is_some() {
+            // Nothing can be published meanwhile: look again later.
+            return Some(now + RETRY);
+        }
         let mut state = self.lock();
         let state = &mut *state;
         let mut next: Option<Instant> = None;
