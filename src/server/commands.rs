@@ -271,12 +271,13 @@ impl Commands {
                 "the device's agent was replaced by a newer one",
             );
         }
-        if let Err(e) = self.hub.set_online(device, Some(true)) {
-            tracing::error!("{device} is online, but that could not be recorded: {e}");
-        }
-        drop(state);
+        // Announced before it shows as online anywhere: a command sent on
+        // seeing it online finds its way.
         if let Some(Err(e)) = self.on_cluster(|b, me| b.claim_agent(device, me)) {
             tracing::warn!("the agent of {device} is not announced to the cluster: {e}");
+        }
+        if let Err(e) = self.hub.set_online(device, Some(true)) {
+            tracing::error!("{device} is online, but that could not be recorded: {e}");
         }
         AgentLink {
             device: device.clone(),
@@ -301,15 +302,16 @@ impl Commands {
                 link.generation,
                 "the device's agent disconnected",
             );
+            // Withdrawn before it shows as offline anywhere: a command
+            // sent on seeing it offline fails at once, wherever it is sent.
+            if let Some(Err(e)) = self.on_cluster(|b, me| b.release_agent(&link.device, me)) {
+                tracing::warn!("the agent of {} is still announced: {e}", link.device);
+            }
             if let Err(e) = self.hub.set_online(&link.device, Some(false)) {
                 tracing::error!(
                     "{} is offline, but that could not be recorded: {e}",
                     link.device
                 );
-            }
-            drop(state);
-            if let Some(Err(e)) = self.on_cluster(|b, me| b.release_agent(&link.device, me)) {
-                tracing::warn!("the agent of {} is still announced: {e}", link.device);
             }
         }
         current
