@@ -322,15 +322,9 @@ impl Conn {
                     .execute(rusqlite::params_from_iter(args))?;
                 Ok(n as u64)
             }
-            Conn::Postgres(pg) => {
-                let mut guard = lock(pg);
-                let pg = &mut *guard;
-                off_runtime(|| {
-                    let stmt = pg.statement(sql)?;
-                    let params: Vec<_> = args.iter().map(Arg::pg).collect();
-                    Ok(pg.client()?.execute(&stmt, &params)?)
-                })
-            }
+            Conn::Postgres(pg) => prepared(pg, sql, args, |client, stmt, params| {
+                client.execute(stmt, params)
+            }),
         }
     }
 
@@ -345,19 +339,12 @@ impl Conn {
                     .collect::<Result<_, _>>()?;
                 Ok(rows)
             }
-            Conn::Postgres(pg) => {
-                let mut guard = lock(pg);
-                let pg = &mut *guard;
-                off_runtime(|| {
-                    let stmt = pg.statement(sql)?;
-                    let params: Vec<_> = args.iter().map(Arg::pg).collect();
-                    pg.client()?
-                        .query(&stmt, &params)?
-                        .iter()
-                        .map(Row::from_pg)
-                        .collect()
-                })
-            }
+            Conn::Postgres(pg) => prepared(pg, sql, args, |client, stmt, params| {
+                client.query(stmt, params)
+            })?
+            .iter()
+            .map(Row::from_pg)
+            .collect(),
         }
     }
 
@@ -403,6 +390,28 @@ impl Conn {
             lock(pg).in_tx = open;
         }
     }
+}
+
+/// Runs `run` with `sql` prepared (or taken from the cache) and `args`
+/// bound, off the async runtime.
+fn prepared<T: Send>(
+    pg: &Mutex<Pg>,
+    sql: &str,
+    args: &[Arg],
+    run: impl FnOnce(
+        &mut postgres::Client,
+        &postgres::Statement,
+        &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<T, postgres::Error>
+    + Send,
+) -> Result<T, StoreError> {
+    let mut guard = lock(pg);
+    let pg = &mut *guard;
+    off_runtime(|| {
+        let stmt = pg.statement(sql)?;
+        let params: Vec<_> = args.iter().map(Arg::pg).collect();
+        Ok(run(pg.client()?, &stmt, &params)?)
+    })
 }
 
 fn lock(pg: &Mutex<Pg>) -> std::sync::MutexGuard<'_, Pg> {

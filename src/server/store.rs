@@ -751,7 +751,7 @@ mod tests {
     use crate::model::Status;
     use chrono::Utc;
 
-    fn device(id: &str, t: f64) -> Device {
+    pub(super) fn device(id: &str, t: f64) -> Device {
         Device {
             id: DeviceId::parse(id).unwrap(),
             name: format!("Device {id}"),
@@ -1016,29 +1016,13 @@ pub(crate) mod testing {
 
     mod tests {
         use super::*;
-        use crate::model::{Device, DeviceId, Status};
+        use crate::model::{Device, DeviceId};
         use crate::server::db::TxKind;
         use crate::server::history::Reader;
         use crate::server::store::StoreError;
+        use crate::server::store::tests::device;
         use chrono::Utc;
         use std::time::Duration;
-
-        fn device(id: &str, t: f64) -> Device {
-            Device {
-                id: DeviceId::parse(id).unwrap(),
-                name: format!("Device {id}"),
-                status: Status {
-                    temperature: Some(t),
-                    humidity: None,
-                    power_on: Some(true),
-                    metrics: [("load".to_owned(), t / 10.0)].into(),
-                },
-                online: Some(false),
-                stale: false,
-                alerts: Default::default(),
-                updated_at: Utc::now(),
-            }
-        }
 
         #[test]
         fn writes_read_back_after_reopening() {
