@@ -327,6 +327,29 @@ pub fn Dashboard() -> impl IntoView {
     .into_any()
 }
 
+/// A device's link badges, on its card and its page: "stale" (silent for
+/// longer than it should be) and "offline" (its agent went away; a device
+/// that never had one is `None`, not offline).
+#[component]
+pub fn LinkBadges(device: RwSignal<Device>) -> impl IntoView {
+    view! {
+        <Show when=move || device.with(|d| d.stale)>
+            <span
+                class="badge stale"
+                data-testid="stale"
+                title="No report for longer than this device's interval"
+            >
+                "stale"
+            </span>
+        </Show>
+        <Show when=move || device.with(|d| d.online == Some(false))>
+            <span class="badge offline" data-testid="offline">
+                "offline"
+            </span>
+        </Show>
+    }
+}
+
 /// The page's stream state: Live, Reconnecting… or Offline; and, when the
 /// server says it takes no changes (its cluster's Redis is away), a
 /// "Degraded" mark with the reason as its title.
@@ -505,9 +528,7 @@ fn DeviceCard(
     let metric_names =
         move || device.with(|d| d.status.metrics.keys().cloned().collect::<Vec<_>>());
     let power_on = move || device.with(|d| d.status.power_on == Some(true));
-    // Its agent went away: unlike a device that never had one (`None`).
     let offline = move || device.with(|d| d.online == Some(false));
-    // Silent for longer than it should be: distinct from offline.
     let stale = move || device.with(|d| d.stale);
     let alerting = move || device.with(|d| !d.alerts.is_empty());
     let alert = move |metric: &'static str| move || device.with(|d| alert_text(d, metric));
@@ -561,20 +582,7 @@ fn DeviceCard(
                     </a>
                 </h2>
                 <span class="badges">
-                    <Show when=stale>
-                        <span
-                            class="badge stale"
-                            data-testid="stale"
-                            title="No report for longer than this device's interval"
-                        >
-                            "stale"
-                        </span>
-                    </Show>
-                    <Show when=offline>
-                        <span class="badge offline" data-testid="offline">
-                            "offline"
-                        </span>
-                    </Show>
+                    <LinkBadges device=device />
                     <span class="power" class:on=power_on data-testid="power">
                         {move || match device.with(|d| d.status.power_on) {
                             Some(true) => "on",

@@ -7,7 +7,7 @@
 //! and each changed value extends its chart.
 
 use super::chart::{self, DAY_MS, HOUR_MS, LineChart};
-use super::dashboard::{ConnectionIndicator, Value, alert_text, format_value, value_of};
+use super::dashboard::{ConnectionIndicator, LinkBadges, Value, alert_text, format_value, value_of};
 use super::live::{self, Connection, Feed, Follower};
 use super::{NotFound, device_href};
 use crate::model::{Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent};
@@ -259,7 +259,6 @@ pub fn DevicePage() -> impl IntoView {
     let device = page.device;
     let name = move || device.with(|d| d.name.clone());
     let offline = move || device.with(|d| d.online == Some(false));
-    let stale = move || device.with(|d| d.stale);
     let alerting = move || device.with(|d| !d.alerts.is_empty());
     let metrics = move || device.with(|d| metrics_of(&d.status));
     let href = device_href(&id);
@@ -272,20 +271,7 @@ pub fn DevicePage() -> impl IntoView {
             </a>
             <h1 data-testid="name">{name}</h1>
             <span class="badges">
-                <Show when=offline>
-                    <span class="badge offline" data-testid="offline">
-                        "offline"
-                    </span>
-                </Show>
-                <Show when=stale>
-                    <span
-                        class="badge stale"
-                        data-testid="stale"
-                        title="No report for longer than this device's interval"
-                    >
-                        "stale"
-                    </span>
-                </Show>
+                <LinkBadges device=device />
                 <Show when=alerting>
                     <span class="badge alerting" data-testid="alerting">
                         "alert"
