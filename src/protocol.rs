@@ -8,7 +8,7 @@
 //! Compiled for both `ssr` and `hydrate`, so a browser client (later) reads
 //! and writes exactly these types.
 
-use crate::model::{DeviceId, EventId, Snapshot, StatusEvent, StatusUpdate};
+use crate::model::{DeviceId, EventId, Health, Snapshot, StatusEvent, StatusUpdate};
 use serde::{Deserialize, Serialize};
 
 /// The protocol version a `hello` must name.
@@ -134,6 +134,8 @@ pub enum ServerMessage {
     Snapshot { id: EventId, data: Snapshot },
     /// The SSE `status` event: same id, same data.
     Status { id: EventId, data: StatusEvent },
+    /// The SSE `health` event (cluster mode): same data, no id.
+    Health { data: Health },
     /// To an operator: the command was routed to the device's agent.
     Ack { request_id: String },
     /// To an operator: how the command ended. Exactly one per `request_id`.

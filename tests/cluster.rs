@@ -164,6 +164,32 @@ async fn redis_going_away_loses_no_acknowledged_update() {
     let mut redis = Redis::start().await;
     let servers = instances(&redis, 2).await;
     let start = servers[0].healthz().await["event_id"].as_u64().unwrap();
+    // Viewers on either transport are told the instance is degraded, and
+    // then that it is back.
+    let mut sse = servers[1].sse("").await;
+    let sse_health = tokio::spawn(async move {
+        let mut told = Vec::new();
+        // Up to the first `null` after a reason.
+        while told.last().is_none_or(Value::is_string) {
+            let record = sse.next().await;
+            if record.event() == "health" {
+                told.push(record.json()["degraded"].clone());
+            }
+        }
+        told
+    });
+    let mut ws = servers[1].viewer().await;
+    ws.send(&json!({"type": "subscribe"})).await;
+    let ws_health = tokio::spawn(async move {
+        let mut told = Vec::new();
+        while told.last().is_none_or(Value::is_string) {
+            let message = ws.next().await;
+            if message["type"] == "health" {
+                told.push(message["data"]["degraded"].clone());
+            }
+        }
+        told
+    });
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load = async {
         let servers = &servers;
@@ -197,6 +223,10 @@ async fn redis_going_away_loses_no_acknowledged_update() {
         stop.send(true).unwrap();
     };
     let ((acked, refused), ()) = tokio::join!(load, outage);
+    for told in [sse_health.await.unwrap(), ws_health.await.unwrap()] {
+        assert!(told[0].is_string(), "first told degraded, then: {told:?}");
+        assert_eq!(told.last(), Some(&Value::Null), "{told:?}");
+    }
     assert!(refused > 0, "writes during the outage are refused");
     assert!(
         acked.len() > 20,

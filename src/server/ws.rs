@@ -23,7 +23,7 @@ use super::auth::{self, Refusal};
 use super::commands::{AgentCommand, AgentLink, EMPTY_SET, Settled};
 use super::error::ApiError;
 use super::hub::{ApplyError, Filter, Published, Start, Subscription, ws_frame};
-use crate::model::DeviceId;
+use crate::model::{DeviceId, Health};
 use crate::protocol::{
     ClientMessage, MAX_MESSAGE, MAX_REQUEST_ID, Outcome, Role, ServerMessage, VERSION, close,
 };
@@ -36,6 +36,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -99,6 +100,7 @@ async fn connection(mut socket: WebSocket, state: AppState, bearer: Option<Strin
         role,
         link,
         subscription: None,
+        health: None,
         filter: Filter::default(),
         in_flight: JoinSet::new(),
         heard: Instant::now(),
@@ -178,6 +180,7 @@ enum Wake {
     Settled((String, Settled)),
     Command(AgentCommand),
     Event(Result<Arc<Published>, RecvError>),
+    Health,
 }
 
 /// Awaits `fut`, or forever when there is none (a disabled `select!` branch).
@@ -193,6 +196,8 @@ struct Connection {
     role: Role,
     link: Option<AgentLink>,
     subscription: Option<Subscription>,
+    /// Whether the server takes changes, followed once subscribed.
+    health: Option<watch::Receiver<Option<String>>>,
     filter: Filter,
     in_flight: JoinSet<(String, Settled)>,
     /// When the peer last sent anything, pongs included.
@@ -219,6 +224,7 @@ impl Connection {
                 let Self {
                     link,
                     subscription,
+                    health,
                     in_flight,
                     ..
                 } = &mut *self;
@@ -231,6 +237,7 @@ impl Connection {
                     Some(Ok(done)) = in_flight.join_next(), if !in_flight.is_empty() => Wake::Settled(done),
                     Some(command) = maybe(link.as_mut().map(|l| l.commands.recv())) => Wake::Command(command),
                     event = maybe(subscription.as_mut().map(|s| s.events.recv())) => Wake::Event(event),
+                    Ok(()) = maybe(health.as_mut().map(|h| h.changed())) => Wake::Health,
                 }
             };
             match wake {
@@ -296,6 +303,10 @@ impl Connection {
                         "slow WebSocket client resynchronised with a snapshot"
                     );
                     self.subscribe(socket, None).await?;
+                }
+                Wake::Health => {
+                    let degraded = self.health.as_mut().map(|h| h.borrow_and_update().clone());
+                    send_msg(socket, &health_msg(degraded.flatten()), silence).await?;
                 }
                 Wake::Event(Err(RecvError::Closed)) => {
                     return Err(end(close::GOING_AWAY, "the server is shutting down"));
@@ -417,6 +428,13 @@ impl Connection {
             start: Start::Replay(Vec::new()),
             events,
         });
+        // As on SSE: a stream from a degraded server starts by saying so.
+        let mut health = self.state.hub.health();
+        let degraded = health.borrow_and_update().clone();
+        self.health = Some(health);
+        if degraded.is_some() {
+            send_msg(socket, &health_msg(degraded), silence).await?;
+        }
         match start {
             Start::Snapshot(snapshot) => {
                 let data = serde_json::to_string(&snapshot).expect("a snapshot always serializes");
@@ -472,6 +490,12 @@ impl Connection {
                 send_msg(socket, &ack, silence).await
             }
         }
+    }
+}
+
+fn health_msg(degraded: Option<String>) -> ServerMessage {
+    ServerMessage::Health {
+        data: Health { degraded },
     }
 }
 
