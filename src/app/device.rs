@@ -7,7 +7,9 @@
 //! and each changed value extends its chart.
 
 use super::chart::{self, DAY_MS, HOUR_MS, LineChart};
-use super::dashboard::{ConnectionIndicator, LinkBadges, Value, alert_text, format_value, value_of};
+use super::dashboard::{
+    ConnectionIndicator, LinkBadges, Value, alert_text, format_value, value_of,
+};
 use super::live::{self, Connection, Feed, Follower};
 use super::{NotFound, device_href};
 use crate::model::{Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent};
