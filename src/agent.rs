@@ -11,6 +11,12 @@
 //! and logged once. Values are rounded to what is worth showing, and only
 //! the fields that changed are sent (everything once after each connect).
 //!
+//! The server is `ws://` or, behind a TLS proxy, `wss://`: TLS is rustls
+//! with the ring provider, trusting the platform's certificates (read once
+//! at start; `SSL_CERT_FILE` or `SSL_CERT_DIR` name others, e.g. a private
+//! CA). A refused certificate is a connection failure like any other: it is
+//! logged, with its reason, and retried.
+//!
 //! Power commands go to a [`PowerAction`]; the status update goes out before
 //! the `applied` result, and a failing action answers `failed` with its
 //! reason. When the server goes away the agent reconnects with exponential
@@ -24,8 +30,10 @@ use futures::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -388,6 +396,66 @@ pub fn on_close(code: Option<u16>, reason: &str, device: &DeviceId) -> Ended {
     }
 }
 
+/// How to reach `server`: plain for `ws://`; for `wss://`, TLS trusting
+/// this machine's certificates. `Err` (saying why) when none are found.
+fn connector(server: &str) -> Result<Connector, String> {
+    if !server.starts_with("wss://") {
+        return Ok(Connector::Plain);
+    }
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!("reading the trusted certificates: {e}");
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (trusted, _unusable) = roots.add_parsable_certificates(found.certs);
+    let source = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .into_iter()
+        .filter_map(|var| Some(format!("{var}={}", std::env::var(var).ok()?)))
+        .collect::<Vec<_>>();
+    let source = if source.is_empty() {
+        "the platform's trust store".to_owned()
+    } else {
+        source.join(", ")
+    };
+    if trusted == 0 {
+        return Err(format!(
+            "no trusted certificate found in {source} to check {server} with; install \
+             ca-certificates, or set SSL_CERT_FILE to the PEM file of the server's CA"
+        ));
+    }
+    tracing::info!("wss: trusting {trusted} certificates from {source}");
+    // The provider is given here, so no process-wide default is needed.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS cannot be set up: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Connector::Rustls(Arc::new(config)))
+}
+
+/// Why connecting to `server` failed, in words; a TLS failure says so.
+fn cannot_connect(server: &str, e: &tungstenite::Error) -> String {
+    let tls = match e {
+        tungstenite::Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        tungstenite::Error::Tls(tungstenite::error::TlsError::Rustls(tls)) => Some(&**tls),
+        _ => None,
+    };
+    match tls {
+        Some(tls @ rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
+            format!(
+                "cannot connect to {server}: TLS: {tls} (the server's certificate is not \
+                 signed by a CA this machine trusts; for a private CA set SSL_CERT_FILE \
+                 to its PEM file)"
+            )
+        }
+        Some(tls) => format!("cannot connect to {server}: TLS: {tls}"),
+        None => format!("cannot connect to {server}: {e}"),
+    }
+}
+
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -400,6 +468,8 @@ pub struct Agent {
     pub interval: Duration,
     pub sensors: Box<dyn Sensors>,
     pub power: Box<dyn PowerAction>,
+    /// Plain or TLS, made once by [`Agent::run`].
+    connector: Connector,
     reading: Reading,
     reported: Reported,
 }
@@ -465,6 +535,7 @@ impl Agent {
             interval,
             sensors,
             power,
+            connector: Connector::Plain,
             reading: Reading::default(),
             reported: Reported::default(),
         }
@@ -473,6 +544,7 @@ impl Agent {
     /// Connects, reports and reconnects until `stop` (`Ok`) or a refusal
     /// (`Err`, saying why).
     pub async fn run(&mut self, stop: &CancellationToken) -> Result<(), String> {
+        self.connector = connector(&self.server)?;
         tracing::info!(
             "telltale agent: reporting this machine as device `{}` to {} every {:?}",
             self.device,
@@ -506,13 +578,18 @@ impl Agent {
         let connect = tokio::time::timeout(
             CONNECT_TIMEOUT,
             // Nagle off: `status` and `result` go out back to back.
-            tokio_tungstenite::connect_async_with_config(self.server.as_str(), None, true),
+            tokio_tungstenite::connect_async_tls_with_config(
+                self.server.as_str(),
+                None,
+                true,
+                Some(self.connector.clone()),
+            ),
         );
         let mut ws = tokio::select! {
             () = stop.cancelled() => return Ended::Stopped,
             connected = connect => match connected {
                 Err(_) => return Ended::Retry(format!("connecting to {} timed out", self.server)),
-                Ok(Err(e)) => return Ended::Retry(format!("cannot connect to {}: {e}", self.server)),
+                Ok(Err(e)) => return Ended::Retry(cannot_connect(&self.server, &e)),
                 Ok(Ok((ws, _))) => ws,
             },
         };
@@ -895,6 +972,43 @@ mod tests {
             unreachable!()
         };
         assert!(why.contains("4401 unauthorized") && why.contains("unknown token"));
+    }
+
+    #[test]
+    fn a_refused_certificate_is_named_as_a_tls_failure() {
+        let url = "wss://dashboard.example/api/ws";
+        let tls = |e: rustls::Error| {
+            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+            cannot_connect(url, &tungstenite::Error::Io(io))
+        };
+        let untrusted = tls(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert!(
+            untrusted.starts_with(&format!(
+                "cannot connect to {url}: TLS: invalid peer certificate"
+            )) && untrusted.contains("SSL_CERT_FILE"),
+            "{untrusted}"
+        );
+        let expired = tls(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired,
+        ));
+        assert!(
+            expired.contains(": TLS: invalid peer certificate"),
+            "{expired}"
+        );
+        assert!(!expired.contains("SSL_CERT_FILE"), "{expired}");
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let plain = cannot_connect(url, &tungstenite::Error::Io(refused));
+        assert!(!plain.contains("TLS"), "{plain}");
+    }
+
+    #[test]
+    fn plain_ws_needs_no_trust_store() {
+        assert!(matches!(
+            connector("ws://127.0.0.1:3000/api/ws"),
+            Ok(Connector::Plain)
+        ));
     }
 
     #[test]

@@ -1,26 +1,34 @@
 #![cfg(feature = "ssr")]
 //! `telltale agent` against the real server: it reports this machine's real
 //! hardware, obeys commands, goes offline when killed, stops on a refusal
-//! and comes back after a server restart.
+//! and comes back after a server restart; over `wss://` through nginx
+//! terminating TLS, it reports only when it trusts the certificate.
 
 mod common;
 
-use common::{AgentProcess, Server, within};
+use common::{AgentProcess, Nginx, SelfSigned, Server, eventually, within};
 use serde_json::{Value, json};
+use std::ffi::OsStr;
 use std::time::Duration;
 
-/// Starts an agent for `device` with the server's ingest token.
+/// Starts an agent for `device` with `token`, straight to the server.
 fn agent(server: &Server, device: &str, token: &str) -> AgentProcess {
-    AgentProcess::start(&[
+    agent_to(&server.ws_url(), device, token, &[])
+}
+
+/// Starts an agent for `device` reporting to `url`, with `env` set.
+fn agent_to(url: &str, device: &str, token: &str, env: &[(&str, &OsStr)]) -> AgentProcess {
+    let args = [
         "--server",
-        &server.ws_url(),
+        url,
         "--device",
         device,
         "--token",
         token,
         "--interval",
         "200ms",
-    ])
+    ];
+    AgentProcess::start_with_env(&args, env)
 }
 
 /// Polls `GET /api/devices/{id}` until `check` holds; returns the device.
@@ -41,6 +49,33 @@ async fn device_where(
         }
     })
     .await
+}
+
+/// Waits for `agent` to exit on its own; asserts it failed, saying `why`.
+async fn fails_saying(agent: &mut AgentProcess, why: &str) {
+    let code = agent.exit_code().await;
+    let output = agent.output();
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "exit code {code:?}:\n{output}"
+    );
+    assert!(output.contains(why), "the output says {why:?}:\n{output}");
+}
+
+/// Sends the agent of `device` a power-off command, which it applies.
+async fn switches_off(server: &Server, device: &str) {
+    let (status, answer) = server
+        .post_command(
+            device,
+            Some(&server.operator_token),
+            &json!({"set": {"power_on": false}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer, json!({"outcome": "applied"}));
+    // The status went out before the result: it is already there.
+    let device = server.device(device).await.unwrap();
+    assert_eq!(device["status"]["power_on"], false, "{device}");
 }
 
 /// Real readings of this machine: memory in use and an uptime.
@@ -75,18 +110,7 @@ async fn the_agent_reports_this_machine_obeys_commands_and_goes_offline_when_kil
     let cpu = device["status"]["metrics"]["cpu_pct"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&cpu), "CPU use {cpu} %");
 
-    let (status, answer) = server
-        .post_command(
-            "this-host",
-            Some(&server.operator_token),
-            &json!({"set": {"power_on": false}}),
-        )
-        .await;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer, json!({"outcome": "applied"}));
-    // The status went out before the result: it is already there.
-    let device = server.device("this-host").await.unwrap();
-    assert_eq!(device["status"]["power_on"], false, "{device}");
+    switches_off(&server, "this-host").await;
 
     agent.kill().await;
     device_where(&server, "this-host", "the device offline", |d| {
@@ -99,13 +123,7 @@ async fn the_agent_reports_this_machine_obeys_commands_and_goes_offline_when_kil
 async fn a_bad_token_stops_the_agent_with_the_refusal() {
     let server = Server::start().await;
     let mut agent = agent(&server, "refused", "not-a-token");
-    let code = agent.exit_code().await;
-    assert!(code.is_some_and(|c| c != 0), "exit code {code:?}");
-    let output = agent.output();
-    assert!(
-        output.contains("4401 unauthorized"),
-        "the output names the refusal:\n{output}"
-    );
+    fails_saying(&mut agent, "4401 unauthorized").await;
     assert_eq!(server.device("refused").await, None);
 }
 
@@ -113,10 +131,7 @@ async fn a_bad_token_stops_the_agent_with_the_refusal() {
 async fn a_device_token_for_another_id_is_forbidden() {
     let server = Server::start_with(&["--device-token", "other=dev-secret"]).await;
     let mut agent = agent(&server, "mine", "dev-secret");
-    let code = agent.exit_code().await;
-    assert!(code.is_some_and(|c| c != 0), "exit code {code:?}");
-    let output = agent.output();
-    assert!(output.contains("4403 forbidden"), "{output}");
+    fails_saying(&mut agent, "4403 forbidden").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,13 +146,7 @@ async fn a_newer_agent_replaces_the_older_which_exits() {
     )
     .await;
     let _second = agent(&server, "twin", &server.token);
-    let code = first.exit_code().await;
-    assert!(code.is_some_and(|c| c != 0), "exit code {code:?}");
-    assert!(
-        first.output().contains("4409 replaced"),
-        "{}",
-        first.output()
-    );
+    fails_saying(&mut first, "4409 replaced").await;
     assert_eq!(server.device("twin").await.unwrap()["online"], true);
 }
 
@@ -159,4 +168,69 @@ async fn the_agent_reconnects_after_the_server_restarts() {
         d["online"] == false
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reports_over_wss_through_nginx_terminating_tls() {
+    let server = Server::start().await;
+    let certificate = SelfSigned::new();
+    let nginx = Nginx::start_tls(&[server.addr], &certificate).await;
+    let url = nginx.ws_url();
+    assert!(url.starts_with("wss://localhost:"), "{url}");
+    let trust = [("SSL_CERT_FILE", certificate.cert.as_os_str())];
+    let mut agent = agent_to(&url, "over-tls", &server.token, &trust);
+    let device = device_where(&server, "over-tls", "a real reading over wss", |d| {
+        d["online"] == true && has_real_reading(d)
+    })
+    .await;
+    assert_eq!(device["status"]["power_on"], true, "{device}");
+    let output = agent.output();
+    assert!(
+        output.contains(&format!("connected to {url}")),
+        "the agent says where it is connected:\n{output}"
+    );
+    // Commands come back through the proxy too.
+    switches_off(&server, "over-tls").await;
+    assert_eq!(agent.terminate().await, Some(0), "{}", agent.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_is_logged_and_retried_and_nothing_is_reported() {
+    let server = Server::start().await;
+    let certificate = SelfSigned::new();
+    let nginx = Nginx::start_tls(&[server.addr], &certificate).await;
+    // The agent trusts another certificate, not the one nginx shows.
+    let other = SelfSigned::new();
+    let trust = [("SSL_CERT_FILE", other.cert.as_os_str())];
+    let mut agent = agent_to(&nginx.ws_url(), "untrusted", &server.token, &trust);
+    // Two refusals: the first is retried with the usual backoff.
+    eventually("the agent to be refused twice", || async {
+        agent.output().matches("invalid peer certificate").count() >= 2
+    })
+    .await;
+    let output = agent.output();
+    let refusal = output
+        .lines()
+        .find(|l| l.contains("invalid peer certificate"))
+        .unwrap();
+    assert!(
+        refusal.contains("UnknownIssuer")
+            && refusal.contains("SSL_CERT_FILE")
+            && refusal.contains("reconnecting in"),
+        "one clear line says why and that it retries:\n{output}"
+    );
+    assert_eq!(server.device("untrusted").await, None);
+    assert_eq!(agent.terminate().await, Some(0), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_url_that_is_not_ws_or_wss_is_refused_at_start() {
+    for url in ["http://127.0.0.1:3000/api/ws", "garbage"] {
+        let mut agent = AgentProcess::start(&["--server", url, "--token", "t"]);
+        fails_saying(
+            &mut agent,
+            "expected ws://HOST:PORT/api/ws, or wss://HOST/api/ws",
+        )
+        .await;
+    }
 }

@@ -172,7 +172,9 @@ pub enum Command {
 /// The options of `telltale agent`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct AgentOptions {
-    /// The server's WebSocket endpoint (`ws://HOST:PORT/api/ws`).
+    /// The server's WebSocket endpoint: `ws://HOST:PORT/api/ws`, or
+    /// `wss://HOST/api/ws` behind a TLS proxy (its certificate checked
+    /// against this machine's trust store, or `SSL_CERT_FILE`).
     #[arg(long, env = "TELLTALE_SERVER", default_value = "ws://127.0.0.1:3000/api/ws",
           value_parser = parse_ws_url)]
     pub server: String,
@@ -197,18 +199,15 @@ pub struct AgentOptions {
     pub name: Option<String>,
 }
 
+/// A `ws://` or `wss://` URL with a host; anything else is refused at start.
 fn parse_ws_url(s: &str) -> Result<String, String> {
+    const EXPECTED: &str = "expected ws://HOST:PORT/api/ws, or wss://HOST/api/ws behind TLS";
     let s = s.trim();
-    if s.starts_with("wss://") {
-        return Err(
-            "wss:// is not supported by this build; use ws:// (behind a \
-                    TLS-terminating proxy, run the agent on the same network)"
-                .into(),
-        );
-    }
-    match s.strip_prefix("ws://") {
-        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(s.to_owned()),
-        _ => Err("expected ws://HOST:PORT/api/ws".into()),
+    let uri: tokio_tungstenite::tungstenite::http::Uri =
+        s.parse().map_err(|e| format!("{EXPECTED} ({e})"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("ws" | "wss"), Some(host)) if !host.is_empty() => Ok(s.to_owned()),
+        _ => Err(EXPECTED.into()),
     }
 }
 
@@ -465,7 +464,14 @@ mod tests {
         assert!(agent(&[]).is_err(), "a token is required");
         assert!(agent(&["--token", "t", "--device", "Not OK"]).is_err());
         assert!(agent(&["--token", "t", "--server", "http://x/api/ws"]).is_err());
-        assert!(agent(&["--token", "t", "--server", "wss://x/api/ws"]).is_err());
+        assert!(agent(&["--token", "t", "--server", "x:80/api/ws"]).is_err());
+        assert!(agent(&["--token", "t", "--server", "ws:///api/ws"]).is_err());
+        assert!(agent(&["--token", "t", "--server", "ws://a b/api/ws"]).is_err());
+        let wss = "wss://dashboard.example/api/ws";
+        assert_eq!(
+            agent(&["--token", "t", "--server", wss]).unwrap().server,
+            wss
+        );
         assert!(agent(&["--token", "t", "--interval", "1ms"]).is_err());
         assert!(agent(&["--token", "t", "--name", "  "]).is_err());
         // Server options belong before no subcommand at all.

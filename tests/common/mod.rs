@@ -441,8 +441,15 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts `telltale agent` with `args` and a clean environment.
+    /// Starts `telltale agent` with `args` and a clean environment: no
+    /// option from the environment, and for `wss://` the platform's trust
+    /// store, whatever `SSL_CERT_FILE` or `SSL_CERT_DIR` this process has.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`start`](Self::start), with the environment variables `env` set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
         command
             .arg("agent")
@@ -455,6 +462,10 @@ impl AgentProcess {
         for var in telltale::server::config::Config::env_vars() {
             command.env_remove(var);
         }
+        command
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
+            .envs(env.iter().copied());
         let mut child = command.spawn().expect("the telltale binary starts");
         let log = Arc::new(Mutex::new(Vec::new()));
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
@@ -1012,16 +1023,76 @@ impl Redis {
     }
 }
 
+/// A certificate for `localhost` and 127.0.0.1, self-signed (by the
+/// `openssl` command), and its key, as PEM files. Each has a subject of its
+/// own, so that no other certificate (another test's, or a `CN=localhost`
+/// snakeoil in the system store) passes for its issuer.
+pub struct SelfSigned {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SelfSigned {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let name = dir.path().file_name().expect("a named directory");
+        let subject = format!("/O=Telltale tests/CN={}", name.to_string_lossy());
+        let output = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", &subject])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            // A server certificate, not a CA: rustls refuses a CA as a server.
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            output.status.success(),
+            "openssl made no certificate: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        SelfSigned {
+            cert,
+            key,
+            _dir: dir,
+        }
+    }
+}
+
 /// nginx, configured by `tests/nginx/telltale.conf` (the example the README
 /// gives), in front of `upstreams`, on a free port.
 pub struct Nginx {
     child: Child,
     pub addr: SocketAddr,
+    /// Listening with TLS (`ssl`)?
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
 impl Nginx {
     pub async fn start(upstreams: &[SocketAddr]) -> Self {
+        Self::launch(upstreams, None).await
+    }
+
+    /// [`start`](Self::start), terminating TLS with `certificate`, the
+    /// way the README's note on `wss://` says.
+    pub async fn start_tls(upstreams: &[SocketAddr], certificate: &SelfSigned) -> Self {
+        Self::launch(upstreams, Some(certificate)).await
+    }
+
+    async fn launch(upstreams: &[SocketAddr], tls: Option<&SelfSigned>) -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -1044,7 +1115,15 @@ impl Nginx {
                     site.push_str(&servers);
                 }
             } else if line.trim() == "listen 8080;" {
-                site.push_str(&format!("    listen 127.0.0.1:{port};\n"));
+                match tls {
+                    None => site.push_str(&format!("    listen 127.0.0.1:{port};\n")),
+                    Some(c) => site.push_str(&format!(
+                        "    listen 127.0.0.1:{port} ssl;\n    ssl_certificate {};\n    \
+                         ssl_certificate_key {};\n",
+                        c.cert.display(),
+                        c.key.display()
+                    )),
+                }
             } else {
                 site.push_str(line);
                 site.push('\n');
@@ -1090,12 +1169,20 @@ impl Nginx {
         Nginx {
             child,
             addr,
+            tls: tls.is_some(),
             _dir: dir,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
+    }
+
+    /// `GET /api/ws` through nginx, by the name its certificate is for.
+    pub fn ws_url(&self) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://localhost:{}/api/ws", self.addr.port())
     }
 }
 
