@@ -127,7 +127,8 @@ async fn main() {
                 };
                 let mut n = 1u64;
                 while Instant::now() < deadline {
-                    let x = n as f64;
+                    // Every update a change, and always in range.
+                    let x = (n % 1000) as f64;
                     let sent = Instant::now();
                     let answer = client
                         .post(&url)

@@ -43,7 +43,7 @@
 use super::cluster::{Append, Broker};
 use super::history::Reader;
 use super::stale::{StalePolicy, Watch};
-use super::store::{Store, StoreError, StoredEvent};
+use super::store::{Recorded, Store, StoreError, StoredEvent};
 use super::thresholds::{MetricLimits, Thresholds, ThresholdsView};
 use crate::model::{
     Device, DeviceId, EventId, FieldError, History, Online, Snapshot, StatusEvent, StatusUpdate,
@@ -156,6 +156,28 @@ pub struct Hub {
     stale_wake: Notify,
     /// History reads, on a connection of their own: never under `state`.
     history: Option<Mutex<Reader>>,
+    /// Updates waiting for the `state` lock: whoever takes it next applies
+    /// them all and records them with one commit (see [`Hub::apply`]).
+    waiting: Mutex<Vec<Arc<Waiting>>>,
+}
+
+/// An update waiting to be applied, and then its result.
+struct Waiting {
+    device: DeviceId,
+    update: StatusUpdate,
+    result: Mutex<Option<Result<Applied, ApplyError>>>,
+}
+
+/// Changes made under one lock and recorded with one commit (see
+/// [`Hub::apply`]): made in memory at once, so each sees the ones before
+/// it; sent to subscribers once recorded; undone if recording fails.
+struct Group {
+    records: Vec<Recorded>,
+    published: Vec<Arc<Published>>,
+    /// Each changed device as it was before the group (`None`: new).
+    before: BTreeMap<DeviceId, Option<Device>>,
+    last_id: EventId,
+    fresh: bool,
 }
 
 struct State {
@@ -172,6 +194,8 @@ struct State {
     store: Option<Store>,
     thresholds: Thresholds,
     watch: Watch,
+    /// Open while [`Hub::apply`] applies a group of updates.
+    group: Option<Group>,
 }
 
 impl Hub {
@@ -218,6 +242,7 @@ impl Hub {
                 store: None,
                 thresholds: Thresholds::default(),
                 watch: Watch::default(),
+                group: None,
             }),
             ring_capacity,
             client_queue,
@@ -225,6 +250,7 @@ impl Hub {
             degraded: watch::Sender::new(None),
             stale_wake: Notify::new(),
             history: None,
+            waiting: Mutex::default(),
         }
     }
 
@@ -238,8 +264,96 @@ impl Hub {
     /// change is published, once it is durable. Every accepted update, changed
     /// or not, is a sign of life: it clears `stale` (an event of its own when
     /// nothing else changed), and its alerts are evaluated afresh.
+    ///
+    /// Group commit: while one update waits for its fsync, the others queue;
+    /// the next to take the lock applies every queued update and records
+    /// them all with one commit, each answered only once it is durable. (Not
+    /// in cluster mode, where each change is first published through Redis.)
     pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, ApplyError> {
-        self.write(|state| self.apply_to(state, id, update))
+        if self.broker.is_some() {
+            return self.write(|state| self.apply_to(state, id, update));
+        }
+        let mine = Arc::new(Waiting {
+            device: id.clone(),
+            update: update.clone(),
+            result: Mutex::default(),
+        });
+        lock(&self.waiting).push(mine.clone());
+        let mut state = self.lock();
+        if lock(&mine.result).is_none() {
+            let group = std::mem::take(&mut *lock(&self.waiting));
+            self.apply_group(&mut state, &group);
+        }
+        let result = lock(&mine.result).take();
+        // Only a panic while applying a group leaves a result unset.
+        result.unwrap_or_else(|| Err(StoreError::Lost("its group failed halfway".into()).into()))
+    }
+
+    /// [`apply`](Self::apply) for async code: the wait for the lock and the
+    /// store happens off the runtime's workers, where any number of updates
+    /// may wait at once (and be recorded together).
+    pub async fn apply_off_runtime(
+        self: &Arc<Self>,
+        id: DeviceId,
+        update: StatusUpdate,
+    ) -> Result<Applied, ApplyError> {
+        let hub = self.clone();
+        tokio::task::spawn_blocking(move || hub.apply(&id, &update))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Lost(e.to_string()).into()))
+    }
+
+    /// Applies `group` in order, records its changes with one commit, then
+    /// sends them to subscribers; if recording fails, undoes them all and
+    /// answers each update with the failure.
+    fn apply_group(&self, state: &mut State, group: &[Arc<Waiting>]) {
+        state.group = Some(Group {
+            records: Vec::new(),
+            published: Vec::new(),
+            before: BTreeMap::new(),
+            last_id: state.last_id,
+            fresh: state.fresh,
+        });
+        let results: Vec<_> = group
+            .iter()
+            .map(|w| self.apply_to(state, &w.device, &w.update))
+            .collect();
+        let done = state.group.take().expect("the group is open");
+        let recorded = match &mut state.store {
+            Some(store) if !done.records.is_empty() => {
+                if store.fsyncs() {
+                    tokio::task::block_in_place(|| store.record_all(&done.records))
+                } else {
+                    store.record_all(&done.records)
+                }
+            }
+            _ => Ok(()),
+        };
+        match recorded {
+            Ok(()) => {
+                for published in done.published {
+                    self.send(state, published);
+                }
+                for (waiting, result) in group.iter().zip(results) {
+                    *lock(&waiting.result) = Some(result);
+                }
+            }
+            Err(e) => {
+                for (id, before) in done.before {
+                    match before {
+                        Some(device) => state.devices.insert(id, device),
+                        None => state.devices.remove(&id),
+                    };
+                }
+                state.last_id = done.last_id;
+                state.fresh = done.fresh;
+                let e = Arc::new(e);
+                for (waiting, result) in group.iter().zip(results) {
+                    let result = result.and(Err(StoreError::Group(e.clone()).into()));
+                    *lock(&waiting.result) = Some(result);
+                }
+            }
+        }
     }
 
     fn apply_to(
@@ -419,8 +533,23 @@ impl Hub {
         json: Box<str>,
         own: bool,
     ) -> Result<(), StoreError> {
-        let State { store, devices, .. } = state;
-        if let Some(store) = store.as_mut().filter(|s| own || !s.shared()) {
+        let State {
+            store,
+            devices,
+            group,
+            ..
+        } = state;
+        if let Some(group) = group {
+            // Recorded, and sent, with the rest of the group.
+            let before = devices.get(&device.id).cloned();
+            group.records.push(Recorded {
+                id,
+                device: device.clone(),
+                previous: before.clone(),
+                json: json.clone(),
+            });
+            group.before.entry(device.id.clone()).or_insert(before);
+        } else if let Some(store) = store.as_mut().filter(|s| own || !s.shared()) {
             let fsyncs = store.fsyncs();
             let mut record = || store.record(id, &device, devices.get(&device.id), &json);
             if fsyncs {
@@ -438,6 +567,15 @@ impl Hub {
         state.fresh = false;
         let published = Arc::new(Published::new(id, device.id.clone(), json));
         state.devices.insert(device.id.clone(), device);
+        match &mut state.group {
+            Some(group) => group.published.push(published),
+            None => self.send(state, published),
+        }
+        Ok(())
+    }
+
+    /// Keeps a durable event for replay and sends it to every subscriber.
+    fn send(&self, state: &mut State, published: Arc<Published>) {
         if state.ring.len() == self.ring_capacity {
             state.ring.pop_front();
         }
@@ -446,7 +584,6 @@ impl Hub {
         }
         // No receivers is fine: nobody is watching.
         let _ = state.sender.send(published);
-        Ok(())
     }
 
     /// Starts alerts and staleness: the limits (the file's, plus those set
@@ -969,6 +1106,11 @@ impl Hub {
 
 /// What went wrong with Redis, for `/healthz` and the errors of refused
 /// changes.
+/// Locks a mutex whose holders cannot leave its data half changed.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn why(e: &StoreError) -> String {
     match e {
         StoreError::Broker(reason) => reason.clone(),
@@ -1354,6 +1496,99 @@ mod tests {
         assert_eq!(hub.apply(&id("a"), &temp(3.0)).unwrap().id, first + 3);
         // An unchanged update is still no event after a restart.
         assert!(!hub.apply(&id("a"), &temp(3.0)).unwrap().changed);
+    }
+
+    fn waiting(device: &str, t: f64) -> Arc<Waiting> {
+        Arc::new(Waiting {
+            device: id(device),
+            update: temp(t),
+            result: Mutex::default(),
+        })
+    }
+
+    fn result_of(waiting: &Waiting) -> Result<Applied, ApplyError> {
+        lock(&waiting.result).take().expect("answered")
+    }
+
+    #[test]
+    fn a_group_is_recorded_with_one_commit_then_sent_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = stored_hub(dir.path(), 8);
+        let start = hub.apply(&id("a"), &temp(1.0)).unwrap().id;
+        let mut sub = hub.subscribe(None, &Filter::default());
+        let group = [
+            waiting("a", 2.0),
+            waiting("b", 5.0),
+            waiting("a", 2.0),
+            waiting("a", 3.0),
+        ];
+        hub.apply_group(&mut hub.lock(), &group);
+        let ids: Vec<_> = group.iter().map(|w| result_of(w).unwrap()).collect();
+        // Each sees the ones before it: the repeat of 2.0 changes nothing.
+        assert_eq!(
+            ids,
+            [
+                Applied {
+                    id: start + 1,
+                    changed: true
+                },
+                Applied {
+                    id: start + 2,
+                    changed: true
+                },
+                Applied {
+                    id: start + 2,
+                    changed: false
+                },
+                Applied {
+                    id: start + 3,
+                    changed: true
+                },
+            ]
+        );
+        for want in start + 1..=start + 3 {
+            assert_eq!(sub.events.try_recv().unwrap().id, want);
+        }
+        drop(hub);
+        let hub = stored_hub(dir.path(), 0);
+        assert_eq!(hub.stats(), (start + 3, 2));
+        assert_eq!(hub.device(&id("a")).unwrap().status.temperature, Some(3.0));
+        let replayed = hub.subscribe(Some(start), &Filter::default());
+        assert_eq!(
+            replay_ids(&replayed.start),
+            [start + 1, start + 2, start + 3]
+        );
+    }
+
+    #[test]
+    fn a_group_that_cannot_be_recorded_changes_nothing_and_fails_every_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = stored_hub(dir.path(), 8);
+        let start = hub.apply(&id("a"), &temp(1.0)).unwrap().id;
+        // The group's second event id is taken behind the hub's back, so
+        // recording the group fails halfway.
+        rusqlite::Connection::open(dir.path().join(super::super::store::FILE_NAME))
+            .unwrap()
+            .execute(
+                "INSERT INTO events (id, device, json) VALUES (?1, 'x', '{}')",
+                [(start + 2) as i64],
+            )
+            .unwrap();
+        let mut sub = hub.subscribe(None, &Filter::default());
+        let before = hub.snapshot(&Filter::default());
+        let group = [waiting("a", 2.0), waiting("new", 5.0)];
+        hub.apply_group(&mut hub.lock(), &group);
+        for w in &group {
+            assert!(matches!(
+                result_of(w),
+                Err(ApplyError::Store(StoreError::Group(_)))
+            ));
+        }
+        assert!(sub.events.try_recv().is_err(), "nothing is sent");
+        assert_eq!(hub.snapshot(&Filter::default()), before);
+        assert_eq!(hub.stats(), (start, 1));
+        // The next update takes the next id, as if the group never was.
+        assert_eq!(hub.apply(&id("a"), &temp(4.0)).unwrap().id, start + 1);
     }
 
     #[test]

@@ -54,6 +54,14 @@ pub enum StoreError {
         humantime::format_duration(std::time::Duration::from_millis(*.fits_step_ms as u64))
     )]
     TooManyPoints { limit: usize, fits_step_ms: i64 },
+    /// A group of changes recorded together failed as a whole (see
+    /// [`Store::record_all`]): every change of the group gets this.
+    #[error(transparent)]
+    Group(std::sync::Arc<StoreError>),
+    /// An update's worker ended before its answer (a panic): nothing is
+    /// known of its fate.
+    #[error("the update was not applied: {0}")]
+    Lost(String),
     /// Cluster mode: Redis did not answer, so nothing was published.
     #[error("the cluster's Redis is unreachable, so nothing was accepted; retry shortly ({0})")]
     Broker(String),
@@ -441,51 +449,19 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         self.conn.transaction(TxKind::Write, |tx| {
-            // The event's time is its device's `updated_at` (a stale mark
-            // keeps an older one: retention may then prune it early, and a
-            // resume from before it falls back to a snapshot, never to a gap).
-            let ts = device.updated_at.timestamp_millis();
-            tx.execute(
-                "INSERT INTO events (id, device, json, ts) VALUES (?1, ?2, ?3, ?4)",
-                &[
-                    Arg::I64(id as i64),
-                    Arg::Str(device.id.as_str()),
-                    Arg::Str(json),
-                    Arg::I64(ts),
-                ],
-            )?;
-            tx.execute(
-                SAVE_LAST_ID,
-                &[Arg::Str(LAST_EVENT_ID), Arg::I64(id as i64)],
-            )?;
-            save_device(tx, device)?;
-            let old = previous.map(|d| &d.status);
-            let changed = |metric: &str, now: Option<f64>, before: Option<f64>| match now {
-                Some(value) if Some(value) != before => tx
-                    .execute(
-                        "INSERT INTO readings (device, metric, ts, value) VALUES (?1, ?2, ?3, ?4)",
-                        &[
-                            Arg::Str(device.id.as_str()),
-                            Arg::Str(metric),
-                            Arg::I64(ts),
-                            Arg::F64(value),
-                        ],
-                    )
-                    .map(drop),
-                _ => Ok(()),
-            };
-            let s = &device.status;
-            changed(
-                "temperature",
-                s.temperature,
-                old.and_then(|o| o.temperature),
-            )?;
-            changed("humidity", s.humidity, old.and_then(|o| o.humidity))?;
-            for (name, &value) in &s.metrics {
-                let before = old.and_then(|o| o.metrics.get(name).copied());
-                changed(name, Some(value), before)?;
-            }
-            Ok(())
+            insert_event(tx, id, device, previous, json)
+        })
+    }
+
+    /// Records several events, in id order, as [`record`](Self::record)
+    /// does one, in one transaction: all or none, at the cost of one commit
+    /// (one fsync).
+    pub fn record_all(&mut self, events: &[Recorded]) -> Result<(), StoreError> {
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        self.conn.transaction(TxKind::Write, |tx| {
+            events
+                .iter()
+                .try_for_each(|e| insert_event(tx, e.id, &e.device, e.previous.as_ref(), &e.json))
         })
     }
 
@@ -743,6 +719,70 @@ impl MemoryDir {
             }
         }
     }
+}
+
+/// An event to record: see [`Store::record_all`].
+pub struct Recorded {
+    pub id: EventId,
+    pub device: Device,
+    /// The device's state before this event.
+    pub previous: Option<Device>,
+    pub json: Box<str>,
+}
+
+/// The rows of one event: see [`Store::record`].
+fn insert_event(
+    tx: &Conn,
+    id: EventId,
+    device: &Device,
+    previous: Option<&Device>,
+    json: &str,
+) -> Result<(), StoreError> {
+    // The event's time is its device's `updated_at` (a stale mark
+    // keeps an older one: retention may then prune it early, and a
+    // resume from before it falls back to a snapshot, never to a gap).
+    let ts = device.updated_at.timestamp_millis();
+    tx.execute(
+        "INSERT INTO events (id, device, json, ts) VALUES (?1, ?2, ?3, ?4)",
+        &[
+            Arg::I64(id as i64),
+            Arg::Str(device.id.as_str()),
+            Arg::Str(json),
+            Arg::I64(ts),
+        ],
+    )?;
+    tx.execute(
+        SAVE_LAST_ID,
+        &[Arg::Str(LAST_EVENT_ID), Arg::I64(id as i64)],
+    )?;
+    save_device(tx, device)?;
+    let old = previous.map(|d| &d.status);
+    let changed = |metric: &str, now: Option<f64>, before: Option<f64>| match now {
+        Some(value) if Some(value) != before => tx
+            .execute(
+                "INSERT INTO readings (device, metric, ts, value) VALUES (?1, ?2, ?3, ?4)",
+                &[
+                    Arg::Str(device.id.as_str()),
+                    Arg::Str(metric),
+                    Arg::I64(ts),
+                    Arg::F64(value),
+                ],
+            )
+            .map(drop),
+        _ => Ok(()),
+    };
+    let s = &device.status;
+    changed(
+        "temperature",
+        s.temperature,
+        old.and_then(|o| o.temperature),
+    )?;
+    changed("humidity", s.humidity, old.and_then(|o| o.humidity))?;
+    for (name, &value) in &s.metrics {
+        let before = old.and_then(|o| o.metrics.get(name).copied());
+        changed(name, Some(value), before)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
