@@ -9,14 +9,16 @@
 //! history, and the alert limits set over the API. Only the [`Hub`](super::hub::Hub) writes to it, under its lock,
 //! so event ids and their order have one source.
 //!
-//! Durability: each event is one transaction (event row, device row,
-//! readings), committed before the hub publishes it or anyone is answered.
+//! Durability: each event is recorded in one transaction (event row,
+//! device row, readings) — or with the other updates that waited meanwhile,
+//! in one transaction of theirs (the hub's group commit) — committed before
+//! the hub publishes it or anyone is answered.
 //! The database runs in WAL mode with `synchronous=FULL`: every commit
 //! fsyncs the WAL. `NORMAL` would already survive a crash of the process
 //! (kill -9: committed pages sit in the OS cache and reach the file), but
 //! after a power loss or kernel crash it may lose the last commits — updates
 //! that were already answered 200. "Nothing acknowledged is lost" has to hold
-//! for both, so the price is one fsync per event. On PostgreSQL a commit
+//! for both, so the price is one fsync per commit. On PostgreSQL a commit
 //! returns once the server has made it durable (`synchronous_commit=on`, its
 //! default); only retention's own connection turns that off.
 
