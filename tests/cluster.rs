@@ -417,6 +417,46 @@ async fn a_command_on_one_instance_reaches_the_agent_on_another_and_its_result_c
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_newer_agent_on_another_instance_replaces_the_older_which_is_told() {
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 2).await;
+    let mut older = servers[0].agent("lamp").await;
+    eventually("the older agent online on both", || async {
+        servers[1]
+            .device("lamp")
+            .await
+            .is_some_and(|d| d["online"] == true)
+    })
+    .await;
+    let mut newer = servers[1].agent("lamp").await;
+    let (code, reason) = older.expect_close().await;
+    assert_eq!(code, 4409, "{reason}");
+    // Commands from either instance reach the newer agent, and the device
+    // never went offline.
+    for (i, server) in servers.iter().enumerate() {
+        let mut operator = server.operator().await;
+        let request_id = format!("r-{i}");
+        operator
+            .send(&json!({"type": "command", "device": "lamp",
+                          "set": {"power_on": true}, "request_id": request_id}))
+            .await;
+        assert_eq!(
+            operator.expect("ack").await["request_id"],
+            json!(request_id)
+        );
+        let command = newer.expect("command").await;
+        newer
+            .send(
+                &json!({"type": "result", "request_id": command["request_id"],
+                          "outcome": "applied"}),
+            )
+            .await;
+        assert_eq!(operator.expect("result").await["outcome"], "applied");
+        assert_eq!(server.device("lamp").await.unwrap()["online"], true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unchanged_report_to_one_instance_keeps_the_device_fresh_on_all() {
     let redis = Redis::start().await;
     let mut servers = Vec::new();

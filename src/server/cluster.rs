@@ -87,7 +87,19 @@ pub enum Relay {
         device: DeviceId,
         limits: MetricLimits,
     },
+    /// For the instance the device's agent was connected to: a newer agent
+    /// took the device over on another instance.
+    Replaced { device: DeviceId },
 }
+
+/// Makes `ARGV[2]` the instance of device `ARGV[1]`'s agent; returns the
+/// one before, if any.
+const CLAIM: &str = r"
+local before = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return before
+";
+static CLAIM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM));
 
 /// Removes a device's agent entry only if it is still this instance's.
 const RELEASE: &str = r"
@@ -456,27 +468,32 @@ fn parse_id(s: &str) -> Result<EventId, StoreError> {
 }
 
 impl Broker {
-    /// Notes that `device`'s agent is connected to `instance`.
-    pub fn claim_agent(&mut self, device: &DeviceId, instance: &str) -> Result<(), StoreError> {
+    /// Notes that `device`'s agent is connected to `instance`; returns the
+    /// instance it was connected to before, if any.
+    pub fn claim_agent(
+        &mut self,
+        device: &DeviceId,
+        instance: &str,
+    ) -> Result<Option<String>, StoreError> {
         self.with(TIMEOUT, |c| {
-            redis::cmd("HSET")
-                .arg(AGENTS)
+            CLAIM_SCRIPT
+                .key(AGENTS)
                 .arg(device.as_str())
                 .arg(instance)
-                .query::<i64>(c)
-                .map(drop)
+                .invoke(c)
         })
     }
 
-    /// Forgets `device`'s agent, if it is still `instance`'s.
-    pub fn release_agent(&mut self, device: &DeviceId, instance: &str) -> Result<(), StoreError> {
+    /// Forgets `device`'s agent, if it is still `instance`'s; returns
+    /// whether it was.
+    pub fn release_agent(&mut self, device: &DeviceId, instance: &str) -> Result<bool, StoreError> {
         self.with(TIMEOUT, |c| {
             RELEASE_SCRIPT
                 .key(AGENTS)
                 .arg(device.as_str())
                 .arg(instance)
                 .invoke::<i64>(c)
-                .map(drop)
+                .map(|n| n > 0)
         })
     }
 

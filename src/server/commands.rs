@@ -214,6 +214,18 @@ impl Commands {
                 }
             }
             Relay::Heard { device, .. } => self.hub.heard_elsewhere(&device),
+            Relay::Replaced { device } => {
+                let mut state = self.lock();
+                if let Some(old) = state.agents.remove(&device) {
+                    // Still online, through the newer agent: no event here.
+                    old.replaced.cancel();
+                    state.fail_pending(
+                        &device,
+                        old.generation,
+                        "the device's agent was replaced by a newer one, on another instance",
+                    );
+                }
+            }
             Relay::Limits { device, limits, .. } => {
                 if let Err(e) = self.hub.limits_elsewhere(&device, limits) {
                     tracing::error!("keeping the limits of {device} set elsewhere: {e}");
@@ -272,8 +284,21 @@ impl Commands {
             );
         }
         // Announced before it shows as online anywhere: a command sent on
-        // seeing it online finds its way.
-        if let Some(Err(e)) = self.on_cluster(|b, me| b.claim_agent(device, me)) {
+        // seeing it online finds its way. An agent of it on another
+        // instance is told it was replaced.
+        let claimed = self.on_cluster(|b, me| {
+            let before = b.claim_agent(device, me)?;
+            match before.filter(|other| other != me) {
+                Some(other) => b.relay(
+                    &other,
+                    &Relay::Replaced {
+                        device: device.clone(),
+                    },
+                ),
+                None => Ok(true),
+            }
+        });
+        if let Some(Err(e)) = claimed {
             tracing::warn!("the agent of {device} is not announced to the cluster: {e}");
         }
         if let Err(e) = self.hub.set_online(device, Some(true)) {
@@ -304,8 +329,18 @@ impl Commands {
             );
             // Withdrawn before it shows as offline anywhere: a command
             // sent on seeing it offline fails at once, wherever it is sent.
-            if let Some(Err(e)) = self.on_cluster(|b, me| b.release_agent(&link.device, me)) {
-                tracing::warn!("the agent of {} is still announced: {e}", link.device);
+            // Unless a newer agent holds the device on another instance
+            // already (its notice is on its way here): it stays online.
+            let elsewhere = match self.on_cluster(|b, me| b.release_agent(&link.device, me)) {
+                Some(Ok(released)) => !released,
+                Some(Err(e)) => {
+                    tracing::warn!("the agent of {} is still announced: {e}", link.device);
+                    false
+                }
+                None => false,
+            };
+            if elsewhere {
+                return true;
             }
             if let Err(e) = self.hub.set_online(&link.device, Some(false)) {
                 tracing::error!(
