@@ -3,7 +3,16 @@
 //
 // These run on a temporary --data-dir: the history comes from the store.
 
-import { card, chart, durableTest as test, expect, pointsOf, waitLive } from "./server";
+import {
+  card,
+  chart,
+  durableTest as test,
+  expect,
+  indicator,
+  test as memoryTest,
+  pointsOf,
+  waitLive,
+} from "./server";
 
 const readings = [
   { temperature: 20.5, humidity: 40, metrics: { fan_rpm: 900 } },
@@ -140,6 +149,27 @@ test("a new POST extends the device page's chart without a reload", async ({ pag
   // Let the page's clock slide the charts a few times.
   await page.waitForTimeout(1_500);
   expect(problems).toEqual([]);
+});
+
+memoryTest("a page whose stream starts afresh reads its charts again", async ({ page, server }) => {
+  for (const r of readings) await server.post("rack-1", r);
+  await page.goto("/devices/rack-1");
+  await waitLive(page);
+  const temperature = chart(page, "temperature").locator("svg");
+  await expect(temperature).toHaveAttribute("data-points", "3");
+  // A --memory server forgets all on a restart: the page's last event id
+  // means nothing to it, so the page's stream starts from a snapshot, and
+  // the history it knew is gone.
+  await server.stop();
+  await server.start();
+  await server.post("rack-1", { temperature: 30 });
+  await server.post("rack-1", { temperature: 31 });
+  await expect(indicator(page)).toHaveText("Live", { timeout: 10_000 });
+  // Exactly the new server's history: not the old points plus new ones.
+  await expect(temperature).toHaveAttribute("data-points", "2", { timeout: 5_000 });
+  await expect(
+    page.locator('[data-testid="reading"][data-metric="temperature"] [data-testid="value"]'),
+  ).toHaveText("31.0 °C");
 });
 
 test("a new POST extends the dashboard card's sparkline", async ({ page, server }) => {

@@ -35,6 +35,42 @@ pub async fn set_power(device: &str, on: bool) -> Result<(), Failure> {
     .await
 }
 
+/// `GET /api/devices/{id}/history` of `metric` from `from_ms` to now, in
+/// buckets of `step_ms` when given.
+#[cfg(feature = "hydrate")]
+pub async fn history(
+    device: &str,
+    metric: &str,
+    from_ms: i64,
+    step_ms: Option<i64>,
+) -> Result<Vec<crate::model::Point>, Failure> {
+    use gloo_net::http::Request;
+
+    let fail = |message: String| Failure {
+        message,
+        unauthorized: false,
+    };
+    let from = chrono::DateTime::from_timestamp_millis(from_ms)
+        .ok_or_else(|| fail(format!("no such time: {from_ms} ms")))?
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut query = vec![("metric", metric.to_owned()), ("from", from)];
+    if let Some(step) = step_ms {
+        query.push(("step", format!("{}s", step / 1000)));
+    }
+    let response = Request::get(&format!("/api/devices/{device}/history"))
+        .query(query)
+        .send()
+        .await
+        .map_err(|e| fail(format!("the server could not be reached: {e}")))?;
+    if !response.ok() {
+        return Err(fail(format!("the server answered {}", response.status())));
+    }
+    let text = response.text().await.unwrap_or_default();
+    let history: crate::model::History = serde_json::from_str(&text)
+        .map_err(|e| fail(format!("a history that does not read: {e}")))?;
+    Ok(history.points)
+}
+
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
 enum Method {
     Post,

@@ -239,7 +239,6 @@ pub fn append(points: &mut Vec<Point>, t: i64, v: f64, window_ms: i64) {
 
 /// A point as a page carries it: its value to 3 decimals and no min/max,
 /// which keeps the data serialized into the page small.
-#[cfg_attr(not(feature = "ssr"), allow(dead_code))]
 pub fn compact(p: Point) -> Point {
     Point {
         t: p.t,

@@ -77,7 +77,6 @@ impl Range {
     /// The history's bucket width when there are more than [`MAX_RAW_POINTS`]
     /// readings: a few hundred points a chart (240, 288, 336), whatever the
     /// device's report rate.
-    #[cfg_attr(not(feature = "ssr"), allow(dead_code))]
     pub fn step_ms(self) -> i64 {
         match self {
             Self::Hour => 15_000,
@@ -89,7 +88,6 @@ impl Range {
 
 /// Up to this many readings in the range, a chart shows each of them;
 /// with more, one point per [`Range::step_ms`] (their mean).
-#[cfg_attr(not(feature = "ssr"), allow(dead_code))]
 pub const MAX_RAW_POINTS: usize = 400;
 
 /// The metrics of a status, in the order the page shows them: temperature,
@@ -111,6 +109,15 @@ pub fn metrics_of(status: &Status) -> Vec<String> {
 pub struct Series {
     pub metric: String,
     pub points: Vec<Point>,
+}
+
+/// A chart's points read afresh (`fetched`), followed by those of `current`
+/// that are newer: added by events that came while the read was on its way.
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+pub fn merged(mut fetched: Vec<Point>, current: &[Point]) -> Vec<Point> {
+    let last = fetched.last().map_or(i64::MIN, |p| p.t);
+    fetched.extend(current.iter().filter(|p| p.t > last).cloned());
+    fetched
 }
 
 /// Follows a device's new state: each changed value is a new point of its
@@ -211,6 +218,47 @@ struct Page {
 
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
 impl Page {
+    /// Reads each chart's points again from the server's history, keeping
+    /// the ones events added since (see [`merged`]).
+    fn reload(&self) {
+        #[cfg(feature = "hydrate")]
+        {
+            let page = *self;
+            let id = self.device.with_untracked(|d| d.id.to_string());
+            let metrics: Vec<String> = self
+                .series
+                .with_untracked(|all| all.iter().map(|s| s.metric.clone()).collect());
+            leptos::task::spawn_local(async move {
+                let from = js_sys::Date::now() as i64 - page.range.window_ms();
+                for metric in metrics {
+                    let raw = super::api::history(&id, &metric, from, None).await;
+                    let points = match raw {
+                        Ok(points) if points.len() <= MAX_RAW_POINTS => Ok(points),
+                        _ => {
+                            let step = Some(page.range.step_ms());
+                            super::api::history(&id, &metric, from, step).await
+                        }
+                    };
+                    match points {
+                        Ok(points) => {
+                            let points = points.into_iter().map(chart::compact).collect();
+                            // The page may be gone by now.
+                            let _ = page.series.try_update(|all| {
+                                if let Some(series) = all.iter_mut().find(|s| s.metric == metric) {
+                                    series.points = merged(points, &series.points);
+                                }
+                            });
+                        }
+                        Err(e) => leptos::logging::warn!(
+                            "the chart of {metric} keeps what it has: {}",
+                            e.message
+                        ),
+                    }
+                }
+            });
+        }
+    }
+
     fn apply(&self, device: Device) {
         let before = self.device.get_untracked();
         if device.id != before.id {
@@ -230,6 +278,9 @@ impl Follower for Page {
         if let Some(device) = snapshot.devices.into_iter().find(|d| d.id == id) {
             self.apply(device);
         }
+        // The stream started afresh: events were missed (this page fell
+        // behind, or the server lost track of it), and with them points.
+        self.reload();
     }
 
     fn status(&self, event: StatusEvent) {
@@ -404,6 +455,25 @@ mod tests {
             alerts: BTreeMap::new(),
             updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
         }
+    }
+
+    #[test]
+    fn a_reloaded_chart_keeps_the_points_events_added_since() {
+        let p = |t, v| Point {
+            t,
+            v,
+            min: None,
+            max: None,
+        };
+        // Fetched up to t=30; an event at t=40 came while the read was away.
+        let current = [p(10, 1.0), p(40, 4.0)];
+        let fetched = vec![p(10, 1.0), p(20, 2.0), p(30, 3.0)];
+        assert_eq!(
+            merged(fetched, &current),
+            [p(10, 1.0), p(20, 2.0), p(30, 3.0), p(40, 4.0)]
+        );
+        // Nothing in the history yet: what the page has stays.
+        assert_eq!(merged(Vec::new(), &current), current);
     }
 
     #[test]
