@@ -426,3 +426,29 @@ async fn a_device_carries_at_most_32_metrics() {
     let count = device["status"]["metrics"].as_object().unwrap().len();
     assert_eq!(count, 32, "the refused update changed nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_addresses_and_wrong_methods_get_an_answer_that_says_so() {
+    let server = Server::start().await;
+    // Under /api/: a JSON error, as from every endpoint.
+    let (status, body) = server.get_json("/api/nothing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        body["error"],
+        "no such API endpoint: GET /api/nothing (see the API in README.md)"
+    );
+    let (status, body) = server.get_json("/api/devices/lamp/status").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(
+        body["error"],
+        "GET is not allowed on /api/devices/lamp/status"
+    );
+    // Anywhere else: the app's own page, with a way back.
+    for path in ["/nothing", "/devices"] {
+        let response = reqwest::get(server.url(path)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        let html = response.text().await.unwrap();
+        assert!(html.contains("There is no such page."), "{path}: {html}");
+        assert!(html.contains(r#"href="/""#), "{path}: {html}");
+    }
+}

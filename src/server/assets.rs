@@ -5,7 +5,9 @@
 //! the binary runs on its own from any directory; a debug build reads the
 //! folder from disk on each request, so `cargo leptos watch` serves fresh files.
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use super::error::ApiError;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rust_embed::RustEmbed;
 
@@ -14,15 +16,21 @@ use rust_embed::RustEmbed;
 #[allow_missing = true]
 struct Site;
 
-pub async fn serve(uri: Uri, headers: HeaderMap) -> Response {
-    let path = uri.path().trim_start_matches('/');
+/// Serves a file of the site; anything else is a 404: a JSON error under
+/// `/api/`, else the app's own "not found" page, rendered by `page`.
+pub async fn serve<F: Future<Output = Response>>(
+    request: Request,
+    page: impl FnOnce(Request) -> F,
+) -> Response {
+    let path = request.uri().path().trim_start_matches('/');
     let Some(file) = Site::get(path) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no such page or file: /{path}"),
-        )
-            .into_response();
+        if path == "api" || path.starts_with("api/") {
+            let endpoint = format!("{} /{path}", request.method());
+            return ApiError::NoEndpoint(endpoint).into_response();
+        }
+        return page(request).await;
     };
+    let headers = request.headers();
     let etag = format!("\"{}\"", hex(&file.metadata.sha256_hash()));
     if headers
         .get(header::IF_NONE_MATCH)

@@ -34,6 +34,10 @@ pub enum ApiError {
     Invalid(FieldError),
     #[error("unknown device `{0}`")]
     UnknownDevice(String),
+    #[error("no such API endpoint: {0} (see the API in README.md)")]
+    NoEndpoint(String),
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
     #[error("could not read the request body: {0}")]
     BadBody(String),
     /// The command could not be routed (no agent, or its queue is full).
@@ -65,7 +69,8 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MalformedJson(_) | Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::UnknownDevice(_) => StatusCode::NOT_FOUND,
+            Self::UnknownDevice(_) | Self::NoEndpoint(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::CommandRefused(_) | Self::Unavailable(_) | Self::StoreRead(_) => {
                 StatusCode::SERVICE_UNAVAILABLE

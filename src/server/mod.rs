@@ -65,6 +65,11 @@ pub fn app(state: AppState) -> Router {
         None,
         context.clone(),
     );
+    // Any other address gets the app's own "not found" page.
+    let page = leptos_axum::render_app_to_stream_with_context(context.clone(), {
+        let options = options.clone();
+        move || shell(options.clone())
+    });
     Router::new()
         .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
         .route("/healthz", get(api::healthz))
@@ -79,7 +84,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/session", post(api::sign_in).delete(api::sign_out))
         .route("/api/events", get(sse::events))
         .route("/api/ws", get(ws::upgrade))
-        .fallback(assets::serve)
+        .fallback(move |request| assets::serve(request, page))
+        .method_not_allowed_fallback(api::method_not_allowed)
         // The default predicate leaves `text/event-stream` uncompressed, so
         // events are never held back in a compressor's buffer.
         .layer(CompressionLayer::new())
