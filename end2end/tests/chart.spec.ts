@@ -11,8 +11,10 @@ import {
   indicator,
   test as memoryTest,
   pointsOf,
+  type Server,
   waitLive,
 } from "./server";
+import type { Page } from "@playwright/test";
 
 const readings = [
   { temperature: 20.5, humidity: 40, metrics: { fan_rpm: 900 } },
@@ -151,25 +153,53 @@ test("a new POST extends the device page's chart without a reload", async ({ pag
   expect(problems).toEqual([]);
 });
 
+/**
+ * Restarts a --memory server, which forgets all: the page's last event id
+ * means nothing to it, so the page's stream starts from a snapshot, and the
+ * history the page knew is gone. `meanwhile` runs before the page may
+ * reconnect.
+ */
+async function restartForgetting(page: Page, server: Server, meanwhile: () => Promise<void>) {
+  const events = /\/api\/events/;
+  await page.route(events, (route) => route.abort());
+  await server.stop();
+  await server.start();
+  await meanwhile();
+  await page.unroute(events);
+  await expect(indicator(page)).toHaveText("Live", { timeout: 15_000 });
+}
+
 memoryTest("a page whose stream starts afresh reads its charts again", async ({ page, server }) => {
   for (const r of readings) await server.post("rack-1", r);
   await page.goto("/devices/rack-1");
   await waitLive(page);
   const temperature = chart(page, "temperature").locator("svg");
   await expect(temperature).toHaveAttribute("data-points", "3");
-  // A --memory server forgets all on a restart: the page's last event id
-  // means nothing to it, so the page's stream starts from a snapshot, and
-  // the history it knew is gone.
-  await server.stop();
-  await server.start();
-  await server.post("rack-1", { temperature: 30 });
-  await server.post("rack-1", { temperature: 31 });
-  await expect(indicator(page)).toHaveText("Live", { timeout: 10_000 });
+  await restartForgetting(page, server, async () => {
+    await server.post("rack-1", { temperature: 30 });
+    await server.post("rack-1", { temperature: 31 });
+  });
   // Exactly the new server's history: not the old points plus new ones.
   await expect(temperature).toHaveAttribute("data-points", "2", { timeout: 5_000 });
   await expect(
     page.locator('[data-testid="reading"][data-metric="temperature"] [data-testid="value"]'),
   ).toHaveText("31.0 °C");
+});
+
+memoryTest("a dashboard whose stream starts afresh reads its sparklines again", async ({ page, server }) => {
+  await server.post("rack-1", { temperature: 20 });
+  await page.goto("/");
+  await waitLive(page);
+  const spark = card(page, "rack-1").getByTestId("sparkline");
+  const before = await pointsOf(spark);
+  await server.post("rack-1", { temperature: 21 });
+  await server.post("rack-1", { temperature: 22 });
+  await expect.poll(() => pointsOf(spark), { timeout: 1_000 }).toBe(before + 2);
+  await restartForgetting(page, server, () => server.post("rack-1", { temperature: 30 }).then(() => {}));
+  // The new server's history: its one reading, in one or two minute
+  // buckets (it holds on into the next) — not the old points and a new one.
+  await expect.poll(() => pointsOf(spark), { timeout: 5_000 }).toBeLessThanOrEqual(2);
+  await expect(card(page, "rack-1").getByTestId("temperature")).toHaveText("30.0 °C");
 });
 
 test("a new POST extends the dashboard card's sparkline", async ({ page, server }) => {

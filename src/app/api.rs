@@ -35,15 +35,15 @@ pub async fn set_power(device: &str, on: bool) -> Result<(), Failure> {
     .await
 }
 
-/// `GET /api/devices/{id}/history` of `metric` from `from_ms` to now, in
-/// buckets of `step_ms` when given.
+/// `GET /api/devices/{id}/history` of `metric` from `from_ms` to the
+/// server's now, in buckets of `step_ms` when given.
 #[cfg(feature = "hydrate")]
 pub async fn history(
     device: &str,
     metric: &str,
     from_ms: i64,
     step_ms: Option<i64>,
-) -> Result<Vec<crate::model::Point>, Failure> {
+) -> Result<crate::model::History, Failure> {
     use gloo_net::http::Request;
 
     let fail = |message: String| Failure {
@@ -66,9 +66,7 @@ pub async fn history(
         return Err(fail(format!("the server answered {}", response.status())));
     }
     let text = response.text().await.unwrap_or_default();
-    let history: crate::model::History = serde_json::from_str(&text)
-        .map_err(|e| fail(format!("a history that does not read: {e}")))?;
-    Ok(history.points)
+    serde_json::from_str(&text).map_err(|e| fail(format!("a history that does not read: {e}")))
 }
 
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]

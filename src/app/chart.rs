@@ -9,7 +9,7 @@
 //! is rendered on the server, and a label in the browser's own time zone
 //! would not match what hydration finds.
 
-use crate::model::Point;
+use crate::model::{History, Point};
 use chrono::DateTime;
 use leptos::prelude::*;
 use std::fmt::Write;
@@ -246,6 +246,16 @@ pub fn compact(p: Point) -> Point {
         min: None,
         max: None,
     }
+}
+
+/// A chart's points read afresh from the history, followed by those of
+/// `current` newer than the read (added by events that came meanwhile).
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+pub fn reloaded(history: History, current: &[Point]) -> Vec<Point> {
+    let upto = history.to.timestamp_millis();
+    let mut points: Vec<Point> = history.points.into_iter().map(compact).collect();
+    points.extend(current.iter().filter(|p| p.t > upto).cloned());
+    points
 }
 
 /// Drops the points before `from`, except the one in force at `from`.
@@ -512,6 +522,27 @@ mod tests {
             min: None,
             max: None,
         }
+    }
+
+    #[test]
+    fn a_reloaded_chart_keeps_only_the_points_newer_than_the_read() {
+        let read = |points: Vec<Point>, to_ms: i64| History {
+            device: crate::model::DeviceId::parse("rack-1").unwrap(),
+            metric: "temperature".into(),
+            from: DateTime::from_timestamp_millis(0).unwrap(),
+            to: DateTime::from_timestamp_millis(to_ms).unwrap(),
+            step_ms: None,
+            points,
+        };
+        // Read up to t=35 (a bucket at 30 covers 30..35): the page's old
+        // points go, the one an event added at t=40 stays.
+        let current = [p(10, 1.0), p(32, 9.0), p(40, 4.0)];
+        assert_eq!(
+            reloaded(read(vec![p(20, 2.0), p(30, 3.123_456)], 35), &current),
+            [p(20, 2.0), p(30, 3.123), p(40, 4.0)]
+        );
+        // Nothing in the history: only what came after the read stays.
+        assert_eq!(reloaded(read(Vec::new(), 35), &current), [p(40, 4.0)]);
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct Spark {
 /// The sparkline's window.
 pub const SPARK_WINDOW_MS: i64 = HOUR_MS;
 
+/// The sparkline's buckets, as the server renders them: a point a minute.
+pub const SPARK_STEP_MS: i64 = 60_000;
+
 /// The metric a card's sparkline shows: temperature, else humidity, else
 /// the first extra metric.
 pub fn spark_metric(status: &Status) -> Option<String> {
@@ -124,6 +127,43 @@ pub struct Board {
 // The server renders; only the browser applies events.
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
 impl Board {
+    /// Reads each card's sparkline again from the server's history, one
+    /// card after the other, keeping the points events added since.
+    fn reload_sparks(&self) {
+        #[cfg(feature = "hydrate")]
+        {
+            let sparks: Vec<(String, String, RwSignal<Spark>)> =
+                self.cards.with_untracked(|cards| {
+                    cards
+                        .iter()
+                        .filter_map(|c| {
+                            let metric = c.spark.with_untracked(|s| s.metric.clone())?;
+                            Some((c.id.to_string(), metric, c.spark))
+                        })
+                        .collect()
+                });
+            leptos::task::spawn_local(async move {
+                let from = js_sys::Date::now() as i64 - SPARK_WINDOW_MS;
+                for (id, metric, spark) in sparks {
+                    match api::history(&id, &metric, from, Some(SPARK_STEP_MS)).await {
+                        // The card may be gone, or show another metric now.
+                        Ok(history) => {
+                            let _ = spark.try_update(|s| {
+                                if s.metric.as_deref() == Some(metric.as_str()) {
+                                    s.points = chart::reloaded(history, &s.points);
+                                }
+                            });
+                        }
+                        Err(e) => leptos::logging::warn!(
+                            "the sparkline of {id} keeps what it has: {}",
+                            e.message
+                        ),
+                    }
+                }
+            });
+        }
+    }
+
     fn new(initial: Initial) -> Self {
         let Initial {
             snapshot,
@@ -186,6 +226,9 @@ impl Board {
 impl Follower for Board {
     fn snapshot(&self, snapshot: Snapshot) {
         self.apply_snapshot(snapshot);
+        // The stream started afresh: events were missed, and with them
+        // points of the sparklines.
+        self.reload_sparks();
     }
 
     fn status(&self, event: StatusEvent) {
@@ -229,7 +272,7 @@ fn initial() -> Initial {
             let points = match &metric {
                 Some(m) => {
                     let from = now - chrono::TimeDelta::milliseconds(SPARK_WINDOW_MS);
-                    match hub.history(&d.id, m, from, now, Some(60_000)) {
+                    match hub.history(&d.id, m, from, now, Some(SPARK_STEP_MS)) {
                         Ok(history) => history.points.into_iter().map(chart::compact).collect(),
                         Err(e) => {
                             tracing::warn!("no sparkline for {}: {e}", d.id);

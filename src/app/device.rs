@@ -111,15 +111,6 @@ pub struct Series {
     pub points: Vec<Point>,
 }
 
-/// A chart's points read afresh (`fetched`), followed by those of `current`
-/// that are newer: added by events that came while the read was on its way.
-#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
-pub fn merged(mut fetched: Vec<Point>, current: &[Point]) -> Vec<Point> {
-    let last = fetched.last().map_or(i64::MIN, |p| p.t);
-    fetched.extend(current.iter().filter(|p| p.t > last).cloned());
-    fetched
-}
-
 /// Follows a device's new state: each changed value is a new point of its
 /// series (at the device's `updated_at`, as the store records it), a new
 /// metric a new series; points older than the window go.
@@ -219,7 +210,7 @@ struct Page {
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
 impl Page {
     /// Reads each chart's points again from the server's history, keeping
-    /// the ones events added since (see [`merged`]).
+    /// the ones events added since (see [`chart::reloaded`]).
     fn reload(&self) {
         #[cfg(feature = "hydrate")]
         {
@@ -232,20 +223,19 @@ impl Page {
                 let from = js_sys::Date::now() as i64 - page.range.window_ms();
                 for metric in metrics {
                     let raw = super::api::history(&id, &metric, from, None).await;
-                    let points = match raw {
-                        Ok(points) if points.len() <= MAX_RAW_POINTS => Ok(points),
+                    let history = match raw {
+                        Ok(history) if history.points.len() <= MAX_RAW_POINTS => Ok(history),
                         _ => {
                             let step = Some(page.range.step_ms());
                             super::api::history(&id, &metric, from, step).await
                         }
                     };
-                    match points {
-                        Ok(points) => {
-                            let points = points.into_iter().map(chart::compact).collect();
+                    match history {
+                        Ok(history) => {
                             // The page may be gone by now.
                             let _ = page.series.try_update(|all| {
                                 if let Some(series) = all.iter_mut().find(|s| s.metric == metric) {
-                                    series.points = merged(points, &series.points);
+                                    series.points = chart::reloaded(history, &series.points);
                                 }
                             });
                         }
@@ -455,25 +445,6 @@ mod tests {
             alerts: BTreeMap::new(),
             updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
         }
-    }
-
-    #[test]
-    fn a_reloaded_chart_keeps_the_points_events_added_since() {
-        let p = |t, v| Point {
-            t,
-            v,
-            min: None,
-            max: None,
-        };
-        // Fetched up to t=30; an event at t=40 came while the read was away.
-        let current = [p(10, 1.0), p(40, 4.0)];
-        let fetched = vec![p(10, 1.0), p(20, 2.0), p(30, 3.0)];
-        assert_eq!(
-            merged(fetched, &current),
-            [p(10, 1.0), p(20, 2.0), p(30, 3.0), p(40, 4.0)]
-        );
-        // Nothing in the history yet: what the page has stays.
-        assert_eq!(merged(Vec::new(), &current), current);
     }
 
     #[test]
