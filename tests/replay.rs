@@ -49,48 +49,45 @@ async fn expect_nothing_more(server: &Server, stream: &mut SseStream) {
     assert_eq!(record.json()["device"], "sentinel");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn last_event_id_header_replays_exactly_the_missed_events() {
+/// A server whose device `a` changed once (what a client saw, `seen`),
+/// then three times more (what it missed).
+async fn seen_then_missed() -> (Server, u64, Vec<u64>) {
     let server = Server::start().await;
     server
         .post_status("a", &json!({ "temperature": 0.5 }))
         .await;
     let seen = last_seen(&server).await;
     let missed = post_changes(&server, "a", 1, 3).await;
-    assert_eq!(missed[0], seen + 1);
+    (server, seen, missed)
+}
 
+/// A resumed stream holds exactly `missed`, then live events.
+async fn expect_exactly(server: &Server, stream: &mut SseStream, missed: &[u64]) {
+    stream.expect_retry().await;
+    expect_events(stream, "a", 1, missed).await;
+    expect_nothing_more(server, stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_event_id_header_replays_exactly_the_missed_events() {
+    let (server, seen, missed) = seen_then_missed().await;
+    assert_eq!(missed[0], seen + 1);
     let mut stream = server
         .sse_with("", &[("last-event-id", &seen.to_string())])
         .await;
-    stream.expect_retry().await;
-    expect_events(&mut stream, "a", 1, &missed).await;
-    expect_nothing_more(&server, &mut stream).await;
+    expect_exactly(&server, &mut stream, &missed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_event_id_query_replays_exactly_the_missed_events() {
-    let server = Server::start().await;
-    server
-        .post_status("a", &json!({ "temperature": 0.5 }))
-        .await;
-    let seen = last_seen(&server).await;
-    let missed = post_changes(&server, "a", 1, 3).await;
-
+    let (server, seen, missed) = seen_then_missed().await;
     let mut stream = server.sse(&format!("?last_event_id={seen}")).await;
-    stream.expect_retry().await;
-    expect_events(&mut stream, "a", 1, &missed).await;
-    expect_nothing_more(&server, &mut stream).await;
+    expect_exactly(&server, &mut stream, &missed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_header_wins_over_the_query() {
-    let server = Server::start().await;
-    server
-        .post_status("a", &json!({ "temperature": 0.5 }))
-        .await;
-    let seen = last_seen(&server).await;
-    let missed = post_changes(&server, "a", 1, 3).await;
-
+    let (server, seen, missed) = seen_then_missed().await;
     // The query asks for everything after the first missed event; the header
     // (what a browser sends on its own reconnect) asks for all three.
     let mut stream = server
@@ -99,9 +96,7 @@ async fn the_header_wins_over_the_query() {
             &[("Last-Event-ID", &seen.to_string())],
         )
         .await;
-    stream.expect_retry().await;
-    expect_events(&mut stream, "a", 1, &missed).await;
-    expect_nothing_more(&server, &mut stream).await;
+    expect_exactly(&server, &mut stream, &missed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
