@@ -810,30 +810,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn writes_read_back_after_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("nested/data");
+    /// What either backend does alike: events, devices and readings
+    /// recorded, then read back from the store `open` opens again. Returns
+    /// that store.
+    pub(crate) fn records_read_back_after_reopening(open: impl Fn() -> Store) -> Store {
+        let a1 = device("a", 20.0);
         {
-            let mut store = Store::open(&path).unwrap();
-            assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+            let mut store = open();
             assert_eq!(store.id_range().unwrap(), None);
-            let a1 = device("a", 20.0);
+            assert_eq!(store.last_event_id().unwrap(), None);
             store.record(10, &a1, None, r#"{"n":10}"#).unwrap();
             store
                 .record(11, &device("b", 5.0), None, r#"{"n":11}"#)
                 .unwrap();
             let mut a2 = device("a", 21.0);
+            a2.online = None;
+            a2.stale = true;
             a2.status.metrics.insert("load".into(), 2.0); // unchanged
             store.record(12, &a2, Some(&a1), r#"{"n":12}"#).unwrap();
+            // The same id twice fails, and leaves nothing behind.
+            assert!(store.record(12, &a1, None, "{}").is_err());
         }
-        let store = Store::open(&path).unwrap();
+        let store = open();
         assert_eq!(store.id_range().unwrap(), Some((10, 12)));
+        assert_eq!(store.last_event_id().unwrap(), Some(12));
         let devices = store.devices().unwrap();
         assert_eq!(devices.len(), 2);
         assert_eq!(devices[0].id.as_str(), "a");
         assert_eq!(devices[0].status.temperature, Some(21.0));
-        assert_eq!(devices[0].online, Some(false));
+        assert_eq!((devices[0].online, devices[0].stale), (None, true));
+        assert_eq!(devices[1].online, Some(false));
         assert_eq!(devices[0].name, "Device a");
         let events = store.events_between(10, 12).unwrap();
         assert_eq!(
@@ -853,6 +859,15 @@ mod tests {
             .collect();
         assert_eq!(temps, [20.0, 21.0]);
         assert_eq!(store.readings(&a, "load").unwrap().len(), 1, "only changes");
+        store
+    }
+
+    #[test]
+    fn writes_read_back_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/data");
+        let store = records_read_back_after_reopening(|| Store::open(&path).unwrap());
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
     }
 
     #[test]
@@ -1062,61 +1077,18 @@ pub(crate) mod testing {
         use crate::server::db::TxKind;
         use crate::server::history::Reader;
         use crate::server::store::StoreError;
-        use crate::server::store::tests::device;
+        use crate::server::store::tests::{device, records_read_back_after_reopening};
         use chrono::Utc;
         use std::time::Duration;
 
         #[test]
         fn writes_read_back_after_reopening() {
             let db = PgSchema::new();
-            let a1 = device("a", 20.0);
-            {
-                let mut store = db.open();
-                assert!(store.shared() && store.fsyncs());
-                assert_eq!(store.schema_version().unwrap(), 1);
-                assert_eq!(store.id_range().unwrap(), None);
-                assert_eq!(store.last_event_id().unwrap(), None);
-                store.record(10, &a1, None, r#"{"n":10}"#).unwrap();
-                store
-                    .record(11, &device("b", 5.0), None, r#"{"n":11}"#)
-                    .unwrap();
-                let mut a2 = device("a", 21.0);
-                a2.online = None;
-                a2.stale = true;
-                a2.status.metrics.insert("load".into(), 2.0); // unchanged
-                store.record(12, &a2, Some(&a1), r#"{"n":12}"#).unwrap();
-                // The same id twice fails, and leaves nothing behind.
-                assert!(store.record(12, &a1, None, "{}").is_err());
-            }
-            let mut store = db.open();
+            assert!(db.open().shared() && db.open().fsyncs());
+            let mut store = records_read_back_after_reopening(|| db.open());
             assert_eq!(store.schema_version().unwrap(), 1);
-            assert_eq!(store.id_range().unwrap(), Some((10, 12)));
-            assert_eq!(store.last_event_id().unwrap(), Some(12));
-            let devices = store.devices().unwrap();
-            assert_eq!(devices.len(), 2);
-            assert_eq!(devices[0].id.as_str(), "a");
-            assert_eq!(devices[0].status.temperature, Some(21.0));
-            assert_eq!((devices[0].online, devices[0].stale), (None, true));
-            assert_eq!(devices[1].online, Some(false));
-            assert_eq!(devices[0].name, "Device a");
-            let events = store.events_between(10, 12).unwrap();
-            assert_eq!(
-                events
-                    .iter()
-                    .map(|e| (e.id, e.json.as_str()))
-                    .collect::<Vec<_>>(),
-                [(11, r#"{"n":11}"#), (12, r#"{"n":12}"#)]
-            );
-            assert_eq!(events[0].device.as_str(), "b");
-            let a = DeviceId::parse("a").unwrap();
-            let temps: Vec<f64> = store
-                .readings(&a, "temperature")
-                .unwrap()
-                .into_iter()
-                .map(|(_, v)| v)
-                .collect();
-            assert_eq!(temps, [20.0, 21.0]);
-            assert_eq!(store.readings(&a, "load").unwrap().len(), 1, "only changes");
+            let a1 = device("a", 20.0);
+            let a = a1.id.clone();
             // Ids go on upward after a reopen, even once the events are gone.
             store.record(13, &a1, None, "{}").unwrap();
             store.conn.execute("DELETE FROM events", &[]).unwrap();
