@@ -218,7 +218,7 @@ pub async fn post_status(
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
     let update: StatusUpdate = read_json(&headers, body).await?;
     update.validate()?;
-    Ok(Json(state.hub.apply_off_runtime(id, update).await?))
+    Ok(Json(state.hub.apply(&id, &update)?))
 }
 
 /// The body of `POST /api/devices/{id}/commands`.

@@ -159,6 +159,8 @@ pub struct Hub {
     /// Updates waiting for the `state` lock: whoever takes it next applies
     /// them all and records them with one commit (see [`Hub::apply`]).
     waiting: Mutex<Vec<Arc<Waiting>>>,
+    /// The store fsyncs each commit.
+    fsyncs: bool,
 }
 
 /// An update waiting to be applied, and then its result.
@@ -221,6 +223,7 @@ impl Hub {
             client_queue,
         );
         hub.history = Some(Mutex::new(Reader::new(store.connect()?)?));
+        hub.fsyncs = store.fsyncs();
         {
             let mut state = hub.lock();
             state.fresh = stored.is_none();
@@ -251,6 +254,7 @@ impl Hub {
             stale_wake: Notify::new(),
             history: None,
             waiting: Mutex::default(),
+            fsyncs: false,
         }
     }
 
@@ -273,6 +277,16 @@ impl Hub {
         if self.broker.is_some() {
             return self.write(|state| self.apply_to(state, id, update));
         }
+        if self.fsyncs {
+            // The wait may last another group's fsync: the runtime moves
+            // this worker's other tasks elsewhere meanwhile, so any number
+            // of updates can wait at once (and be recorded together).
+            return tokio::task::block_in_place(|| self.apply_in_group(id, update));
+        }
+        self.apply_in_group(id, update)
+    }
+
+    fn apply_in_group(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, ApplyError> {
         let mine = Arc::new(Waiting {
             device: id.clone(),
             update: update.clone(),
@@ -287,20 +301,6 @@ impl Hub {
         let result = lock(&mine.result).take();
         // Only a panic while applying a group leaves a result unset.
         result.unwrap_or_else(|| Err(StoreError::Lost("its group failed halfway".into()).into()))
-    }
-
-    /// [`apply`](Self::apply) for async code: the wait for the lock and the
-    /// store happens off the runtime's workers, where any number of updates
-    /// may wait at once (and be recorded together).
-    pub async fn apply_off_runtime(
-        self: &Arc<Self>,
-        id: DeviceId,
-        update: StatusUpdate,
-    ) -> Result<Applied, ApplyError> {
-        let hub = self.clone();
-        tokio::task::spawn_blocking(move || hub.apply(&id, &update))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Lost(e.to_string()).into()))
     }
 
     /// Applies `group` in order, records its changes with one commit, then

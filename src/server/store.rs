@@ -60,8 +60,8 @@ pub enum StoreError {
     /// [`Store::record_all`]): every change of the group gets this.
     #[error(transparent)]
     Group(std::sync::Arc<StoreError>),
-    /// An update's worker ended before its answer (a panic): nothing is
-    /// known of its fate.
+    /// An update was left unanswered (a panic while applying its group):
+    /// nothing is known of its fate.
     #[error("the update was not applied: {0}")]
     Lost(String),
     /// Cluster mode: Redis did not answer, so nothing was published.

@@ -370,7 +370,7 @@ impl Connection {
                     ));
                 }
                 let applied = match update.validate() {
-                    Ok(()) => self.state.hub.apply_off_runtime(device, update).await,
+                    Ok(()) => self.state.hub.apply(&device, &update),
                     Err(e) => Err(e.into()),
                 };
                 let error = match applied {
