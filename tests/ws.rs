@@ -388,3 +388,32 @@ async fn a_simulator_device_applies_commands() {
     assert_eq!(result["outcome"], "applied", "{result}");
     sse_status_where(&mut sse, "freezer", |d| d["status"]["power_on"] == wanted).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_agent_takes_a_simulator_device_over_for_good() {
+    let server = Server::start_with_simulator(&["--simulator-interval", "50ms"]).await;
+    eventually("the simulator's freezer", || async {
+        server.device("freezer").await.is_some()
+    })
+    .await;
+    let mut agent = server.agent("freezer").await;
+    agent
+        .send(&json!({"type": "status", "device": "freezer",
+                      "update": {"temperature": 4.0, "humidity": 50.0}}))
+        .await;
+    eventually("the agent's reading", || async {
+        server.device("freezer").await.unwrap()["status"]["temperature"] == 4.0
+    })
+    .await;
+    // Many simulator ticks later, the agent's values still stand.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let freezer = server.device("freezer").await.unwrap();
+    assert_eq!(freezer["status"]["temperature"], 4.0, "{freezer}");
+    assert_eq!(freezer["status"]["humidity"], 50.0, "{freezer}");
+    // The other simulated devices go on drifting.
+    let before = server.device("greenhouse").await.unwrap()["status"].clone();
+    eventually("the greenhouse to drift", || async {
+        server.device("greenhouse").await.unwrap()["status"] != before
+    })
+    .await;
+}

@@ -4,7 +4,9 @@
 //!
 //! It is also the in-process agent of its devices, registered in the same
 //! command registry as a WebSocket agent: a `power_on` command is applied at
-//! once, published as a status event, then confirmed as `applied`.
+//! once, published as a status event, then confirmed as `applied`. A device
+//! that another agent takes over is left to it for good: in cluster mode
+//! that makes the last instance started the one that simulates.
 
 use super::commands::{AgentLink, Commands, Settled};
 use super::hub::Hub;
@@ -127,7 +129,14 @@ pub async fn run(
             }
             () = shutdown.cancelled() => return,
         }
-        for (device, (t, h, on, metrics)) in DEVICES.iter().zip(readings.iter_mut()) {
+        for ((device, (t, h, on, metrics)), (_, _, replaced)) in
+            DEVICES.iter().zip(readings.iter_mut()).zip(&links)
+        {
+            if replaced.is_cancelled() {
+                // A real agent (or, in cluster mode, another instance's
+                // simulator) took this device over: its readings are theirs.
+                continue;
+            }
             *t = drift(&mut rng, *t, device.temperature);
             *h = drift(&mut rng, *h, device.humidity).clamp(0.0, 100.0);
             if rng.random_bool(0.02) {
