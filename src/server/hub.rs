@@ -200,6 +200,30 @@ struct State {
     group: Option<Group>,
 }
 
+impl State {
+    fn open_group(&mut self) {
+        self.group = Some(Group {
+            records: Vec::new(),
+            published: Vec::new(),
+            before: BTreeMap::new(),
+            last_id: self.last_id,
+            fresh: self.fresh,
+        });
+    }
+
+    /// Takes back the changes of a group that was not recorded.
+    fn undo(&mut self, group: Group) {
+        for (id, before) in group.before {
+            match before {
+                Some(device) => self.devices.insert(id, device),
+                None => self.devices.remove(&id),
+            };
+        }
+        self.last_id = group.last_id;
+        self.fresh = group.fresh;
+    }
+}
+
 impl Hub {
     /// `ring_capacity` events are kept for replay; a subscriber may fall
     /// `client_queue` events behind before it is resynchronised.
@@ -261,7 +285,13 @@ impl Hub {
     fn lock(&self) -> MutexGuard<'_, State> {
         // The state is only changed by code that cannot panic halfway, so a
         // poisoned lock still guards consistent data.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        let mut state = lock(&self.state);
+        // A group is closed before the lock is let go, unless applying it
+        // panicked: its changes were never recorded, so they are undone.
+        if let Some(group) = state.group.take() {
+            state.undo(group);
+        }
+        state
     }
 
     /// Applies a validated update. A new id registers the device; only a real
@@ -307,13 +337,7 @@ impl Hub {
     /// sends them to subscribers; if recording fails, undoes them all and
     /// answers each update with the failure.
     fn apply_group(&self, state: &mut State, group: &[Arc<Waiting>]) {
-        state.group = Some(Group {
-            records: Vec::new(),
-            published: Vec::new(),
-            before: BTreeMap::new(),
-            last_id: state.last_id,
-            fresh: state.fresh,
-        });
+        state.open_group();
         let results: Vec<_> = group
             .iter()
             .map(|w| self.apply_to(state, &w.device, &w.update))
@@ -339,14 +363,7 @@ impl Hub {
                 }
             }
             Err(e) => {
-                for (id, before) in done.before {
-                    match before {
-                        Some(device) => state.devices.insert(id, device),
-                        None => state.devices.remove(&id),
-                    };
-                }
-                state.last_id = done.last_id;
-                state.fresh = done.fresh;
+                state.undo(done);
                 let e = Arc::new(e);
                 for (waiting, result) in group.iter().zip(results) {
                     let result = result.and(Err(StoreError::Group(e.clone()).into()));
@@ -1104,13 +1121,13 @@ impl Hub {
     }
 }
 
-/// What went wrong with Redis, for `/healthz` and the errors of refused
-/// changes.
 /// Locks a mutex whose holders cannot leave its data half changed.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What went wrong with Redis, for `/healthz` and the errors of refused
+/// changes.
 fn why(e: &StoreError) -> String {
     match e {
         StoreError::Broker(reason) => reason.clone(),
@@ -1558,6 +1575,24 @@ mod tests {
             replay_ids(&replayed.start),
             [start + 1, start + 2, start + 3]
         );
+    }
+
+    #[test]
+    fn a_group_left_open_by_a_panic_is_undone_by_the_next_lock() {
+        let hub = Hub::new(8, 8);
+        let start = hub.apply(&id("a"), &temp(1.0)).unwrap().id;
+        let mut sub = hub.subscribe(None, &Filter::default());
+        {
+            let mut state = hub.lock();
+            state.open_group();
+            hub.apply_to(&mut state, &id("a"), &temp(2.0)).unwrap();
+            hub.apply_to(&mut state, &id("b"), &temp(3.0)).unwrap();
+            // A panic here would let the lock go with the group open.
+        }
+        assert_eq!(hub.stats(), (start, 1));
+        assert_eq!(hub.device(&id("a")).unwrap().status.temperature, Some(1.0));
+        assert!(sub.events.try_recv().is_err(), "nothing was sent");
+        assert_eq!(hub.apply(&id("a"), &temp(4.0)).unwrap().id, start + 1);
     }
 
     #[test]
