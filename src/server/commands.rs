@@ -118,6 +118,13 @@ struct Pending {
 }
 
 impl State {
+    /// Tells `old`, no longer the agent of `device`, that it was replaced,
+    /// and fails the commands routed to it.
+    fn replaced(&mut self, device: &DeviceId, old: Agent, why: &str) {
+        old.replaced.cancel();
+        self.fail_pending(device, old.generation, why);
+    }
+
     /// Fails every command routed to this agent.
     fn fail_pending(&mut self, device: &DeviceId, generation: u64, reason: &str) {
         let gone: Vec<String> = self
@@ -216,14 +223,10 @@ impl Commands {
             Relay::Heard { device, .. } => self.hub.heard_elsewhere(&device),
             Relay::Replaced { device } => {
                 let mut state = self.lock();
+                // Still online, through the newer agent: no event here.
                 if let Some(old) = state.agents.remove(&device) {
-                    // Still online, through the newer agent: no event here.
-                    old.replaced.cancel();
-                    state.fail_pending(
-                        &device,
-                        old.generation,
-                        "the device's agent was replaced by a newer one, on another instance",
-                    );
+                    let why = "the device's agent was replaced by a newer one, on another instance";
+                    state.replaced(&device, old, why);
                 }
             }
             Relay::Limits { device, limits, .. } => {
@@ -276,10 +279,9 @@ impl Commands {
             replaced: replaced.clone(),
         };
         if let Some(old) = state.agents.insert(device.clone(), agent) {
-            old.replaced.cancel();
-            state.fail_pending(
+            state.replaced(
                 device,
-                old.generation,
+                old,
                 "the device's agent was replaced by a newer one",
             );
         }

@@ -343,14 +343,9 @@ impl Hub {
             .map(|w| self.apply_to(state, &w.device, &w.update))
             .collect();
         let done = state.group.take().expect("the group is open");
+        // (Already inside `block_in_place` when the store fsyncs: see `apply`.)
         let recorded = match &mut state.store {
-            Some(store) if !done.records.is_empty() => {
-                if store.fsyncs() {
-                    tokio::task::block_in_place(|| store.record_all(&done.records))
-                } else {
-                    store.record_all(&done.records)
-                }
-            }
+            Some(store) if !done.records.is_empty() => store.record_all(&done.records),
             _ => Ok(()),
         };
         match recorded {
