@@ -11,6 +11,31 @@ pub struct Failure {
     pub unauthorized: bool,
 }
 
+impl Failure {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            unauthorized: false,
+        }
+    }
+
+    /// A response that is not a success: the server's `error`, if it gave
+    /// one.
+    #[cfg(feature = "hydrate")]
+    async fn of(response: gloo_net::http::Response) -> Self {
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("the server answered {status}"));
+        Self {
+            message,
+            unauthorized: status == 401,
+        }
+    }
+}
+
 /// `POST /api/session` with the operator token.
 pub async fn sign_in(token: String) -> Result<(), Failure> {
     let body = serde_json::json!({ "token": token }).to_string();
@@ -46,12 +71,8 @@ pub async fn history(
 ) -> Result<crate::model::History, Failure> {
     use gloo_net::http::Request;
 
-    let fail = |message: String| Failure {
-        message,
-        unauthorized: false,
-    };
     let from = chrono::DateTime::from_timestamp_millis(from_ms)
-        .ok_or_else(|| fail(format!("no such time: {from_ms} ms")))?
+        .ok_or_else(|| Failure::new(format!("no such time: {from_ms} ms")))?
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let mut query = vec![("metric", metric.to_owned()), ("from", from)];
     if let Some(step) = step_ms {
@@ -61,12 +82,13 @@ pub async fn history(
         .query(query)
         .send()
         .await
-        .map_err(|e| fail(format!("the server could not be reached: {e}")))?;
+        .map_err(|e| Failure::new(format!("the server could not be reached: {e}")))?;
     if !response.ok() {
-        return Err(fail(format!("the server answered {}", response.status())));
+        return Err(Failure::of(response).await);
     }
     let text = response.text().await.unwrap_or_default();
-    serde_json::from_str(&text).map_err(|e| fail(format!("a history that does not read: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| Failure::new(format!("a history that does not read: {e}")))
 }
 
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
@@ -84,10 +106,6 @@ const GIVE_UP_MS: u32 = 30_000;
 async fn send(method: Method, url: &str, body: Option<String>) -> Result<(), Failure> {
     use gloo_net::http::Request;
 
-    let fail = |message: String| Failure {
-        message,
-        unauthorized: false,
-    };
     let builder = match method {
         Method::Post => Request::post(url),
         Method::Delete => Request::delete(url),
@@ -101,7 +119,7 @@ async fn send(method: Method, url: &str, body: Option<String>) -> Result<(), Fai
             builder
                 .header("content-type", "application/json")
                 .body(body)
-                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| Failure::new(e.to_string()))?
                 .send()
                 .await
         }
@@ -109,34 +127,22 @@ async fn send(method: Method, url: &str, body: Option<String>) -> Result<(), Fai
     };
     let response = sent.map_err(|e| {
         if signal.aborted() {
-            fail(format!(
+            Failure::new(format!(
                 "no answer from the server within {} s",
                 GIVE_UP_MS / 1000
             ))
         } else {
-            fail(format!("the server could not be reached: {e}"))
+            Failure::new(format!("the server could not be reached: {e}"))
         }
     })?;
     if response.ok() {
         return Ok(());
     }
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("the server answered {status}"));
-    Err(Failure {
-        message,
-        unauthorized: status == 401,
-    })
+    Err(Failure::of(response).await)
 }
 
 /// Requests are only sent from the browser; the server renders no click.
 #[cfg(not(feature = "hydrate"))]
 async fn send(_: Method, _: &str, _: Option<String>) -> Result<(), Failure> {
-    Err(Failure {
-        message: "requests are sent from the browser only".into(),
-        unauthorized: false,
-    })
+    Err(Failure::new("requests are sent from the browser only"))
 }
