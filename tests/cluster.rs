@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{Nginx, Redis, Schema, Server, SseStream, eventually, within};
+use common::{
+    Nginx, Redis, Schema, Server, SseStream, answer_next_command, command, eventually, within,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -436,21 +438,12 @@ async fn a_newer_agent_on_another_instance_replaces_the_older_which_is_told() {
     for (i, server) in servers.iter().enumerate() {
         let mut operator = server.operator().await;
         let request_id = format!("r-{i}");
-        operator
-            .send(&json!({"type": "command", "device": "lamp",
-                          "set": {"power_on": true}, "request_id": request_id}))
-            .await;
+        operator.send(&command("lamp", true, &request_id)).await;
         assert_eq!(
             operator.expect("ack").await["request_id"],
             json!(request_id)
         );
-        let command = newer.expect("command").await;
-        newer
-            .send(
-                &json!({"type": "result", "request_id": command["request_id"],
-                          "outcome": "applied"}),
-            )
-            .await;
+        answer_next_command(&mut newer, "lamp", true).await;
         assert_eq!(operator.expect("result").await["outcome"], "applied");
         assert_eq!(server.device("lamp").await.unwrap()["online"], true);
     }

@@ -3,12 +3,8 @@
 
 mod common;
 
-use common::{Server, SseStream, Ws, eventually};
+use common::{Server, SseStream, answer_next_command, command, eventually};
 use serde_json::{Value, json};
-
-fn command(device: &str, power_on: bool, request_id: &str) -> Value {
-    json!({"type": "command", "device": device, "set": {"power_on": power_on}, "request_id": request_id})
-}
 
 /// Reads SSE status events until one for `device` satisfies `check`.
 async fn sse_status_where(sse: &mut SseStream, device: &str, check: impl Fn(&Value) -> bool) {
@@ -19,27 +15,6 @@ async fn sse_status_where(sse: &mut SseStream, device: &str, check: impl Fn(&Val
             return;
         }
     }
-}
-
-/// Answers the next command the agent receives; returns it.
-async fn answer_next_command(agent: &mut Ws, device: &str, apply: bool) -> Value {
-    let command = agent.expect("command").await;
-    assert_eq!(command["device"], device);
-    if apply {
-        let on = command["set"]["power_on"].clone();
-        agent
-            .send(&json!({"type": "status", "device": device, "update": {"power_on": on}}))
-            .await;
-    }
-    agent
-        .send(&json!({
-            "type": "result",
-            "request_id": command["request_id"],
-            "outcome": if apply { "applied" } else { "failed" },
-            "reason": if apply { Value::Null } else { json!("relay stuck") },
-        }))
-        .await;
-    command
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@
 
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -959,6 +959,32 @@ impl Ws {
             other => panic!("expected a close frame, got {other:?}"),
         }
     }
+}
+
+/// An operator's `command` message setting `power_on`.
+pub fn command(device: &str, power_on: bool, request_id: &str) -> Value {
+    json!({"type": "command", "device": device, "set": {"power_on": power_on}, "request_id": request_id})
+}
+
+/// Answers the next command the agent receives; returns it.
+pub async fn answer_next_command(agent: &mut Ws, device: &str, apply: bool) -> Value {
+    let command = agent.expect("command").await;
+    assert_eq!(command["device"], device);
+    if apply {
+        let on = command["set"]["power_on"].clone();
+        agent
+            .send(&json!({"type": "status", "device": device, "update": {"power_on": on}}))
+            .await;
+    }
+    agent
+        .send(&json!({
+            "type": "result",
+            "request_id": command["request_id"],
+            "outcome": if apply { "applied" } else { "failed" },
+            "reason": if apply { Value::Null } else { json!("relay stuck") },
+        }))
+        .await;
+    command
 }
 
 pub use tokio_tungstenite::tungstenite::Message as WsMessage;
