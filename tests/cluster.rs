@@ -514,6 +514,29 @@ async fn limits_set_on_one_instance_hold_on_every_instance() {
     assert!(late.device("oven").await.unwrap()["alerts"]["temperature"].is_object());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_signed_in_on_one_instance_is_signed_in_on_all_until_signed_out() {
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 2).await;
+    let (kept, ended) = (servers[0].sign_in().await, servers[0].sign_in().await);
+    for server in &servers {
+        assert!(server.signed_in(&kept).await);
+        assert!(server.signed_in(&ended).await);
+    }
+    servers[1].sign_out(&ended).await;
+    for server in &servers {
+        eventually("the sign-out on every instance", || async {
+            !server.signed_in(&ended).await
+        })
+        .await;
+        assert!(server.signed_in(&kept).await);
+    }
+    // An instance that joins later knows the sign-out too.
+    let late = Server::start_in_cluster(&redis.url(), &[]).await;
+    assert!(late.signed_in(&kept).await);
+    assert!(!late.signed_in(&ended).await);
+}
+
 async fn send_json_put(server: &Server, path: &str, body: &Value) -> (StatusCode, Value) {
     let response = within(
         "a PUT answer",

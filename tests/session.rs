@@ -225,6 +225,33 @@ async fn signing_out_ends_the_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_outlive_a_restart_and_sign_outs_do_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let mut server = Server::start_with(&["--data-dir", path]).await;
+    let (kept, ended) = (server.sign_in().await, server.sign_in().await);
+    assert_ne!(kept, ended);
+    server.sign_out(&ended).await;
+    assert!(server.signed_in(&kept).await);
+    assert!(!server.signed_in(&ended).await);
+    server.restart().await;
+    assert!(server.signed_in(&kept).await, "a restart signs nobody out");
+    assert!(!server.signed_in(&ended).await, "nor anyone back in");
+    // Signing in again ends the session the browser had.
+    let response = server
+        .client
+        .post(server.url("/api/session"))
+        .header("content-type", "application/json")
+        .header("cookie", &kept)
+        .body(json!({ "token": server.operator_token }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!server.signed_in(&kept).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_renders_switches_only_for_a_live_session() {
     let server = Server::start_with_simulator(&["--simulator-interval", "10s"]).await;
     power_of(&server, "greenhouse").await;

@@ -259,7 +259,7 @@ fn initial() -> Initial {
         use_context::<axum::http::request::Parts>(),
         use_context::<Arc<Auth>>(),
     ) {
-        (Some(parts), Some(auth)) => auth.has_session(&parts.headers),
+        (Some(parts), Some(auth)) => auth.session(&parts.headers, &hub).is_some(),
         _ => false,
     };
     let now = chrono::Utc::now();

@@ -237,7 +237,7 @@ pub async fn post_command(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    state.auth.check_operator(&headers)?;
+    state.auth.check_operator(&headers, &state.hub)?;
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
     let request: CommandRequest = read_json(&headers, body).await?;
     if request.set.is_empty() {
@@ -275,7 +275,7 @@ pub async fn put_thresholds(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<LimitsSet>, ApiError> {
-    state.auth.check_operator(&headers)?;
+    state.auth.check_operator(&headers, &state.hub)?;
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
     let raw: BTreeMap<String, Value> = read_json(&headers, body).await?;
     let mut limits = MetricLimits::new();
@@ -326,26 +326,32 @@ pub async fn sign_in(
         return Err(ApiError::WrongOperatorToken);
     }
     // Signing in again replaces the session this browser had.
-    if let Some(old) = super::auth::session_cookie(&headers) {
-        state.auth.sessions.end(old);
-    }
-    let id = state.auth.sessions.create();
+    sign_out_session(&state, &headers);
+    let (_, value) = state.auth.sessions.start();
     Ok(with_cookie(
         Json(json!({ "role": "operator" })).into_response(),
-        &state.auth.session_set_cookie(&id),
+        &state.auth.session_set_cookie(&value),
     ))
 }
 
-/// `DELETE /api/session`: ends this browser's session (if any) and clears
-/// the cookie. Always a 204, so signing out twice is harmless.
+/// `DELETE /api/session`: ends this browser's session (if any) on every
+/// instance, and clears the cookie. Always a 204, so signing out twice is
+/// harmless.
 pub async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Some(id) = super::auth::session_cookie(&headers) {
-        state.auth.sessions.end(id);
-    }
+    sign_out_session(&state, &headers);
     with_cookie(
         StatusCode::NO_CONTENT.into_response(),
         &state.auth.session_clear_cookie(),
     )
+}
+
+fn sign_out_session(state: &AppState, headers: &HeaderMap) {
+    if let Some(session) = state.auth.session(headers, &state.hub)
+        && let Err(e) = state.hub.sign_out(&session)
+    {
+        // The browser forgets the cookie all the same.
+        tracing::error!("a session signed out here only: {e}");
+    }
 }
 
 fn with_cookie(mut response: Response, cookie: &str) -> Response {

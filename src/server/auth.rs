@@ -7,7 +7,8 @@
 //!   reading is open to anyone, as the SSE stream and the page are;
 //! - device tokens: the `device` role for the one id each is bound to;
 //! - operator sessions: the page signs in once with the operator token
-//!   (`POST /api/session`) and gets a cookie holding a random session id;
+//!   (`POST /api/session`) and gets a signed cookie holding a random session
+//!   id ([`Sessions`]);
 //!   the cookie then grants what the operator token grants over HTTP
 //!   (commands), and tells the server to render the page's controls.
 //!
@@ -15,20 +16,19 @@
 //! configured token, so timing tells nothing about which one nearly matched.
 
 use super::error::ApiError;
+use super::hub::Hub;
 use crate::model::DeviceId;
 use crate::protocol::Role;
 use axum::http::{HeaderMap, header};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use cookie::{Cookie, CookieJar, Key, SameSite};
+use std::sync::Arc;
+use std::time::Duration;
 use subtle::ConstantTimeEq;
 
 /// The name of the operator session cookie.
 pub const SESSION_COOKIE: &str = "telltale_session";
 /// How long a session lasts after sign-in.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Most sessions kept at once; beyond it the oldest is dropped.
-pub const MAX_SESSIONS: usize = 1024;
 
 /// One secret token.
 #[derive(Clone)]
@@ -77,69 +77,93 @@ pub enum Refusal {
 }
 
 /// The value of the session cookie, if the request carries one.
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, value)| value.trim())
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == SESSION_COOKIE)
+        .map(|c| c.value().to_owned())
 }
 
-/// Operator sessions, in memory: a restart signs everyone out.
+/// One operator session, as its cookie says once its signature checked out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// 43 random alphanumeric characters (about 256 bits): what a sign-out
+    /// revokes.
+    pub id: String,
+    /// When it ends, in seconds since the Unix epoch.
+    pub expires: i64,
+}
+
+/// Operator sessions, kept by the browser: the cookie holds the session's
+/// id and end, signed (HMAC-SHA256, by the `cookie` crate) with a key
+/// derived from the operator token. So any instance with the same token
+/// accepts it (no sticky sessions behind a load balancer), a restart signs
+/// nobody out, and changing the operator token ends every session. The
+/// cookie tells nothing about the token; the server keeps only the ids of
+/// sessions signed out before their end (see [`Hub::sign_out`]).
 ///
-/// A session id is 43 random alphanumeric characters (about 256 bits) from
-/// a cryptographic generator; it is never derived from the operator token,
-/// so the cookie tells nothing about the token. Ids are looked up in a hash
-/// map: with ids that cannot be guessed, lookup timing gives nothing away.
-#[derive(Default)]
+/// [`Hub::sign_out`]: super::hub::Hub::sign_out
 pub struct Sessions {
-    /// Session id → when it expires.
-    live: Mutex<HashMap<String, Instant>>,
+    key: Key,
 }
 
 impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Starts a session; returns its id.
-    pub fn create(&self) -> String {
-        use rand::distr::{Alphanumeric, SampleString};
-        let id = Alphanumeric.sample_string(&mut rand::rng(), 43);
-        let now = Instant::now();
-        let mut live = self.lock();
-        live.retain(|_, expires| *expires > now);
-        if live.len() >= MAX_SESSIONS
-            && let Some(oldest) = live.iter().min_by_key(|(_, e)| **e).map(|(k, _)| k.clone())
-        {
-            live.remove(&oldest);
+    pub fn new(operator: &Token) -> Self {
+        use sha2::{Digest, Sha256};
+        let master = Sha256::new()
+            .chain_update(b"telltale operator sessions\0")
+            .chain_update(operator.as_str().as_bytes())
+            .finalize();
+        Self {
+            key: Key::derive_from(&master),
         }
-        live.insert(id.clone(), now + SESSION_TTL);
-        id
     }
 
-    /// Whether `id` is a live session.
-    pub fn is_live(&self, id: &str) -> bool {
-        self.lock()
-            .get(id)
-            .is_some_and(|expires| *expires > Instant::now())
+    /// Starts a session: it, and the signed value of its cookie.
+    pub fn start(&self) -> (Session, String) {
+        use rand::distr::{Alphanumeric, SampleString};
+        let session = Session {
+            id: Alphanumeric.sample_string(&mut rand::rng(), 43),
+            expires: now() + SESSION_TTL.as_secs() as i64,
+        };
+        let value = self.sign(&session);
+        (session, value)
     }
 
-    /// Ends a session; returns whether it was live.
-    pub fn end(&self, id: &str) -> bool {
-        self.lock().remove(id).is_some()
+    /// The signed cookie value of `session`.
+    fn sign(&self, session: &Session) -> String {
+        let mut jar = CookieJar::new();
+        jar.signed_mut(&self.key).add(Cookie::new(
+            SESSION_COOKIE,
+            format!("{}.{}", session.id, session.expires),
+        ));
+        jar.get(SESSION_COOKIE)
+            .expect("just added")
+            .value()
+            .to_owned()
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().len()
+    /// The session a cookie value stands for, if its signature is this
+    /// server's and it has not ended.
+    pub fn read(&self, value: &str) -> Option<Session> {
+        let cookie = Cookie::new(SESSION_COOKIE, value.to_owned());
+        let verified = CookieJar::new().signed(&self.key).verify(cookie)?;
+        let (id, expires) = verified.value().split_once('.')?;
+        let expires = expires.parse().ok()?;
+        (expires > now()).then(|| Session {
+            id: id.to_owned(),
+            expires,
+        })
     }
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+/// Seconds since the Unix epoch.
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
 }
 
 /// Every configured token, and the operator sessions.
@@ -200,26 +224,36 @@ impl Auth {
         }
     }
 
-    /// Whether the request carries a live operator session cookie.
-    pub fn has_session(&self, headers: &HeaderMap) -> bool {
-        session_cookie(headers).is_some_and(|id| self.sessions.is_live(id))
+    /// The request's operator session, if its cookie holds one that is
+    /// signed by this server, has not ended and was not signed out.
+    pub fn session(&self, headers: &HeaderMap, hub: &Hub) -> Option<Session> {
+        session_cookie(headers)
+            .and_then(|value| self.sessions.read(&value))
+            .filter(|s| !hub.signed_out(&s.id))
     }
 
-    /// The `Set-Cookie` value that starts session `id` in the browser:
-    /// `HttpOnly` (no script reads it), `SameSite=Strict` (no other site's
-    /// page sends it), whole site.
-    pub fn session_set_cookie(&self, id: &str) -> String {
-        let secure = if self.secure_cookie { "; Secure" } else { "" };
-        format!(
-            "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
-            SESSION_TTL.as_secs()
-        )
+    /// The `Set-Cookie` value that starts a session in the browser, given
+    /// its signed `value`: `HttpOnly` (no script reads it),
+    /// `SameSite=Strict` (no other site's page sends it), whole site.
+    pub fn session_set_cookie(&self, value: &str) -> String {
+        self.session_cookie_of(value.to_owned())
+            .max_age(cookie::time::Duration::seconds(SESSION_TTL.as_secs() as i64))
+            .to_string()
     }
 
     /// The `Set-Cookie` value that removes the session cookie.
     pub fn session_clear_cookie(&self) -> String {
-        let secure = if self.secure_cookie { "; Secure" } else { "" };
-        format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}")
+        self.session_cookie_of(String::new())
+            .max_age(cookie::time::Duration::ZERO)
+            .to_string()
+    }
+
+    fn session_cookie_of(&self, value: String) -> cookie::CookieBuilder<'static> {
+        Cookie::build((SESSION_COOKIE, value))
+            .http_only(true)
+            .same_site(SameSite::Strict)
+            .path("/")
+            .secure(self.secure_cookie)
     }
 
     /// HTTP commands: the operator token as a bearer token (another valid
@@ -231,14 +265,11 @@ impl Auth {
     /// `Content-Type: application/json`, which a cross-site form cannot send
     /// and a cross-site `fetch` can only send after a CORS preflight that this
     /// server never answers. Both together are enough here.
-    pub fn check_operator(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        if bearer(headers).is_none()
-            && let Some(id) = session_cookie(headers)
-        {
-            return if self.sessions.is_live(id) {
-                Ok(())
-            } else {
-                Err(ApiError::SessionEnded)
+    pub fn check_operator(&self, headers: &HeaderMap, hub: &Hub) -> Result<(), ApiError> {
+        if bearer(headers).is_none() && session_cookie(headers).is_some() {
+            return match self.session(headers, hub) {
+                Some(_) => Ok(()),
+                None => Err(ApiError::SessionEnded),
             };
         }
         self.authorize(Role::Operator, None, bearer(headers))
@@ -303,12 +334,13 @@ mod tests {
     }
 
     fn auth(viewer: Option<&str>) -> Auth {
+        let operator = Token::new("op");
         Auth {
             ingest: Token::new("ingest"),
-            operator: Token::new("op"),
+            sessions: Sessions::new(&operator),
+            operator,
             viewer: viewer.map(Token::new),
             devices: vec![(id("rack"), Token::new("rack-secret"))],
-            sessions: Sessions::default(),
             secure_cookie: false,
         }
     }
@@ -320,27 +352,51 @@ mod tests {
     }
 
     #[test]
-    fn a_session_cookie_grants_the_operator_role_until_it_ends() {
-        let a = auth(None);
-        let id = a.sessions.create();
-        assert_eq!(id.len(), 43);
-        assert_ne!(id, a.sessions.create(), "ids are random");
-        let headers = with_cookie(&format!("theme=dark; {SESSION_COOKIE}={id}; x=1"));
-        assert_eq!(session_cookie(&headers), Some(id.as_str()));
-        assert!(a.has_session(&headers));
-        assert!(a.check_operator(&headers).is_ok());
+    fn a_session_cookie_grants_the_operator_role_until_signed_out() {
+        let (a, hub) = (auth(None), Hub::new(8, 8));
+        let (session, value) = a.sessions.start();
+        assert_eq!(session.id.len(), 43);
+        assert_ne!(session, a.sessions.start().0, "ids are random");
+        let headers = with_cookie(&format!("theme=dark; {SESSION_COOKIE}={value}; x=1"));
+        assert_eq!(session_cookie(&headers), Some(value.clone()));
+        assert_eq!(a.session(&headers, &hub), Some(session.clone()));
+        assert!(a.check_operator(&headers, &hub).is_ok());
         // A bearer header wins over the cookie.
         let mut both = headers.clone();
         both.insert(header::AUTHORIZATION, "Bearer nope".parse().unwrap());
-        assert!(a.check_operator(&both).is_err());
-        assert!(a.sessions.end(&id));
-        assert!(!a.has_session(&headers));
+        assert!(a.check_operator(&both, &hub).is_err());
+        hub.sign_out(&session).unwrap();
+        assert_eq!(a.session(&headers, &hub), None);
         assert!(matches!(
-            a.check_operator(&headers),
+            a.check_operator(&headers, &hub),
             Err(ApiError::SessionEnded)
         ));
-        assert!(!a.has_session(&with_cookie(&format!("{SESSION_COOKIE}=op"))));
-        assert!(!a.has_session(&HeaderMap::new()));
+        assert_eq!(a.session(&HeaderMap::new(), &hub), None);
+    }
+
+    #[test]
+    fn only_cookies_signed_with_the_same_operator_token_and_not_ended_count() {
+        let (a, hub) = (auth(None), Hub::new(8, 8));
+        let (session, value) = a.sessions.start();
+        let read = |sessions: &Sessions, value: &str| {
+            let headers = with_cookie(&format!("{SESSION_COOKIE}={value}"));
+            session_cookie(&headers).and_then(|v| sessions.read(&v))
+        };
+        // Another instance, or the next start, with the same token.
+        assert_eq!(read(&auth(None).sessions, &value), Some(session.clone()));
+        assert_eq!(read(&Sessions::new(&Token::new("op2")), &value), None);
+        // Made up, or changed: the end pushed later, the id swapped.
+        assert_eq!(read(&a.sessions, "op"), None);
+        assert_eq!(read(&a.sessions, &format!("{}.1", session.id)), None);
+        let later = value.replace(&session.expires.to_string(), "99999999999");
+        assert_eq!(read(&a.sessions, &later), None);
+        // Ended.
+        let ended = Session {
+            id: session.id.clone(),
+            expires: now() - 1,
+        };
+        assert_eq!(read(&a.sessions, &a.sessions.sign(&ended)), None);
+        assert!(!hub.signed_out(&session.id));
     }
 
     #[test]
@@ -354,18 +410,7 @@ mod tests {
         assert!(!set.contains("Secure"));
         assert!(a.session_clear_cookie().contains("Max-Age=0"));
         a.secure_cookie = true;
-        assert!(a.session_set_cookie("abc").ends_with("; Secure"));
-    }
-
-    #[test]
-    fn sessions_are_capped() {
-        let a = auth(None);
-        let first = a.sessions.create();
-        for _ in 0..MAX_SESSIONS {
-            a.sessions.create();
-        }
-        assert_eq!(a.sessions.len(), MAX_SESSIONS);
-        assert!(!a.sessions.is_live(&first), "the oldest went first");
+        assert!(a.session_set_cookie("abc").contains("; Secure"));
     }
 
     fn unauthorized<T>(r: Result<T, Refusal>) -> bool {

@@ -37,6 +37,7 @@
 //! `telltale:commands:<instance>`, and the result comes back on the
 //! sender's ([`Relay`]).
 
+use super::auth::{self, Session};
 use super::store::{StoreError, StoredEvent};
 use super::thresholds::MetricLimits;
 use crate::model::{Device, DeviceId, EventId, StatusEvent};
@@ -51,10 +52,14 @@ const LAST_ID: &str = "telltale:last_id";
 const DEVICES: &str = "telltale:devices";
 const EVENTS: &str = "telltale:events";
 const AGENTS: &str = "telltale:agents";
-/// Every instance listens here, for [`Relay::Heard`] and [`Relay::Limits`].
+/// Every instance listens here, for [`Relay::Heard`], [`Relay::Limits`]
+/// and [`Relay::SignedOut`].
 const EVERYONE: &str = "telltale:everyone";
 /// A hash of device id → its own limits (JSON), as set over the API.
 const LIMITS: &str = "telltale:limits";
+/// A sorted set of the operator sessions signed out before their end,
+/// scored by that end (Unix seconds).
+const SIGNED_OUT: &str = "telltale:signed_out";
 
 /// The channel an instance receives its [`Relay`]s on.
 fn inbox(instance: &str) -> String {
@@ -90,6 +95,12 @@ pub enum Relay {
     /// For the instance the device's agent was connected to: a newer agent
     /// took the device over on another instance.
     Replaced { device: DeviceId },
+    /// To every instance: an operator session was signed out.
+    SignedOut {
+        from: String,
+        session: String,
+        expires: i64,
+    },
 }
 
 /// Makes `ARGV[2]` the instance of device `ARGV[1]`'s agent; returns the
@@ -253,7 +264,7 @@ impl Broker {
             from: self.instance.clone(),
             device: device.clone(),
         };
-        self.tell_everyone(None, &relay)
+        self.tell_everyone(&relay, |_| {})
     }
 
     /// Keeps `device`'s own limits for every instance (and those that join
@@ -269,7 +280,13 @@ impl Broker {
             limits: limits.clone(),
         };
         let json = serde_json::to_string(limits).expect("limits serialize");
-        self.tell_everyone(Some((device, &json)), &relay)
+        self.tell_everyone(&relay, |pipe| {
+            pipe.cmd("HSET")
+                .arg(LIMITS)
+                .arg(device.as_str())
+                .arg(&json)
+                .ignore();
+        })
     }
 
     /// Every device's own limits set over the API, in the whole cluster.
@@ -287,24 +304,58 @@ impl Broker {
             .collect()
     }
 
-    /// Publishes `relay` to every instance, first saving the limits `kept`
-    /// (in one transaction).
+    /// Keeps `session` signed out for every instance (and those that join
+    /// later; forgetting those that have ended), and tells the others at once.
+    pub fn share_signed_out(&mut self, session: &Session) -> Result<(), StoreError> {
+        let relay = Relay::SignedOut {
+            from: self.instance.clone(),
+            session: session.id.clone(),
+            expires: session.expires,
+        };
+        self.tell_everyone(&relay, |pipe| {
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(SIGNED_OUT)
+                .arg("-inf")
+                .arg(auth::now())
+                .ignore();
+            pipe.cmd("ZADD")
+                .arg(SIGNED_OUT)
+                .arg(session.expires)
+                .arg(&session.id)
+                .ignore();
+        })
+    }
+
+    /// The operator sessions signed out in the whole cluster that have not
+    /// ended.
+    pub fn signed_out(&mut self) -> Result<Vec<Session>, StoreError> {
+        let all: Vec<(String, i64)> = self.with(TIMEOUT, |c| {
+            redis::cmd("ZRANGE")
+                .arg(SIGNED_OUT)
+                .arg(auth::now() + 1)
+                .arg("+inf")
+                .arg("BYSCORE")
+                .arg("WITHSCORES")
+                .query(c)
+        })?;
+        Ok(all
+            .into_iter()
+            .map(|(id, expires)| Session { id, expires })
+            .collect())
+    }
+
+    /// Publishes `relay` to every instance, in one transaction with what
+    /// `keep` adds to it.
     fn tell_everyone(
         &mut self,
-        kept: Option<(&DeviceId, &str)>,
         relay: &Relay,
+        keep: impl Fn(&mut redis::Pipeline),
     ) -> Result<(), StoreError> {
         let payload = serde_json::to_string(relay).expect("a relay serializes");
         self.with(TIMEOUT, |c| {
             let mut pipe = redis::pipe();
             pipe.atomic();
-            if let Some((device, json)) = kept {
-                pipe.cmd("HSET")
-                    .arg(LIMITS)
-                    .arg(device.as_str())
-                    .arg(json)
-                    .ignore();
-            }
+            keep(&mut pipe);
             pipe.cmd("PUBLISH").arg(EVERYONE).arg(&payload).ignore();
             pipe.query::<()>(c)
         })
@@ -541,8 +592,11 @@ impl Broker {
                         Ok(message) => {
                             let payload: String = message.get_payload()?;
                             match serde_json::from_str(&payload) {
-                                Ok(Relay::Heard { from, .. } | Relay::Limits { from, .. })
-                                    if from == self.instance => {}
+                                Ok(
+                                    Relay::Heard { from, .. }
+                                    | Relay::Limits { from, .. }
+                                    | Relay::SignedOut { from, .. },
+                                ) if from == self.instance => {}
                                 Ok(relay) => deliver(relay),
                                 Err(e) => tracing::warn!("a relay that does not read: {e}"),
                             }

@@ -23,6 +23,7 @@
 //! another instance is relayed there through Redis ([`Relay`]), and its
 //! result comes back to the ticket here: the caller cannot tell.
 
+use super::auth::Session;
 use super::cluster::{Broker, Relay};
 use super::hub::Hub;
 use crate::model::DeviceId;
@@ -227,6 +228,17 @@ impl Commands {
                 if let Some(old) = state.agents.remove(&device) {
                     let why = "the device's agent was replaced by a newer one, on another instance";
                     state.replaced(&device, old, why);
+                }
+            }
+            Relay::SignedOut {
+                session, expires, ..
+            } => {
+                let session = Session {
+                    id: session,
+                    expires,
+                };
+                if let Err(e) = self.hub.signed_out_elsewhere(&session) {
+                    tracing::error!("keeping a session signed out elsewhere: {e}");
                 }
             }
             Relay::Limits { device, limits, .. } => {

@@ -40,6 +40,7 @@
 //!   the other instances' events arrive through [`Hub::follow`] and are
 //!   applied, stored and fanned out here exactly like local ones.
 
+use super::auth::{self, Session};
 use super::cluster::{Append, Broker};
 use super::history::Reader;
 use super::stale::{StalePolicy, Watch};
@@ -52,7 +53,7 @@ use axum::extract::ws::Utf8Bytes;
 use axum::response::sse::Event;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, broadcast, watch};
@@ -161,6 +162,10 @@ pub struct Hub {
     waiting: Mutex<Vec<Arc<Waiting>>>,
     /// The store fsyncs each commit.
     fsyncs: bool,
+    /// Operator sessions signed out before their end: id → that end (Unix
+    /// seconds). Kept in the store and, in cluster mode, shared through
+    /// Redis, like limits.
+    signed_out: Mutex<HashMap<String, i64>>,
 }
 
 /// An update waiting to be applied, and then its result.
@@ -248,6 +253,7 @@ impl Hub {
         );
         hub.history = Some(Mutex::new(Reader::new(store.connect()?)?));
         hub.fsyncs = store.fsyncs();
+        hub.keep_signed_out(store.signed_out(auth::now())?);
         {
             let mut state = hub.lock();
             state.fresh = stored.is_none();
@@ -279,6 +285,7 @@ impl Hub {
             history: None,
             waiting: Mutex::default(),
             fsyncs: false,
+            signed_out: Mutex::default(),
         }
     }
 
@@ -678,6 +685,44 @@ impl Hub {
         }
         state.thresholds.set_own(device.clone(), limits);
         Ok(())
+    }
+
+    /// Signs `session` out: no instance accepts its cookie again, even
+    /// after a restart. Kept here at once; an error means it could not be
+    /// stored or shared, so it may hold on this instance only.
+    pub fn sign_out(&self, session: &Session) -> Result<(), StoreError> {
+        self.keep_signed_out([(session.id.clone(), session.expires)]);
+        if let Some(store) = &mut self.lock().store {
+            tokio::task::block_in_place(|| store.save_signed_out(session, auth::now()))?;
+        }
+        if let Some(broker) = &self.broker {
+            let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
+            tokio::task::block_in_place(|| broker.share_signed_out(session))?;
+        }
+        Ok(())
+    }
+
+    /// Cluster mode: another instance signed `session` out.
+    pub fn signed_out_elsewhere(&self, session: &Session) -> Result<(), StoreError> {
+        self.keep_signed_out([(session.id.clone(), session.expires)]);
+        match &mut self.lock().store {
+            Some(store) => {
+                tokio::task::block_in_place(|| store.save_signed_out(session, auth::now()))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Whether session `id` was signed out.
+    pub fn signed_out(&self, id: &str) -> bool {
+        lock(&self.signed_out).contains_key(id)
+    }
+
+    fn keep_signed_out(&self, sessions: impl IntoIterator<Item = (String, i64)>) {
+        let now = auth::now();
+        let mut signed_out = lock(&self.signed_out);
+        signed_out.retain(|_, expires| *expires > now);
+        signed_out.extend(sessions.into_iter().filter(|(_, expires)| *expires > now));
     }
 
     /// Every configured limit (`GET /api/thresholds`).
@@ -1086,6 +1131,17 @@ impl Hub {
                     }
                 }
                 Err(e) => tracing::warn!("reading the cluster's limits: {e}"),
+            }
+            // Sessions signed out while this instance was away.
+            match broker.signed_out() {
+                Ok(all) => {
+                    for session in all {
+                        if let Err(e) = self.signed_out_elsewhere(&session) {
+                            tracing::error!("keeping a signed-out session: {e}");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("reading the cluster's signed-out sessions: {e}"),
             }
             self.set_degraded(None);
             backoff = Duration::from_millis(100);

@@ -108,9 +108,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     {
         leptos_options.reload_port = port;
     }
+    let operator = token_or_random("operator", config.operator_token.as_deref());
     let auth = Arc::new(Auth {
         ingest: token_or_random("ingest", config.ingest_token.as_deref()),
-        operator: token_or_random("operator", config.operator_token.as_deref()),
+        sessions: auth::Sessions::new(&operator),
+        operator,
         viewer: config
             .viewer_token
             .as_deref()
@@ -121,7 +123,6 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             .iter()
             .map(|(id, t)| (id.clone(), Token::new(t.as_str())))
             .collect(),
-        sessions: auth::Sessions::default(),
         secure_cookie: config.secure_cookie,
     });
     // A bad thresholds file stops the start, before anything is opened.

@@ -22,6 +22,7 @@
 //! returns once the server has made it durable (`synchronous_commit=on`, its
 //! default); only retention's own connection turns that off.
 
+use super::auth::Session;
 use super::db::{Arg, Conn, TxKind};
 use super::thresholds::MetricLimits;
 use crate::model::{Device, DeviceId, EventId};
@@ -141,7 +142,16 @@ const MIGRATIONS: &[&str] = &[
          last REAL NOT NULL,        -- the minute's last reading: in force after it
          UNIQUE (device, metric, minute)
      );",
+    // 4: operator sessions signed out before their end.
+    SIGNED_OUT_TABLE,
 ];
+
+/// Operator sessions signed out before their end (`expires`: Unix
+/// seconds), so no start accepts their cookie again.
+const SIGNED_OUT_TABLE: &str = "CREATE TABLE signed_out (
+         session TEXT PRIMARY KEY NOT NULL,
+         expires BIGINT NOT NULL
+     );";
 
 /// The PostgreSQL schema, in order; the `schema_version` table holds how
 /// many were applied. Its own list (the SQLite one carries the upgrades of
@@ -196,6 +206,8 @@ const PG_MIGRATIONS: &[&str] = &[
          last DOUBLE PRECISION NOT NULL,
          UNIQUE (device, metric, minute)
      );",
+    // 2: as SQLite's 4.
+    SIGNED_OUT_TABLE,
 ];
 
 /// The advisory lock the PostgreSQL migrations run under, so instances
@@ -558,6 +570,32 @@ impl Store {
         Ok(())
     }
 
+    /// The sessions signed out that have not ended by `now` (Unix seconds).
+    pub fn signed_out(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = self.conn.query(
+            "SELECT session, expires FROM signed_out WHERE expires > ?1",
+            &[Arg::I64(now)],
+        )?;
+        rows.iter().map(|r| Ok((r.string(0)?, r.i64(1)?))).collect()
+    }
+
+    /// Keeps `session` signed out, forgetting those that have ended by `now`.
+    pub fn save_signed_out(&mut self, session: &Session, now: i64) -> Result<(), StoreError> {
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        self.conn.transaction(TxKind::Write, |tx| {
+            tx.execute(
+                "DELETE FROM signed_out WHERE expires <= ?1",
+                &[Arg::I64(now)],
+            )?;
+            tx.execute(
+                "INSERT INTO signed_out (session, expires) VALUES (?1, ?2)
+                 ON CONFLICT (session) DO NOTHING",
+                &[Arg::Str(&session.id), Arg::I64(session.expires)],
+            )?;
+            Ok(())
+        })
+    }
+
     /// The saved learned report intervals, by device.
     pub fn report_intervals(&self) -> Result<Vec<(DeviceId, Duration)>, StoreError> {
         let rows = self.conn.query(
@@ -830,6 +868,15 @@ mod tests {
             store.record(12, &a2, Some(&a1), r#"{"n":12}"#).unwrap();
             // The same id twice fails, and leaves nothing behind.
             assert!(store.record(12, &a1, None, "{}").is_err());
+            let session = |id: &str, expires| Session {
+                id: id.into(),
+                expires,
+            };
+            store.save_signed_out(&session("s1", 2_000), 1_000).unwrap();
+            store.save_signed_out(&session("s0", 1_500), 1_000).unwrap();
+            store.save_signed_out(&session("s1", 2_000), 1_000).unwrap();
+            // Forgets those ended by now: s0.
+            store.save_signed_out(&session("s2", 3_000), 1_600).unwrap();
         }
         let store = open();
         assert_eq!(store.id_range().unwrap(), Some((10, 12)));
@@ -859,6 +906,10 @@ mod tests {
             .collect();
         assert_eq!(temps, [20.0, 21.0]);
         assert_eq!(store.readings(&a, "load").unwrap().len(), 1, "only changes");
+        let mut signed_out = store.signed_out(1_000).unwrap();
+        signed_out.sort();
+        assert_eq!(signed_out, [("s1".into(), 2_000), ("s2".into(), 3_000)]);
+        assert_eq!(store.signed_out(2_000).unwrap(), [("s2".into(), 3_000)]);
         store
     }
 
@@ -1076,7 +1127,7 @@ pub(crate) mod testing {
         use crate::model::{Device, DeviceId};
         use crate::server::db::TxKind;
         use crate::server::history::Reader;
-        use crate::server::store::StoreError;
+        use crate::server::store::{PG_MIGRATIONS, StoreError};
         use crate::server::store::tests::{device, records_read_back_after_reopening};
         use chrono::Utc;
         use std::time::Duration;
@@ -1086,7 +1137,7 @@ pub(crate) mod testing {
             let db = PgSchema::new();
             assert!(db.open().shared() && db.open().fsyncs());
             let mut store = records_read_back_after_reopening(|| db.open());
-            assert_eq!(store.schema_version().unwrap(), 1);
+            assert_eq!(store.schema_version().unwrap(), PG_MIGRATIONS.len() as i64);
             let a1 = device("a", 20.0);
             let a = a1.id.clone();
             // Ids go on upward after a reopen, even once the events are gone.
@@ -1192,7 +1243,7 @@ pub(crate) mod testing {
                     .collect();
                 starts.into_iter().map(|t| t.join().unwrap()).collect()
             });
-            assert_eq!(versions, [1; 6]);
+            assert_eq!(versions, [PG_MIGRATIONS.len() as i64; 6]);
             let store = db.open();
             let rows = store
                 .conn

@@ -351,6 +351,50 @@ impl Server {
         send_json(request).await
     }
 
+    /// Signs in with the operator token; returns the session cookie as a
+    /// `Cookie` header sends it back (`telltale_session=…`).
+    pub async fn sign_in(&self) -> String {
+        let response = self
+            .client
+            .post(self.url("/api/session"))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "token": self.operator_token }).to_string())
+            .send()
+            .await
+            .expect("POST /api/session is answered");
+        assert_eq!(response.status(), 200, "signing in");
+        let set_cookie = response.headers()["set-cookie"].to_str().unwrap();
+        set_cookie.split(';').next().unwrap().trim().to_owned()
+    }
+
+    /// `DELETE /api/session` with `cookie`.
+    pub async fn sign_out(&self, cookie: &str) {
+        let response = self
+            .client
+            .delete(self.url("/api/session"))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .expect("DELETE /api/session is answered");
+        assert_eq!(response.status(), 204, "signing out");
+    }
+
+    /// Whether the page, asked for with `cookie`, is rendered for a
+    /// signed-in operator.
+    pub async fn signed_in(&self, cookie: &str) -> bool {
+        let page = self
+            .client
+            .get(self.url("/"))
+            .header("cookie", cookie)
+            .send()
+            .await
+            .expect("the page is answered")
+            .text()
+            .await
+            .expect("the page reads");
+        page.contains("Sign out")
+    }
+
     /// Everything the server printed so far.
     pub fn output(&self) -> String {
         self.log.lock().unwrap().join("\n")
