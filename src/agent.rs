@@ -30,7 +30,6 @@ use futures::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::Connector;
@@ -402,36 +401,7 @@ fn connector(server: &str) -> Result<Connector, String> {
     if !server.starts_with("wss://") {
         return Ok(Connector::Plain);
     }
-    let found = rustls_native_certs::load_native_certs();
-    for e in &found.errors {
-        tracing::warn!("reading the trusted certificates: {e}");
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    let (trusted, _unusable) = roots.add_parsable_certificates(found.certs);
-    let source = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
-        .into_iter()
-        .filter_map(|var| Some(format!("{var}={}", std::env::var(var).ok()?)))
-        .collect::<Vec<_>>();
-    let source = if source.is_empty() {
-        "the platform's trust store".to_owned()
-    } else {
-        source.join(", ")
-    };
-    if trusted == 0 {
-        return Err(format!(
-            "no trusted certificate found in {source} to check {server} with; install \
-             ca-certificates, or set SSL_CERT_FILE to the PEM file of the server's CA"
-        ));
-    }
-    tracing::info!("wss: trusting {trusted} certificates from {source}");
-    // The provider is given here, so no process-wide default is needed.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS cannot be set up: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Connector::Rustls(Arc::new(config)))
+    crate::tls::client_config(server).map(Connector::Rustls)
 }
 
 /// Why connecting to `server` failed, in words; a TLS failure says so.
@@ -444,14 +414,7 @@ fn cannot_connect(server: &str, e: &tungstenite::Error) -> String {
         _ => None,
     };
     match tls {
-        Some(tls @ rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {
-            format!(
-                "cannot connect to {server}: TLS: {tls} (the server's certificate is not \
-                 signed by a CA this machine trusts; for a private CA set SSL_CERT_FILE \
-                 to its PEM file)"
-            )
-        }
-        Some(tls) => format!("cannot connect to {server}: TLS: {tls}"),
+        Some(tls) => format!("cannot connect to {server}: {}", crate::tls::explain(tls)),
         None => format!("cannot connect to {server}: {e}"),
     }
 }

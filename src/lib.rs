@@ -12,6 +12,7 @@
 //!   `auth` holds the tokens and roles; `simulator` is the built-in device
 //!   source (and agent of its devices); `assets` serves the WASM/JS/CSS
 //!   embedded in the binary.
+//! - `tls` (feature `ssr`): TLS for the connections Telltale makes.
 //! - `agent` (feature `ssr`): `telltale agent`, the device agent that reports
 //!   the real hardware of the machine it runs on over the WebSocket.
 //!
@@ -28,6 +29,8 @@ pub mod model;
 pub mod protocol;
 #[cfg(feature = "ssr")]
 pub mod server;
+#[cfg(feature = "ssr")]
+pub mod tls;
 
 /// The browser's entry point: hydrate the server-rendered page.
 #[cfg(feature = "hydrate")]

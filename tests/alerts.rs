@@ -214,28 +214,8 @@ async fn limits_from_the_thresholds_file_apply_from_the_start() {
 #[tokio::test]
 async fn a_bad_thresholds_file_stops_the_start_naming_file_and_fault() {
     let file = tempfile_with("[devices.rack-1]\ntemperature = { min = 40, max = 30 }\n");
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_telltale"));
-    command
-        .args([
-            "--addr",
-            "127.0.0.1:0",
-            "--memory",
-            "--no-simulator",
-            "--thresholds",
-        ])
-        .arg(file.path())
-        .env("RUST_LOG", "info")
-        .kill_on_drop(true);
-    for var in telltale::server::config::Config::env_vars() {
-        command.env_remove(var);
-    }
-    let output = within("the server to refuse to start", command.output())
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{text}");
-    assert!(!text.contains("listening on"), "{text}");
+    let path = file.path().to_str().unwrap();
+    let text = common::refused_start(&["--memory", "--thresholds", path], &[]).await;
     assert!(text.contains(&file.path().display().to_string()), "{text}");
     assert!(
         text.contains("devices.rack-1.temperature: min (40) is above max (30)"),

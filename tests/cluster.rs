@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    Nginx, Redis, Schema, Server, SseStream, answer_next_command, command, eventually, within,
+    Nginx, Redis, Schema, SelfSigned, Server, SseStream, answer_next_command, command, eventually,
+    within,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -535,6 +536,45 @@ async fn an_operator_signed_in_on_one_instance_is_signed_in_on_all_until_signed_
     let late = Server::start_in_cluster(&redis.url(), &[]).await;
     assert!(late.signed_in(&kept).await);
     assert!(!late.signed_in(&ended).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_share_one_stream_over_tls_to_redis() {
+    let cert = SelfSigned::new();
+    let redis = Redis::start_tls(&cert).await;
+    assert!(redis.url().starts_with("rediss://"));
+    let env = [("SSL_CERT_FILE", cert.cert.to_str().unwrap())];
+    let a = Server::start_in_cluster_with_env(&redis.url(), &[], &env).await;
+    let b = Server::start_in_cluster_with_env(&redis.url(), &[], &env).await;
+    let mut stream = b.sse("").await;
+    stream.expect_start().await;
+    let posted = a
+        .post_status("tls-1", &json!({ "temperature": 20.0 }))
+        .await;
+    let event = stream.expect_status().await;
+    assert_eq!(
+        (event.id(), event.json()["device"].as_str()),
+        (posted.id, Some("tls-1"))
+    );
+    assert_eq!(b.healthz().await["status"], "ok");
+
+    // An instance that does not trust the certificate cannot join, says
+    // why, and accepts nothing.
+    let other = SelfSigned::new();
+    let env = [("SSL_CERT_FILE", other.cert.to_str().unwrap())];
+    let stranger = Server::start_in_cluster_with_env(&redis.url(), &[], &env).await;
+    let (status, health) = stranger.get_json("/healthz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{health}");
+    assert_eq!(health["status"], "degraded", "{health}");
+    let reason = health["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("certificate") && reason.contains("SSL_CERT_FILE"),
+        "{health}"
+    );
+    let (status, _) = stranger
+        .try_post_status("tls-1", &json!({ "temperature": 21.0 }))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
 
 async fn send_json_put(server: &Server, path: &str, body: &Value) -> (StatusCode, Value) {

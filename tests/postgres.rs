@@ -113,7 +113,7 @@ async fn instances_starting_together_on_an_empty_database_all_come_up() {
         &db.base,
         format!("SELECT version::TEXT FROM {}.schema_version", db.name),
     );
-    assert_eq!(version, ["1"]);
+    assert_eq!(version, ["2"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,4 +172,78 @@ async fn a_server_on_the_database_stops_cleanly() {
     // blocks on a runtime of its own when dropped).
     assert!(output.status.success(), "{:?}: {stderr}", output.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The certificate PostgreSQL serves (a file this machine can read) and the
+/// host name it is for.
+fn server_certificate(base: &str) -> (String, String) {
+    assert_eq!(
+        admin(base, "SHOW ssl".into()),
+        ["on"],
+        "this test needs PostgreSQL with ssl = on (.ci/setup turns it on)"
+    );
+    let file = admin(base, "SHOW ssl_cert_file".into()).remove(0);
+    let file = std::path::Path::new(&admin(base, "SHOW data_directory".into())[0]).join(file);
+    let text = std::process::Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-subject",
+            "-ext",
+            "subjectAltName",
+            "-in",
+        ])
+        .arg(&file)
+        .output()
+        .expect("openssl runs");
+    let text = String::from_utf8_lossy(&text.stdout);
+    let name = text
+        .split([',', ' ', '\n'])
+        .find_map(|part| part.strip_prefix("DNS:"))
+        .or_else(|| text.split("CN = ").nth(1)?.lines().next())
+        .unwrap_or_else(|| panic!("no host name in {}: {text}", file.display()));
+    (file.display().to_string(), name.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sslmode_require_the_store_speaks_verified_tls() {
+    let db = Schema::new();
+    let (cert, host) = server_certificate(&db.base);
+    let app = format!("telltale_tls_{}", db.name);
+    let url = db.url.replace("@127.0.0.1:", &format!("@{host}:"))
+        + &format!("&sslmode=require&application_name={app}");
+    assert!(
+        url.contains(&host),
+        "{url}: the test database is not on 127.0.0.1"
+    );
+    let server =
+        Server::start_with_env(&["--database-url", &url], &[("SSL_CERT_FILE", &cert)]).await;
+    server
+        .post_status("rack-1", &json!({ "temperature": 20.5 }))
+        .await;
+    assert_eq!(temperatures(&history(&server, "rack-1").await), [20.5]);
+    let count = |ssl: bool| {
+        admin(
+            &db.base,
+            format!(
+                "SELECT COUNT(*)::TEXT FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = '{app}' AND s.ssl = {ssl}"
+            ),
+        )
+    };
+    assert_ne!(count(true), ["0"], "the store's connections use TLS");
+    assert_eq!(count(false), ["0"], "and none goes in the clear");
+
+    // A certificate this machine does not trust stops the start, saying why.
+    // (Only it: the platform's store may hold PostgreSQL's certificate.)
+    let other = common::SelfSigned::new();
+    let empty = tempfile::tempdir().unwrap();
+    let trusted = [
+        ("SSL_CERT_FILE", other.cert.to_str().unwrap()),
+        ("SSL_CERT_DIR", empty.path().to_str().unwrap()),
+    ];
+    let text = common::refused_start(&["--database-url", &url], &trusted).await;
+    assert!(text.contains("--database-url"), "{text}");
+    assert!(text.contains("certificate"), "{text}");
+    assert!(text.contains("SSL_CERT_FILE"), "{text}");
 }

@@ -191,7 +191,14 @@ static SEED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SEED));
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        Self::Broker(e.to_string())
+        // The redis crate keeps the TLS error inside an I/O error it does
+        // not give out: it is known by its words.
+        let e = e.to_string();
+        Self::Broker(if e.contains("UnknownIssuer") {
+            format!("TLS: {e} ({})", crate::tls::UNTRUSTED)
+        } else {
+            e
+        })
     }
 }
 

@@ -123,14 +123,17 @@ pub struct Config {
     /// `postgres://telltale:secret@db.example:5432/telltale`: devices, the
     /// event log, the readings history, limits set over the API and learned
     /// report intervals. Its tables are created (or migrated) at start.
-    /// With it, `--data-dir` and `--memory` are not used. Not yet together
-    /// with `--redis-url`.
+    /// With it, `--data-dir` and `--memory` are not used; with
+    /// `--redis-url`, every instance shares it. `?sslmode=require`: TLS,
+    /// verified against this machine's trusted certificates (or
+    /// `SSL_CERT_FILE`).
     #[arg(long, env = "TELLTALE_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Cluster mode: share one event stream and device state with every
-    /// instance on this Redis, e.g. `redis://127.0.0.1:6379/0`. Run Redis
-    /// with `appendonly yes` so a Redis restart keeps the stream.
+    /// instance on this Redis, e.g. `redis://127.0.0.1:6379/0` (or
+    /// `rediss://` for TLS, verified as for PostgreSQL). Run Redis with
+    /// `appendonly yes` so a Redis restart keeps the stream.
     #[arg(long, env = "TELLTALE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 

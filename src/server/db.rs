@@ -13,6 +13,7 @@
 use super::store::StoreError;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// One argument of a query.
 #[derive(Clone, Copy, Debug)]
@@ -185,6 +186,8 @@ pub struct Pg {
     /// Always there but in `drop`.
     client: Option<postgres::Client>,
     config: postgres::Config,
+    /// With `sslmode=require`: TLS, verified (see [`crate::tls`]).
+    tls: Option<MakeRustlsConnect>,
     statements: HashMap<String, postgres::Statement>,
     /// Statements run on every new connection (e.g. `SET …`).
     setup: Vec<String>,
@@ -196,10 +199,20 @@ pub struct Pg {
 
 impl Pg {
     pub fn connect(config: &postgres::Config) -> Result<Self, StoreError> {
-        let client = off_runtime(|| config.connect(postgres::NoTls))?;
+        let tls = match config.get_ssl_mode() {
+            postgres::config::SslMode::Require => {
+                let config = crate::tls::client_config("PostgreSQL").map_err(StoreError::Tls)?;
+                Some(MakeRustlsConnect::new((*config).clone()))
+            }
+            // `prefer` (the default) in the clear: TLS here is always
+            // verified, and a server's certificate often cannot be.
+            _ => None,
+        };
+        let client = off_runtime(|| open(config, &tls))?;
         Ok(Self {
             client: Some(client),
             config: config.clone(),
+            tls,
             statements: HashMap::new(),
             setup: Vec::new(),
             in_tx: false,
@@ -215,7 +228,7 @@ impl Pg {
             }
             tracing::warn!("the store's PostgreSQL connection was lost; connecting again");
             self.statements.clear();
-            let mut fresh = self.config.connect(postgres::NoTls)?;
+            let mut fresh = open(&self.config, &self.tls)?;
             for sql in &self.setup {
                 fresh.batch_execute(sql)?;
             }
@@ -234,6 +247,22 @@ impl Pg {
         self.statements.insert(sql.to_owned(), s.clone());
         Ok(s)
     }
+}
+
+/// Connects to PostgreSQL, over `tls` when given; a failed TLS handshake
+/// says what to do about it.
+fn open(
+    config: &postgres::Config,
+    tls: &Option<MakeRustlsConnect>,
+) -> Result<postgres::Client, StoreError> {
+    match tls {
+        Some(tls) => config.connect(tls.clone()),
+        None => config.connect(postgres::NoTls),
+    }
+    .map_err(|e| match crate::tls::cause(&e) {
+        Some(tls) => StoreError::Tls(crate::tls::explain(tls)),
+        None => e.into(),
+    })
 }
 
 impl Drop for Pg {

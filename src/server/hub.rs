@@ -972,14 +972,28 @@ impl Hub {
 
     fn set_degraded(&self, reason: Option<String>) {
         self.degraded.send_if_modified(|degraded| {
-            match (&*degraded, &reason) {
-                (None, Some(why)) => tracing::warn!("degraded: {why}"),
-                (Some(_), None) => tracing::info!("joined the cluster"),
-                // Only a change of state is news; a new reason is not.
-                _ => return false,
-            }
+            let news = match (&*degraded, &reason) {
+                (None, Some(why)) => {
+                    tracing::warn!("degraded: {why}");
+                    true
+                }
+                (Some(_), None) => {
+                    tracing::info!("joined the cluster");
+                    true
+                }
+                // A new reason is kept (`/healthz` says the latest: "not
+                // yet joined" gives way to why), but only a change of
+                // state is news to the page.
+                (Some(before), Some(why)) => {
+                    if before != why {
+                        tracing::warn!("degraded: {why}");
+                    }
+                    false
+                }
+                (None, None) => false,
+            };
             *degraded = reason;
-            true
+            news
         });
     }
 

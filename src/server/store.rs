@@ -42,6 +42,9 @@ pub enum StoreError {
     Postgres(#[from] postgres::Error),
     /// The connection to PostgreSQL broke inside a transaction: it is rolled
     /// back; the next use connects again.
+    /// TLS to PostgreSQL (`sslmode=require`) could not be set up or failed.
+    #[error("the store (PostgreSQL): {0}")]
+    Tls(String),
     #[error("the store (PostgreSQL): the connection was lost during a transaction")]
     ConnectionLost,
     #[error("the store's data directory: {0}")]
@@ -1127,8 +1130,8 @@ pub(crate) mod testing {
         use crate::model::{Device, DeviceId};
         use crate::server::db::TxKind;
         use crate::server::history::Reader;
-        use crate::server::store::{PG_MIGRATIONS, StoreError};
         use crate::server::store::tests::{device, records_read_back_after_reopening};
+        use crate::server::store::{PG_MIGRATIONS, StoreError};
         use chrono::Utc;
         use std::time::Duration;
 

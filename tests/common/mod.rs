@@ -57,6 +57,8 @@ pub struct Server {
     log: Arc<Mutex<Vec<String>>>,
     extra: Vec<String>,
     simulator: bool,
+    /// Environment variables the server process gets.
+    env: Vec<(String, String)>,
 }
 
 /// The answer of a successful `POST /api/devices/{id}/status`.
@@ -79,6 +81,21 @@ impl Server {
         Self::launch(extra, false).await
     }
 
+    /// Starts a server with no simulator, `extra` options and `env`.
+    pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let n = SERVERS.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let mut server = Self::unstarted(
+            extra,
+            false,
+            format!("test-token-{pid}-{n}"),
+            format!("test-operator-{pid}-{n}"),
+        );
+        server.env = owned(env);
+        server.spawn("127.0.0.1:0").await;
+        server
+    }
+
     /// Starts a server with the built-in simulator and `extra` options.
     pub async fn start_with_simulator(extra: &[&str]) -> Self {
         Self::launch(extra, true).await
@@ -88,16 +105,27 @@ impl Server {
     /// Every instance a test process starts has the same tokens, so a
     /// request may go to any of them.
     pub async fn start_in_cluster(redis_url: &str, extra: &[&str]) -> Self {
+        Self::start_in_cluster_with_env(redis_url, extra, &[]).await
+    }
+
+    /// [`start_in_cluster`](Self::start_in_cluster), the process getting `env`.
+    pub async fn start_in_cluster_with_env(
+        redis_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut args = vec!["--redis-url", redis_url];
         args.extend(extra);
         let pid = std::process::id();
-        Self::launch_as(
+        let mut server = Self::unstarted(
             &args,
             false,
             format!("test-token-{pid}-cluster"),
             format!("test-operator-{pid}-cluster"),
-        )
-        .await
+        );
+        server.env = owned(env);
+        server.spawn("127.0.0.1:0").await;
+        server
     }
 
     async fn launch(extra: &[&str], simulator: bool) -> Self {
@@ -113,28 +141,41 @@ impl Server {
         token: String,
         operator_token: String,
     ) -> Self {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (child, addr) = spawn_server(
-            "127.0.0.1:0",
-            &token,
-            &operator_token,
-            &extra,
-            simulator,
-            log.clone(),
-        )
-        .await;
+        let mut server = Self::unstarted(extra, simulator, token, operator_token);
+        server.spawn("127.0.0.1:0").await;
+        server
+    }
+
+    fn unstarted(extra: &[&str], simulator: bool, token: String, operator_token: String) -> Self {
         Server {
-            child: Some(child),
-            addr,
-            base_url: format!("http://{addr}"),
+            child: None,
+            addr: ([127, 0, 0, 1], 0).into(),
+            base_url: String::new(),
             token,
             operator_token,
             client: reqwest::Client::builder().build().expect("an HTTP client"),
-            log,
-            extra,
+            log: Arc::new(Mutex::new(Vec::new())),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             simulator,
+            env: Vec::new(),
         }
+    }
+
+    /// Starts the server process on `addr`.
+    async fn spawn(&mut self, addr: &str) {
+        let (child, addr) = spawn_server(
+            addr,
+            &self.token,
+            &self.operator_token,
+            &self.extra,
+            self.simulator,
+            &self.env,
+            self.log.clone(),
+        )
+        .await;
+        self.child = Some(child);
+        self.addr = addr;
+        self.base_url = format!("http://{addr}");
     }
 
     /// Kills the server and starts it again on the same address, with the
@@ -146,17 +187,9 @@ impl Server {
             .kill()
             .await
             .expect("the server is killed");
-        let (child, addr) = spawn_server(
-            &self.addr.to_string(),
-            &self.token,
-            &self.operator_token,
-            &self.extra,
-            self.simulator,
-            self.log.clone(),
-        )
-        .await;
+        let addr = self.addr;
+        self.spawn(&addr.to_string()).await;
         assert_eq!(addr, self.addr);
-        self.child = Some(child);
     }
 
     /// This server as reached through a proxy at `addr`: same tokens, no
@@ -172,6 +205,7 @@ impl Server {
             log: Arc::new(Mutex::new(Vec::new())),
             extra: Vec::new(),
             simulator: false,
+            env: Vec::new(),
         }
     }
 
@@ -413,12 +447,43 @@ impl Drop for Server {
 }
 
 /// Starts `telltale` on `addr`; returns it once it logs where it listens.
+/// Runs the server with `extra` options and `env`, expecting it to refuse
+/// to start; returns everything it printed.
+pub async fn refused_start(extra: &[&str], env: &[(&str, &str)]) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
+    for var in telltale::server::config::Config::env_vars() {
+        command.env_remove(var);
+    }
+    command
+        .args(["--addr", "127.0.0.1:0", "--no-simulator"])
+        .args(extra)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = within("the server to refuse to start", command.output())
+        .await
+        .expect("the telltale binary runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    assert!(!text.contains("listening on"), "{text}");
+    text
+}
+
+fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 async fn spawn_server(
     addr: &str,
     token: &str,
     operator_token: &str,
     extra: &[String],
     simulator: bool,
+    env: &[(String, String)],
     log: Arc<Mutex<Vec<String>>>,
 ) -> (Child, SocketAddr) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
@@ -445,6 +510,7 @@ async fn spawn_server(
     for var in telltale::server::config::Config::env_vars() {
         command.env_remove(var);
     }
+    command.envs(env.iter().map(|(k, v)| (k, v)));
     let mut child = command.spawn().expect("the telltale binary starts");
     drain(child.stderr.take().expect("piped stderr"), log.clone());
     let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
@@ -1038,21 +1104,39 @@ pub use tokio_tungstenite::tungstenite::Message as WsMessage;
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// Speaks TLS only, with this certificate and key.
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Redis {
     pub async fn start() -> Self {
+        Self::start_as(None).await
+    }
+
+    /// A Redis that speaks TLS only (`rediss://localhost:…`), with `cert`.
+    pub async fn start_tls(cert: &SelfSigned) -> Self {
+        Self::start_as(Some((cert.cert.clone(), cert.key.clone()))).await
+    }
+
+    async fn start_as(tls: Option<(std::path::PathBuf, std::path::PathBuf)>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut redis = Redis { child: None, port };
+        let mut redis = Redis {
+            child: None,
+            port,
+            tls,
+        };
         redis.resume().await;
         redis
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.tls {
+            Some(_) => format!("rediss://localhost:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     /// Kills it: everything it held is gone.
@@ -1062,10 +1146,29 @@ impl Redis {
         }
     }
 
-    /// Starts it (again, empty) on the same port; returns once it answers.
+    /// Starts it (again, empty) on the same port; returns once it answers
+    /// (with TLS: once it listens).
     pub async fn resume(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some((cert, key)) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -1074,14 +1177,15 @@ impl Redis {
             .spawn()
             .expect("redis-server starts (apt-get install redis-server)");
         self.child = Some(child);
-        let port = self.port;
+        let (port, tls) = (self.port, self.tls.is_some());
         within("redis-server to answer PING", async move {
             loop {
                 if let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)).await {
                     let mut pong = [0u8; 7];
-                    if tcp.write_all(b"PING\r\n").await.is_ok()
-                        && tcp.read_exact(&mut pong).await.is_ok()
-                        && &pong == b"+PONG\r\n"
+                    if tls
+                        || tcp.write_all(b"PING\r\n").await.is_ok()
+                            && tcp.read_exact(&mut pong).await.is_ok()
+                            && &pong == b"+PONG\r\n"
                     {
                         return;
                     }
