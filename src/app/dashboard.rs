@@ -127,11 +127,15 @@ pub struct Board {
 // The server renders; only the browser applies events.
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
 impl Board {
-    /// Reads each card's sparkline again from the server's history, one
-    /// card after the other, keeping the points events added since.
+    /// Reads each card's sparkline again from the server's history, a few
+    /// cards at a time, keeping the points events added since.
     fn reload_sparks(&self) {
         #[cfg(feature = "hydrate")]
         {
+            use futures::StreamExt;
+            /// Requests at once: with the event stream, within the six
+            /// connections a browser opens to one origin over HTTP/1.1.
+            const AT_ONCE: usize = 4;
             let sparks: Vec<(String, String, RwSignal<Spark>)> =
                 self.cards.with_untracked(|cards| {
                     cards
@@ -142,9 +146,10 @@ impl Board {
                         })
                         .collect()
                 });
-            leptos::task::spawn_local(async move {
-                let from = js_sys::Date::now() as i64 - SPARK_WINDOW_MS;
-                for (id, metric, spark) in sparks {
+            let from = js_sys::Date::now() as i64 - SPARK_WINDOW_MS;
+            leptos::task::spawn_local(futures::stream::iter(sparks).for_each_concurrent(
+                AT_ONCE,
+                move |(id, metric, spark)| async move {
                     match api::history(&id, &metric, from, Some(SPARK_STEP_MS)).await {
                         // The card may be gone, or show another metric now.
                         Ok(history) => {
@@ -159,8 +164,8 @@ impl Board {
                             e.message
                         ),
                     }
-                }
-            });
+                },
+            ));
         }
     }
 
