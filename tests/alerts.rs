@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Server, SseStream, within};
+use common::{Server, SseStream, eventually, within};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -221,6 +221,58 @@ async fn a_bad_thresholds_file_stops_the_start_naming_file_and_fault() {
         text.contains("devices.rack-1.temperature: min (40) is above max (30)"),
         "{text}"
     );
+}
+
+async fn alerts(server: &Server, device: &str) -> Value {
+    server.device(device).await.expect("the device")["alerts"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_the_thresholds_file_again_and_a_bad_file_changes_nothing() {
+    let file = tempfile_with("[devices.rack-1]\ntemperature = { max = 30 }\n");
+    let path = file.path().to_str().unwrap();
+    let server = Server::start_with(&["--thresholds", path, "--stale-floor", "50ms"]).await;
+    server
+        .post_status("rack-1", &json!({ "temperature": 35.0 }))
+        .await;
+    assert_eq!(alerts(&server, "rack-1").await["temperature"]["max"], 30.0);
+
+    std::fs::write(
+        file.path(),
+        "[devices.rack-1]\ntemperature = { max = 40 }\nstale_after = \"100ms\"\n",
+    )
+    .unwrap();
+    server.signal("HUP");
+    eventually("the alert cleared under the new limit", || async {
+        alerts(&server, "rack-1").await["temperature"].is_null()
+    })
+    .await;
+    let (_, thresholds) = server.get_json("/api/thresholds").await;
+    assert_eq!(thresholds["devices"]["rack-1"]["temperature"]["max"], 40.0);
+    // The new `stale_after` holds too: silent past 100 ms, it is stale.
+    eventually("rack-1 stale", || async {
+        server.device("rack-1").await.unwrap()["stale"] == json!(true)
+    })
+    .await;
+
+    // A file that does not read changes nothing, and says so.
+    std::fs::write(
+        file.path(),
+        "[devices.rack-1]\ntemperature = { min = 50, max = 40 }\n",
+    )
+    .unwrap();
+    server.signal("HUP");
+    eventually("the refusal in the log", || async {
+        server.output().contains("the limits in force stay")
+    })
+    .await;
+    assert!(server.output().contains(path), "{}", server.output());
+    let (status, kept) = server.get_json("/api/thresholds").await;
+    assert_eq!((status, kept), (StatusCode::OK, thresholds));
+    server
+        .post_status("rack-1", &json!({ "temperature": 45.0 }))
+        .await;
+    assert_eq!(alerts(&server, "rack-1").await["temperature"]["max"], 40.0);
 }
 
 #[tokio::test]

@@ -45,7 +45,7 @@ use super::cluster::{Append, Broker};
 use super::history::Reader;
 use super::stale::{StalePolicy, Watch};
 use super::store::{Recorded, Store, StoreError, StoredEvent};
-use super::thresholds::{MetricLimits, Thresholds, ThresholdsView};
+use super::thresholds::{MetricLimits, Thresholds, ThresholdsFile, ThresholdsView};
 use crate::model::{
     Device, DeviceId, EventId, FieldError, History, Online, Snapshot, StatusEvent, StatusUpdate,
 };
@@ -637,6 +637,26 @@ impl Hub {
             self.heard(state, id, false);
         }
         drop(guard);
+        for id in &ids {
+            self.write(|state| self.reevaluate(state, id))?;
+        }
+        Ok(())
+    }
+
+    /// Takes up the thresholds file read again (on SIGHUP): its limits and
+    /// `stale_after`s replace those it had before; limits set over the API
+    /// stay. A device whose alerts change is published at once, and a
+    /// device silent past a deadline that is now shorter becomes stale.
+    pub fn reload_file(&self, file: ThresholdsFile) -> Result<(), StoreError> {
+        let ids: Vec<DeviceId> = {
+            let mut state = self.lock();
+            state.thresholds.replace_file(file.thresholds);
+            state
+                .watch
+                .replace_file(file.stale_after, file.device_stale_after);
+            state.devices.keys().cloned().collect()
+        };
+        self.stale_wake.notify_one();
         for id in &ids {
             self.write(|state| self.reevaluate(state, id))?;
         }

@@ -228,6 +228,17 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         e => Err(std::io::Error::other(format!("{where_}: {e}"))),
     })?;
     tokio::spawn(stale::run(hub.clone(), shutdown.clone()));
+    #[cfg(unix)]
+    if let Some(path) = &config.thresholds {
+        // Taken before listening: SIGHUP's default would end the process.
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(reload_on_hangup(
+            hub.clone(),
+            path.clone(),
+            hangups,
+            shutdown.clone(),
+        ));
+    }
     let mut commands = Commands::new(
         hub.clone(),
         config.command_timeout,
@@ -315,6 +326,31 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// Reads the thresholds file at `path` again on each SIGHUP, until
+/// `shutdown`. A file that does not read keeps the limits in force, and
+/// says why.
+#[cfg(unix)]
+async fn reload_on_hangup(
+    hub: Arc<Hub>,
+    path: std::path::PathBuf,
+    mut hangups: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            Some(()) = hangups.recv() => {}
+        }
+        match thresholds::ThresholdsFile::load(&path) {
+            Ok(file) => match hub.reload_file(file) {
+                Ok(()) => tracing::info!("SIGHUP: thresholds file {} read again", path.display()),
+                Err(e) => tracing::error!("SIGHUP: thresholds file read again, but: {e}"),
+            },
+            Err(e) => tracing::error!("SIGHUP: {e}; the limits in force stay"),
+        }
+    }
 }
 
 /// Ctrl-C or SIGTERM.

@@ -95,6 +95,16 @@ impl Watch {
         }
     }
 
+    /// Takes the thresholds file's `stale_after`s, the file read again.
+    pub fn replace_file(
+        &mut self,
+        file_default: Option<Duration>,
+        per_device: BTreeMap<DeviceId, Duration>,
+    ) {
+        self.policy.file_default = file_default;
+        self.policy.per_device = per_device;
+    }
+
     /// A sign of life from `device` at `now`. With `learn`, the silence
     /// since the last one is a sample of its report interval. Returns
     /// whether the watcher must wake up: the device's deadline is now

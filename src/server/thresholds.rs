@@ -101,6 +101,13 @@ impl Thresholds {
         self.set.insert(device, limits);
     }
 
+    /// Takes the file's part (defaults and `[devices.ID]` limits) from
+    /// `file`, a thresholds file read again; limits set over the API stay.
+    pub fn replace_file(&mut self, file: Thresholds) {
+        self.defaults = file.defaults;
+        self.file = file.file;
+    }
+
     /// The device's own limits, if it has any.
     pub fn own(&self, device: &DeviceId) -> Option<&MetricLimits> {
         self.set.get(device).or_else(|| self.file.get(device))

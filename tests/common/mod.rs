@@ -429,6 +429,21 @@ impl Server {
         page.contains("Sign out")
     }
 
+    /// Sends the server process `signal` (`HUP`, `TERM`…).
+    pub fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("a running server process");
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{signal} {pid}");
+    }
+
     /// Everything the server printed so far.
     pub fn output(&self) -> String {
         self.log.lock().unwrap().join("\n")
