@@ -11,6 +11,7 @@ use common::{
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 async fn instances(redis: &Redis, n: usize) -> Vec<Server> {
     let mut servers = Vec::new();
@@ -416,6 +417,48 @@ async fn a_command_on_one_instance_reaches_the_agent_on_another_and_its_result_c
     assert!(
         result["reason"].as_str().unwrap().contains("no agent"),
         "{result}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_device_of_an_agent_on_an_instance_that_dies_goes_offline_once() {
+    let redis = Redis::start().await;
+    let mut servers = instances(&redis, 3).await;
+    let mut agent = servers[2].agent("far-1").await;
+    agent
+        .send(&json!({"type": "status", "device": "far-1", "update": {"power_on": true}}))
+        .await;
+    eventually("the agent's device online everywhere", || async {
+        servers[0]
+            .device("far-1")
+            .await
+            .is_some_and(|d| d["online"] == true)
+    })
+    .await;
+    let mut stream = servers[0].sse("?device=far-1").await;
+    stream.expect_start().await;
+
+    // The instance dies with its agent's connection; nobody tells the others.
+    drop(servers.pop());
+    let offline = stream.expect_status().await;
+    assert_eq!(offline.json()["online"], false, "{:?}", offline.json());
+    for server in &servers {
+        assert_eq!(server.device("far-1").await.unwrap()["online"], false);
+        let (status, body) = server
+            .post_command(
+                "far-1",
+                Some(&server.operator_token.clone()),
+                &json!({"set": {"power_on": false}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    }
+    // Once, though both survivors saw it: no second event.
+    let again = tokio::time::timeout(Duration::from_secs(3), stream.expect_status()).await;
+    assert!(
+        again.is_err(),
+        "a second event: {:?}",
+        again.map(|e| e.json())
     );
 }
 

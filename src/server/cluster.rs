@@ -44,6 +44,7 @@ use crate::model::{Device, DeviceId, EventId, StatusEvent};
 use crate::protocol::{CommandSet, Outcome};
 use redis::{Client, Connection, Script, Value};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::sync::LazyLock;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -540,6 +541,36 @@ impl Broker {
                 .arg(instance)
                 .invoke(c)
         })
+    }
+
+    /// The agents announced by other instances that are gone: nobody
+    /// listens on their inbox any more (the kernel closes a dead process's
+    /// connection, and Redis drops its subscription with it). By device.
+    pub fn orphans(&mut self) -> Result<Vec<(DeviceId, String)>, StoreError> {
+        let agents: Vec<(String, String)> =
+            self.with(TIMEOUT, |c| redis::cmd("HGETALL").arg(AGENTS).query(c))?;
+        let others: BTreeSet<&str> = agents
+            .iter()
+            .map(|(_, instance)| instance.as_str())
+            .filter(|instance| *instance != self.instance)
+            .collect();
+        if others.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inboxes: Vec<String> = others.iter().map(|i| inbox(i)).collect();
+        let listeners: Vec<(String, i64)> = self.with(TIMEOUT, |c| {
+            redis::cmd("PUBSUB").arg("NUMSUB").arg(&inboxes).query(c)
+        })?;
+        let gone: BTreeSet<String> = listeners
+            .into_iter()
+            .filter(|(_, n)| *n == 0)
+            .map(|(channel, _)| channel)
+            .collect();
+        Ok(agents
+            .into_iter()
+            .filter(|(_, instance)| gone.contains(&inbox(instance)))
+            .filter_map(|(device, instance)| Some((DeviceId::parse(&device).ok()?, instance)))
+            .collect())
     }
 
     /// Forgets `device`'s agent, if it is still `instance`'s; returns

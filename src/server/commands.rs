@@ -28,7 +28,7 @@ use super::cluster::{Broker, Relay};
 use super::hub::Hub;
 use crate::model::DeviceId;
 use crate::protocol::{CommandSet, Outcome};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -200,6 +200,59 @@ impl Commands {
             },
             &shutdown,
         );
+    }
+
+    /// Cluster mode: once a second, until `shutdown`, withdraws the agents
+    /// of instances that are gone ([`Broker::orphans`], seen twice in a
+    /// row, so a relay connection that is only reconnecting is spared) and
+    /// marks their devices offline: once for the cluster, by the instance
+    /// whose withdrawal succeeds. And puts back this instance's own agents
+    /// that another one withdrew meanwhile (Redis was away from it for
+    /// longer than a reconnect).
+    pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut suspects = BTreeSet::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let orphans = match self.on_cluster(|b, _| b.orphans()) {
+                Some(Ok(found)) => found.into_iter().collect(),
+                Some(Err(e)) => {
+                    tracing::debug!("looking for agents of instances gone: {e}");
+                    continue;
+                }
+                None => return,
+            };
+            for (device, instance) in suspects.intersection(&orphans) {
+                match self.on_cluster(|b, _| b.release_agent(device, instance)) {
+                    Some(Ok(true)) => {
+                        tracing::info!("the agent of {device} was on an instance that is gone");
+                        if let Err(e) = self.hub.set_online(device, Some(false)) {
+                            tracing::error!(
+                                "{device} is offline, but that could not be recorded: {e}"
+                            );
+                        }
+                    }
+                    Some(Err(e)) => tracing::warn!("withdrawing the agent of {device}: {e}"),
+                    _ => {}
+                }
+            }
+            suspects = orphans;
+            let mine: Vec<DeviceId> = self.lock().agents.keys().cloned().collect();
+            for device in mine {
+                if self
+                    .hub
+                    .device(&device)
+                    .is_some_and(|d| d.online == Some(false))
+                    && let Some(Ok(_)) = self.on_cluster(|b, me| b.claim_agent(&device, me))
+                    && let Err(e) = self.hub.set_online(&device, Some(true))
+                {
+                    tracing::warn!("{device} is online again, but that could not be recorded: {e}");
+                }
+            }
+        }
     }
 
     /// A relay from another instance: a command for one of our agents (its

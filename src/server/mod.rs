@@ -249,6 +249,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     }
     let commands = Arc::new(commands);
     if let Some(broker) = broker {
+        tokio::spawn(commands.clone().sweep(shutdown.clone()));
         let (relays, stop) = (commands.clone(), shutdown.clone());
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
