@@ -935,8 +935,10 @@ impl Hub {
     /// history: no points.
     ///
     /// Reads on the store's read connection, never under the hub's lock, so
-    /// ingest goes on meanwhile; it does block the calling thread for the
-    /// query (run it with `spawn_blocking` from async code).
+    /// ingest goes on meanwhile. It blocks the calling thread for the query,
+    /// off the async workers' duty (`block_in_place`), so a page rendered
+    /// with its charts never stalls other clients; from async code
+    /// `spawn_blocking` is better still.
     pub fn history(
         &self,
         device: &DeviceId,
@@ -946,14 +948,16 @@ impl Hub {
         step_ms: Option<i64>,
     ) -> Result<History, StoreError> {
         match &self.history {
-            Some(reader) => reader.lock().unwrap_or_else(|e| e.into_inner()).history(
-                device,
-                metric,
-                from,
-                to,
-                step_ms,
-                Utc::now(),
-            ),
+            Some(reader) => super::db::off_runtime(|| {
+                reader.lock().unwrap_or_else(|e| e.into_inner()).history(
+                    device,
+                    metric,
+                    from,
+                    to,
+                    step_ms,
+                    Utc::now(),
+                )
+            }),
             None => Ok(History {
                 device: device.clone(),
                 metric: metric.to_owned(),
