@@ -17,7 +17,7 @@
 //! weighted by how long each held.
 
 use super::db::{Arg, Conn, Row, TxKind};
-use super::store::{FOLDED_UNTIL, StoreError};
+use super::store::{Connector, FOLDED_UNTIL, StoreError};
 use crate::model::{DeviceId, History, Point};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
@@ -160,6 +160,46 @@ fn minute_row(r: &Row) -> Result<(i64, Minute), StoreError> {
             last: r.f64(5)?,
         },
     ))
+}
+
+/// History reads at once at most, each on a read connection of its own.
+pub const READERS: u32 = 4;
+
+/// Read connections to the store, pooled (r2d2), so reads run side by side
+/// (SQLite's WAL and PostgreSQL both let them) rather than in turn.
+pub type Readers = r2d2::Pool<ReadConnections>;
+
+/// Opens the [`Readers`]' connections.
+pub struct ReadConnections(Connector);
+
+impl r2d2::ManageConnection for ReadConnections {
+    type Connection = Reader;
+    type Error = StoreError;
+
+    fn connect(&self) -> Result<Reader, StoreError> {
+        Reader::new(self.0.connect()?)
+    }
+
+    /// A PostgreSQL connection that broke is made again on its next use.
+    fn is_valid(&self, _: &mut Reader) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn has_broken(&self, _: &mut Reader) -> bool {
+        false
+    }
+}
+
+/// The read connections of `connector`'s database: one at once, up to
+/// [`READERS`]. A read waits up to 5 s for one to come free.
+pub fn readers(connector: Connector) -> Result<Readers, StoreError> {
+    r2d2::Pool::builder()
+        .max_size(READERS)
+        .min_idle(Some(1))
+        .connection_timeout(std::time::Duration::from_secs(5))
+        .test_on_check_out(false)
+        .build(ReadConnections(connector))
+        .map_err(|e| StoreError::Busy(e.to_string()))
 }
 
 /// The read side of the store: its own connection.

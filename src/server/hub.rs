@@ -42,7 +42,7 @@
 
 use super::auth::{self, Session};
 use super::cluster::{Append, Broker};
-use super::history::Reader;
+use super::history::{self, Readers};
 use super::stale::{StalePolicy, Watch};
 use super::store::{Recorded, Store, StoreError, StoredEvent};
 use super::thresholds::{MetricLimits, Thresholds, ThresholdsFile, ThresholdsView};
@@ -155,8 +155,9 @@ pub struct Hub {
     degraded: watch::Sender<Option<String>>,
     /// Wakes the stale watcher when a deadline moves earlier.
     stale_wake: Notify,
-    /// History reads, on a connection of their own: never under `state`.
-    history: Option<Mutex<Reader>>,
+    /// History reads, on connections of their own (pooled): never under
+    /// `state`.
+    history: Option<Readers>,
     /// Updates waiting for the `state` lock: whoever takes it next applies
     /// them all and records them with one commit (see [`Hub::apply`]).
     waiting: Mutex<Vec<Arc<Waiting>>>,
@@ -251,7 +252,7 @@ impl Hub {
             ring_capacity,
             client_queue,
         );
-        hub.history = Some(Mutex::new(Reader::new(store.connect()?)?));
+        hub.history = Some(history::readers(store.connector())?);
         hub.fsyncs = store.fsyncs();
         hub.keep_signed_out(store.signed_out(auth::now())?);
         {
@@ -948,15 +949,9 @@ impl Hub {
         step_ms: Option<i64>,
     ) -> Result<History, StoreError> {
         match &self.history {
-            Some(reader) => super::db::off_runtime(|| {
-                reader.lock().unwrap_or_else(|e| e.into_inner()).history(
-                    device,
-                    metric,
-                    from,
-                    to,
-                    step_ms,
-                    Utc::now(),
-                )
+            Some(readers) => super::db::off_runtime(|| {
+                let mut reader = readers.get().map_err(|e| StoreError::Busy(e.to_string()))?;
+                reader.history(device, metric, from, to, step_ms, Utc::now())
             }),
             None => Ok(History {
                 device: device.clone(),

@@ -68,6 +68,9 @@ pub enum StoreError {
     /// nothing is known of its fate.
     #[error("the update was not applied: {0}")]
     Lost(String),
+    /// No read connection came free in time.
+    #[error("the store is busy: {0}")]
+    Busy(String),
     /// Cluster mode: Redis did not answer, so nothing was published.
     #[error("the cluster's Redis is unreachable, so nothing was accepted; retry shortly ({0})")]
     Broker(String),
@@ -254,6 +257,19 @@ pub struct Store {
     gate: WriteGate,
 }
 
+/// Opens connections to one store's database ([`Store::connector`]).
+#[derive(Clone)]
+pub struct Connector(Backend);
+
+impl Connector {
+    pub fn connect(&self) -> Result<Conn, StoreError> {
+        match &self.0 {
+            Backend::Sqlite { path, durability } => Ok(Conn::Sqlite(connect(path, *durability)?)),
+            Backend::Postgres(config) => Conn::postgres(config),
+        }
+    }
+}
+
 /// See [`Store`]'s `gate`.
 pub type WriteGate = Arc<Mutex<()>>;
 
@@ -318,10 +334,12 @@ impl Store {
     /// writer (SQLite's WAL, PostgreSQL's MVCC); SQLite writers take turns
     /// (each waits up to 5 s).
     pub fn connect(&self) -> Result<Conn, StoreError> {
-        match &self.backend {
-            Backend::Sqlite { path, durability } => Ok(Conn::Sqlite(connect(path, *durability)?)),
-            Backend::Postgres(config) => Conn::postgres(config),
-        }
+        self.connector().connect()
+    }
+
+    /// What opens more connections to this store's database, apart from it.
+    pub fn connector(&self) -> Connector {
+        Connector(self.backend.clone())
     }
 
     /// Whether a commit waits for the disk, or the network (it does unless
@@ -914,6 +932,26 @@ mod tests {
         assert_eq!(signed_out, [("s1".into(), 2_000), ("s2".into(), 3_000)]);
         assert_eq!(store.signed_out(2_000).unwrap(), [("s2".into(), 3_000)]);
         store
+    }
+
+    #[test]
+    fn history_reads_run_side_by_side_each_on_its_own_connection() {
+        use crate::server::history::{READERS, readers};
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let d = device("a", 1.5);
+        store.record(1, &d, None, "{}").unwrap();
+        let readers = readers(store.connector()).unwrap();
+        let mut held: Vec<_> = (0..READERS).map(|_| readers.get().unwrap()).collect();
+        assert_eq!(readers.state().connections, READERS);
+        let now = Utc::now() + chrono::Duration::seconds(1);
+        for reader in &mut held {
+            let from = now - chrono::Duration::hours(1);
+            let history = reader
+                .history(&d.id, "temperature", from, now, None, now)
+                .unwrap();
+            assert_eq!(history.points.last().map(|p| p.v), Some(1.5));
+        }
     }
 
     #[test]
