@@ -277,3 +277,32 @@ async fn the_page_renders_switches_only_for_a_live_session() {
     let bogus = page(Some("telltale_session=bogus".into())).await;
     assert!(!bogus.contains("power-switch"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cookie_grants_the_websocket_operator_role_to_this_sites_pages_only() {
+    let server = Server::start().await;
+    let cookie = server.sign_in().await;
+    let this_site = format!("http://{}", server.addr);
+    let hello = json!({"type": "hello", "v": 1, "role": "operator"});
+    let mut ws = server
+        .ws_with_headers(&[("cookie", &cookie), ("origin", &this_site)])
+        .await;
+    ws.send(&hello).await;
+    let welcome = ws.expect("welcome").await;
+    assert_eq!(welcome["role"], "operator", "{welcome}");
+
+    // Another site's page, no cookie, or a signed-out cookie: refused.
+    let other_site = [
+        ("cookie", cookie.as_str()),
+        ("origin", "http://evil.example"),
+    ];
+    for headers in [&other_site[..], &[("origin", this_site.as_str())][..]] {
+        let mut ws = server.ws_with_headers(headers).await;
+        ws.send(&hello).await;
+        assert_eq!(ws.expect_close().await.0, 4401, "{headers:?}");
+    }
+    server.sign_out(&cookie).await;
+    let mut ws = server.ws_with_headers(&[("cookie", &cookie)]).await;
+    ws.send(&hello).await;
+    assert_eq!(ws.expect_close().await.0, 4401);
+}

@@ -29,7 +29,7 @@ use crate::protocol::{
 };
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use std::borrow::Cow;
 use std::convert::Infallible;
@@ -79,13 +79,38 @@ pub async fn upgrade(
     if bearer.as_deref().is_some_and(|t| !state.auth.knows(t)) {
         return ApiError::Unauthorized("viewer, operator or device").into_response();
     }
+    // The page's operator session, from a page of this site only: a
+    // browser sends the cookie on the handshake, so another site's page
+    // must not borrow it (its `Origin` names another host).
+    let session = same_site(&headers) && state.auth.session(&headers, &state.hub).is_some();
     ws.max_message_size(HARD_LIMIT)
         .max_frame_size(HARD_LIMIT)
-        .on_upgrade(move |socket| connection(socket, state, bearer))
+        .on_upgrade(move |socket| connection(socket, state, bearer, session))
 }
 
-async fn connection(mut socket: WebSocket, state: AppState, bearer: Option<String>) {
-    let (role, device) = match hello(&mut socket, &state, bearer).await {
+/// Whether the handshake's `Origin`, if any, names the host it was sent to
+/// (ports aside, as for `SameSite`: a proxy may pass `Host` without one).
+fn same_site(headers: &HeaderMap) -> bool {
+    let host_of = |s: &str| {
+        let s = s.split_once("://").map_or(s, |(_, rest)| rest);
+        let s = s.split('/').next().unwrap_or(s);
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                host.to_ascii_lowercase()
+            }
+            _ => s.to_ascii_lowercase(),
+        }
+    };
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    match (header(header::ORIGIN), header(header::HOST)) {
+        (None, _) => true,
+        (Some(origin), Some(host)) => host_of(origin) == host_of(host),
+        (Some(_), None) => false,
+    }
+}
+
+async fn connection(mut socket: WebSocket, state: AppState, bearer: Option<String>, session: bool) {
+    let (role, device) = match hello(&mut socket, &state, bearer, session).await {
         Ok(who) => who,
         Err(frame) => return close(socket, frame).await,
     };
@@ -117,11 +142,14 @@ async fn connection(mut socket: WebSocket, state: AppState, bearer: Option<Strin
     close(socket, frame).await;
 }
 
-/// Reads and checks the `hello`; answers nothing yet.
+/// Reads and checks the `hello`; answers nothing yet. With no token, a
+/// live operator `session` cookie on the handshake grants the operator
+/// (and viewer) role.
 async fn hello(
     socket: &mut WebSocket,
     state: &AppState,
     bearer: Option<String>,
+    session: bool,
 ) -> Result<(Role, Option<DeviceId>), End> {
     let text = loop {
         let message = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
@@ -161,6 +189,9 @@ async fn hello(
         return Err(end(close::POLICY, "only a device hello names a device"));
     }
     let token = token.or(bearer);
+    if token.is_none() && session && role != Role::Device {
+        return Ok((role, None));
+    }
     match state
         .auth
         .authorize(role, device.as_ref(), token.as_deref())

@@ -313,14 +313,26 @@ impl Server {
 
     /// Opens `GET /api/ws`, with `Authorization: Bearer` when given.
     pub async fn ws_with_bearer(&self, bearer: Option<&str>) -> Ws {
+        match bearer {
+            Some(token) => {
+                self.ws_with_headers(&[("authorization", &format!("Bearer {token}"))])
+                    .await
+            }
+            None => self.ws_with_headers(&[]).await,
+        }
+    }
+
+    /// Connects to `GET /api/ws` with `headers` on the handshake.
+    pub async fn ws_with_headers(&self, headers: &[(&str, &str)]) -> Ws {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
         let mut request = format!("ws://{}/api/ws", self.addr)
             .into_client_request()
             .expect("a WebSocket request");
-        if let Some(token) = bearer {
+        for (name, value) in headers {
             request.headers_mut().insert(
-                "authorization",
-                format!("Bearer {token}").parse().expect("a header value"),
+                HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
+                HeaderValue::from_str(value).expect("a header value"),
             );
         }
         let (stream, _) = within(
