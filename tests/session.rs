@@ -306,3 +306,50 @@ async fn the_cookie_grants_the_websocket_operator_role_to_this_sites_pages_only(
     ws.send(&hello).await;
     assert_eq!(ws.expect_close().await.0, 4401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_sends_too_many_wrong_tokens_waits_and_is_told_so() {
+    let server = Server::start().await;
+    let sign_in_from = |token: String, from: Option<&'static str>| {
+        let mut request = server
+            .client
+            .post(server.url("/api/session"))
+            .header("content-type", "application/json")
+            .body(json!({ "token": token }).to_string());
+        if let Some(from) = from {
+            request = request.header("x-forwarded-for", from);
+        }
+        async move { request.send().await.expect("an answer") }
+    };
+    // Ten wrong tokens at once are allowed, and the one that goes past.
+    for i in 0..=telltale::server::auth::GUESSES {
+        let response = sign_in_from(format!("guess-{i}"), None).await;
+        assert_eq!(response.status(), 401, "guess {i}");
+    }
+    // Then even the right token waits, on every route that checks one.
+    let response = sign_in_from(server.operator_token.clone(), None).await;
+    assert_eq!(response.status(), 429);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=6).contains(&retry), "Retry-After: {retry}");
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("too many wrong tokens"),
+        "{body}"
+    );
+    let (status, _) = server
+        .try_post_status("a", &json!({ "temperature": 1.0 }))
+        .await;
+    assert_eq!(status, 429);
+    // Reading needs no token, and another client (behind a proxy on this
+    // machine) has its own allowance.
+    assert_eq!(server.get_json("/api/devices").await.0, 200);
+    let response = sign_in_from(server.operator_token.clone(), Some("203.0.113.9")).await;
+    assert_eq!(response.status(), 200);
+}

@@ -454,3 +454,57 @@ fn is_json(content_type: &str) -> bool {
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
+
+/// The client address of a request, as [`count_guesses`] found it.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientIp(pub std::net::IpAddr);
+
+/// Around every route that checks a token: refuses (429) a client address
+/// that sent too many wrong tokens, and counts each 401. The address is the
+/// peer's, or, when the peer is this machine (a proxy in front, as in
+/// `tests/nginx/telltale.conf`), the last `X-Forwarded-For` entry, the one
+/// the proxy added.
+pub async fn count_guesses(
+    State(state): State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let client = client_ip(&request);
+    let Some(ip) = client else {
+        return next.run(request).await;
+    };
+    if let Some(wait) = state.auth.guesses.wait(ip) {
+        return ApiError::TooManyGuesses(wait).into_response();
+    }
+    request.extensions_mut().insert(ClientIp(ip));
+    let response = next.run(request).await;
+    if response.status() == StatusCode::UNAUTHORIZED {
+        state.auth.guesses.wrong(ip);
+    }
+    response
+}
+
+/// See [`count_guesses`].
+fn client_ip(request: &axum::extract::Request) -> Option<std::net::IpAddr> {
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()?
+        .0
+        .ip();
+    let forwarded = || {
+        request
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .next_back()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    match peer.is_loopback() {
+        true => Some(forwarded().unwrap_or(peer)),
+        false => Some(peer),
+    }
+}

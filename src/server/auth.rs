@@ -21,8 +21,11 @@ use crate::model::DeviceId;
 use crate::protocol::Role;
 use axum::http::{HeaderMap, header};
 use cookie::{Cookie, CookieJar, Key, SameSite};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
 /// The name of the operator session cookie.
@@ -166,6 +169,58 @@ pub fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// Wrong tokens one client address may send at once ...
+pub const GUESSES: u32 = 10;
+/// ... and how often it gets one more.
+pub const GUESS_EVERY: Duration = Duration::from_secs(6);
+
+/// Wrong tokens by client address, so no one tries tokens by the million:
+/// [`GUESSES`] at once, then one every [`GUESS_EVERY`] (GCRA, by the
+/// governor crate). An address past its allowance gets 429, on every
+/// request that checks a token, until it has one again; other addresses
+/// are not affected, nor are requests that need no token.
+pub struct Guesses {
+    limiter: governor::DefaultKeyedRateLimiter<IpAddr>,
+    /// Addresses past their allowance, and until when.
+    waiting: std::sync::Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl Default for Guesses {
+    fn default() -> Self {
+        let quota = governor::Quota::with_period(GUESS_EVERY)
+            .expect("a period")
+            .allow_burst(NonZeroU32::new(GUESSES).expect("some guesses"));
+        Self {
+            limiter: governor::RateLimiter::keyed(quota),
+            waiting: Default::default(),
+        }
+    }
+}
+
+impl Guesses {
+    /// How long `ip` must wait before a token of its is checked, if at all.
+    pub fn wait(&self, ip: IpAddr) -> Option<Duration> {
+        let now = Instant::now();
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let until = *waiting.get(&ip)?;
+        (until > now).then(|| until - now)
+    }
+
+    /// Counts a wrong token from `ip`.
+    pub fn wrong(&self, ip: IpAddr) {
+        use governor::clock::{Clock, DefaultClock};
+        if let Err(denied) = self.limiter.check_key(&ip) {
+            let wait = denied.wait_time_from(DefaultClock::default().now());
+            let now = Instant::now();
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            waiting.retain(|_, until| *until > now);
+            waiting.insert(ip, now + wait.max(Duration::from_secs(1)));
+            drop(waiting);
+            self.limiter.retain_recent();
+        }
+    }
+}
+
 /// Every configured token, and the operator sessions.
 pub struct Auth {
     pub ingest: Token,
@@ -173,6 +228,7 @@ pub struct Auth {
     pub viewer: Option<Token>,
     pub devices: Vec<(DeviceId, Token)>,
     pub sessions: Sessions,
+    pub guesses: Guesses,
     /// Mark the session cookie `Secure` (only sent over https). Off by
     /// default: the server cannot tell whether a proxy in front of it speaks
     /// https, and a `Secure` cookie set over plain http (127.0.0.1) is
@@ -341,6 +397,7 @@ mod tests {
             operator,
             viewer: viewer.map(Token::new),
             devices: vec![(id("rack"), Token::new("rack-secret"))],
+            guesses: Guesses::default(),
             secure_cookie: false,
         }
     }
@@ -397,6 +454,21 @@ mod tests {
         };
         assert_eq!(read(&a.sessions, &a.sessions.sign(&ended)), None);
         assert!(!hub.signed_out(&session.id));
+    }
+
+    #[test]
+    fn an_address_past_its_wrong_tokens_waits_and_others_do_not() {
+        let guesses = Guesses::default();
+        let (one, other) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        for _ in 0..GUESSES {
+            assert_eq!(guesses.wait(one), None);
+            guesses.wrong(one);
+        }
+        assert_eq!(guesses.wait(one), None, "the allowance is used, not passed");
+        guesses.wrong(one);
+        let wait = guesses.wait(one).expect("past it: wait");
+        assert!(wait <= GUESS_EVERY, "{wait:?}");
+        assert_eq!(guesses.wait(other), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub enum ApiError {
     WrongOperatorToken,
     /// A session cookie that is not (or no longer) a live session.
     #[error(
-        "the operator session has ended (signed out, expired or the server restarted): sign in again"
+        "the operator session has ended (signed out, expired, or the operator token changed): sign in again"
     )]
     SessionEnded,
     #[error("the body must be JSON: send `Content-Type: application/json`")]
@@ -53,6 +53,13 @@ pub enum ApiError {
     /// The store could not be read. Retry later.
     #[error("the store could not be read: {0}")]
     StoreRead(String),
+    /// Too many wrong tokens from this client address (see
+    /// [`Guesses`](super::auth::Guesses)).
+    #[error(
+        "too many wrong tokens from this address: try again in {} s",
+        .0.as_secs().max(1)
+    )]
+    TooManyGuesses(std::time::Duration),
 }
 
 impl ApiError {
@@ -77,6 +84,7 @@ impl ApiError {
             }
             Self::CommandFailed(_) => StatusCode::CONFLICT,
             Self::CommandTimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::TooManyGuesses(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -113,6 +121,12 @@ impl IntoResponse for ApiError {
             _ => json!({ "error": self.to_string() }),
         };
         let mut response = (self.status(), Json(body)).into_response();
+        if let Self::TooManyGuesses(wait) = &self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(wait.as_secs().max(1)),
+            );
+        }
         if self.status() == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

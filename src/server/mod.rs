@@ -70,6 +70,18 @@ pub fn app(state: AppState) -> Router {
         let options = options.clone();
         move || shell(options.clone())
     });
+    // The routes that check a token: an address that sent too many wrong
+    // ones waits (`auth::Guesses`).
+    let guarded = Router::new()
+        .route("/api/devices/{id}/status", post(api::post_status))
+        .route("/api/devices/{id}/commands", post(api::post_command))
+        .route("/api/devices/{id}/thresholds", put(api::put_thresholds))
+        .route("/api/session", post(api::sign_in).delete(api::sign_out))
+        .route("/api/ws", get(ws::upgrade))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::count_guesses,
+        ));
     Router::new()
         .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
         .route("/healthz", get(api::healthz))
@@ -77,13 +89,9 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}", get(api::get_device))
         .route("/api/devices/{id}/history", get(api::history))
         .route("/api/devices/{id}/history.csv", get(api::history_csv))
-        .route("/api/devices/{id}/status", post(api::post_status))
-        .route("/api/devices/{id}/commands", post(api::post_command))
         .route("/api/thresholds", get(api::get_thresholds))
-        .route("/api/devices/{id}/thresholds", put(api::put_thresholds))
-        .route("/api/session", post(api::sign_in).delete(api::sign_out))
         .route("/api/events", get(sse::events))
-        .route("/api/ws", get(ws::upgrade))
+        .merge(guarded)
         .fallback(move |request| assets::serve(request, page))
         .method_not_allowed_fallback(api::method_not_allowed)
         // The default predicate leaves `text/event-stream` uncompressed, so
@@ -112,6 +120,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     let auth = Arc::new(Auth {
         ingest: token_or_random("ingest", config.ingest_token.as_deref()),
         sessions: auth::Sessions::new(&operator),
+        guesses: auth::Guesses::default(),
         operator,
         viewer: config
             .viewer_token
@@ -289,13 +298,16 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     });
     // One router for all connections: `app(state)` alone is cloned per
     // connection, ~10 KiB each that an idle SSE client would hold.
-    axum::serve(listener, app(state).into_make_service())
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            shutdown.cancel();
-        })
-        .await?;
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    })
+    .await?;
     drop(memory_dir);
     Ok(())
 }

@@ -71,6 +71,7 @@ fn end(code: u16, reason: impl Into<Cow<'static, str>>) -> End {
 
 pub async fn upgrade(
     State(state): State<AppState>,
+    client: Option<axum::Extension<super::api::ClientIp>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -85,7 +86,10 @@ pub async fn upgrade(
     let session = same_site(&headers) && state.auth.session(&headers, &state.hub).is_some();
     ws.max_message_size(HARD_LIMIT)
         .max_frame_size(HARD_LIMIT)
-        .on_upgrade(move |socket| connection(socket, state, bearer, session))
+        .on_upgrade(move |socket| {
+            let client = client.map(|c| c.0.0);
+            connection(socket, state, bearer, session, client)
+        })
 }
 
 /// Whether the handshake's `Origin`, if any, names the host it was sent to
@@ -109,10 +113,26 @@ fn same_site(headers: &HeaderMap) -> bool {
     }
 }
 
-async fn connection(mut socket: WebSocket, state: AppState, bearer: Option<String>, session: bool) {
+async fn connection(
+    mut socket: WebSocket,
+    state: AppState,
+    bearer: Option<String>,
+    session: bool,
+    client: Option<std::net::IpAddr>,
+) {
     let (role, device) = match hello(&mut socket, &state, bearer, session).await {
         Ok(who) => who,
-        Err(frame) => return close(socket, frame).await,
+        Err(frame) => {
+            // A wrong token counts as over HTTP (see `api::count_guesses`).
+            if let Some(ip) = client
+                && frame
+                    .as_ref()
+                    .is_some_and(|f| f.code == close::UNAUTHORIZED)
+            {
+                state.auth.guesses.wrong(ip);
+            }
+            return close(socket, frame).await;
+        }
     };
     let link = device.as_ref().map(|d| state.commands.register(d));
     let welcome = ServerMessage::Welcome {
