@@ -249,3 +249,23 @@ async fn history_survives_a_restart_on_the_same_data_dir() {
     server.restart().await;
     assert_eq!(tv(&history(&server, "attic", &query).await), expected);
 }
+
+/// The pages read the history while they render (sparklines, charts): the
+/// first HTML carries it, and a render that reads it must not break.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pages_render_with_their_history() {
+    let server = Server::start().await;
+    three_temperatures(&server, "rack-1").await;
+    // The chart has each reading; the sparkline, a point a minute.
+    for (path, points) in [("/devices/rack-1", ["3"].as_slice()), ("/", &["1", "2"])] {
+        let response = server.client.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let page = response.text().await.unwrap();
+        assert!(
+            points
+                .iter()
+                .any(|n| page.contains(&format!("data-points=\"{n}\""))),
+            "{path}: {page}"
+        );
+    }
+}

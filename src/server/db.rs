@@ -282,7 +282,7 @@ impl Drop for Pg {
 /// `block_in_place` (nested ones, and the hub's own around a commit, cost
 /// nothing more); on a current-thread runtime (tests) on a thread of its
 /// own; elsewhere (a blocking thread, no runtime) right here.
-pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(RuntimeFlavor::CurrentThread) => std::thread::scope(|s| {

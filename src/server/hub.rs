@@ -935,11 +935,12 @@ impl Hub {
     /// `from` after `to` gives no points. Without a store there is no
     /// history: no points.
     ///
-    /// Reads on the store's read connection, never under the hub's lock, so
-    /// ingest goes on meanwhile. It blocks the calling thread for the query,
-    /// off the async workers' duty (`block_in_place`), so a page rendered
-    /// with its charts never stalls other clients; from async code
-    /// `spawn_blocking` is better still.
+    /// Reads on one of the store's read connections, never under the hub's
+    /// lock, so ingest goes on meanwhile; it does block the calling thread
+    /// for the query (from async code, run it with `spawn_blocking`). Not
+    /// `block_in_place` here: a page's render calls it, and Leptos' reactive
+    /// arena is then found missing later in the same render (a panic, an
+    /// empty response).
     pub fn history(
         &self,
         device: &DeviceId,
@@ -949,10 +950,10 @@ impl Hub {
         step_ms: Option<i64>,
     ) -> Result<History, StoreError> {
         match &self.history {
-            Some(readers) => super::db::off_runtime(|| {
-                let mut reader = readers.get().map_err(|e| StoreError::Busy(e.to_string()))?;
-                reader.history(device, metric, from, to, step_ms, Utc::now())
-            }),
+            Some(readers) => readers
+                .get()
+                .map_err(|e| StoreError::Busy(e.to_string()))?
+                .history(device, metric, from, to, step_ms, Utc::now()),
             None => Ok(History {
                 device: device.clone(),
                 metric: metric.to_owned(),
