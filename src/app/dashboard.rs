@@ -244,7 +244,7 @@ impl Follower for Board {
 /// What the server knew when it rendered the page; serialized into the
 /// page so hydration starts from exactly the same values.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Initial {
+pub(super) struct Initial {
     snapshot: Snapshot,
     /// Each device's sparkline: the last hour, one point a minute at most.
     sparks: BTreeMap<DeviceId, Spark>,
@@ -253,20 +253,31 @@ struct Initial {
     operator: bool,
 }
 
+/// The page's data, read on a blocking thread before the render (see
+/// [`super::read_ahead`]); read here only when the request did not pass there.
 #[cfg(feature = "ssr")]
 fn initial() -> Initial {
     use crate::server::auth::Auth;
-    use crate::server::hub::{Filter, Hub};
+    use crate::server::hub::Hub;
     use std::sync::Arc;
+    let parts = use_context::<axum::http::request::Parts>();
+    if let Some(initial) = parts.as_ref().and_then(|p| p.extensions.get::<Initial>()) {
+        return initial.clone();
+    }
     let hub = expect_context::<Arc<Hub>>();
     // No request parts when the app is rendered to list its routes.
-    let operator = match (
-        use_context::<axum::http::request::Parts>(),
-        use_context::<Arc<Auth>>(),
-    ) {
+    let operator = match (parts, use_context::<Arc<Auth>>()) {
         (Some(parts), Some(auth)) => auth.session(&parts.headers, &hub).is_some(),
         _ => false,
     };
+    read(&hub, operator)
+}
+
+/// What the dashboard renders from: the devices, and each one's sparkline
+/// from the history (blocking reads).
+#[cfg(feature = "ssr")]
+pub(super) fn read(hub: &crate::server::hub::Hub, operator: bool) -> Initial {
+    use crate::server::hub::Filter;
     let now = chrono::Utc::now();
     let snapshot = hub.snapshot(&Filter::default());
     let sparks = snapshot

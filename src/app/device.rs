@@ -140,7 +140,7 @@ pub fn follow(series: &mut Vec<Series>, before: &Device, device: &Device, window
 
 /// What the server knew when it rendered the page.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Initial {
+pub(super) struct Initial {
     event_id: EventId,
     now_ms: i64,
     /// `None`: no such device.
@@ -148,10 +148,24 @@ struct Initial {
     series: Vec<Series>,
 }
 
+/// The page's data, read on a blocking thread before the render (see
+/// [`super::read_ahead`]); read here only when the request did not pass there.
 #[cfg(feature = "ssr")]
 fn initial(id: Option<DeviceId>, range: Range) -> Initial {
-    use crate::server::hub::{Filter, Hub};
+    use crate::server::hub::Hub;
     use std::sync::Arc;
+    let parts = use_context::<axum::http::request::Parts>();
+    if let Some(initial) = parts.as_ref().and_then(|p| p.extensions.get::<Initial>()) {
+        return initial.clone();
+    }
+    read(&expect_context::<Arc<Hub>>(), id, range)
+}
+
+/// What the page of device `id` renders from: the device, and its charts
+/// over `range` from the history (blocking reads).
+#[cfg(feature = "ssr")]
+pub(super) fn read(hub: &crate::server::hub::Hub, id: Option<DeviceId>, range: Range) -> Initial {
+    use crate::server::hub::Filter;
     let now = chrono::Utc::now();
     let Some(id) = id else {
         return Initial {
@@ -159,7 +173,6 @@ fn initial(id: Option<DeviceId>, range: Range) -> Initial {
             ..Initial::default()
         };
     };
-    let hub = expect_context::<Arc<Hub>>();
     // The device and the event id it is current at, together.
     let snapshot = hub.snapshot(&Filter::new([id.clone()]));
     let device = snapshot.devices.into_iter().find(|d| d.id == id);

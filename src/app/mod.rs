@@ -63,6 +63,51 @@ fn DashboardPage() -> impl IntoView {
     }
 }
 
+/// Reads what the page asked for renders from on a blocking thread, before
+/// the render, and hands it to the page among the request's extensions: the
+/// history reads block, and a render runs on an async worker that also
+/// writes the event streams. (Blocking the render itself in place, with
+/// `block_in_place`, loses Leptos' reactive owner halfway through it.)
+#[cfg(feature = "ssr")]
+pub async fn read_ahead(
+    axum::extract::State(state): axum::extract::State<crate::server::AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::extract::Query;
+    use tokio::task::spawn_blocking;
+    let hub = state.hub.clone();
+    let path = request.uri().path();
+    let read = if path == "/" {
+        let operator = state.auth.session(request.headers(), &hub).is_some();
+        spawn_blocking(move || one(dashboard::read(&hub, operator)))
+    } else if let Some(id) = path.strip_prefix("/devices/") {
+        let id = DeviceId::parse(id).ok();
+        let query = Query::<Vec<(String, String)>>::try_from_uri(request.uri());
+        let range = query
+            .iter()
+            .flat_map(|q| q.iter())
+            .find(|(k, _)| k == "range");
+        let range = device::Range::parse(range.map(|(_, v)| v.as_str()));
+        spawn_blocking(move || one(device::read(&hub, id, range)))
+    } else {
+        return next.run(request).await;
+    };
+    // Should the read fail, the page reads for itself.
+    if let Ok(extensions) = read.await {
+        request.extensions_mut().extend(extensions);
+    }
+    next.run(request).await
+}
+
+/// Extensions holding only `value`.
+#[cfg(feature = "ssr")]
+fn one<T: Clone + Send + Sync + 'static>(value: T) -> axum::http::Extensions {
+    let mut extensions = axum::http::Extensions::new();
+    extensions.insert(value);
+    extensions
+}
+
 /// The address of a device's page.
 pub fn device_href(id: &DeviceId) -> String {
     format!("/devices/{id}")

@@ -18,7 +18,7 @@ pub mod store;
 pub mod thresholds;
 pub mod ws;
 
-use crate::app::{App, shell};
+use crate::app::{App, read_ahead, shell};
 use auth::{Auth, Token};
 use axum::Router;
 use axum::extract::FromRef;
@@ -84,6 +84,10 @@ pub fn app(state: AppState) -> Router {
         ));
     Router::new()
         .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            read_ahead,
+        ))
         .route("/healthz", get(api::healthz))
         .route("/api/devices", get(api::list_devices))
         .route("/api/devices/{id}", get(api::get_device))
