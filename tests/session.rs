@@ -284,11 +284,11 @@ async fn the_cookie_grants_the_websocket_operator_role_to_this_sites_pages_only(
     let cookie = server.sign_in().await;
     let this_site = format!("http://{}", server.addr);
     let hello = json!({"type": "hello", "v": 1, "role": "operator"});
-    let mut ws = server
+    let mut signed_in = server
         .ws_with_headers(&[("cookie", &cookie), ("origin", &this_site)])
         .await;
-    ws.send(&hello).await;
-    let welcome = ws.expect("welcome").await;
+    signed_in.send(&hello).await;
+    let welcome = signed_in.expect("welcome").await;
     assert_eq!(welcome["role"], "operator", "{welcome}");
 
     // Another site's page, no cookie, or a signed-out cookie: refused.
@@ -305,6 +305,15 @@ async fn the_cookie_grants_the_websocket_operator_role_to_this_sites_pages_only(
     let mut ws = server.ws_with_headers(&[("cookie", &cookie)]).await;
     ws.send(&hello).await;
     assert_eq!(ws.expect_close().await.0, 4401);
+
+    // The connection that had the role from the session loses it with the
+    // session: its next command closes it.
+    let command = json!({"type": "command", "device": "rack-1",
+        "set": {"power_on": true}, "request_id": "after-sign-out"});
+    signed_in.send(&command).await;
+    let (code, reason) = signed_in.expect_close().await;
+    assert_eq!(code, 4401, "{reason}");
+    assert!(reason.contains("signed out"), "{reason}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@
 
 use super::AppState;
 use super::api::parse_object;
-use super::auth::{self, Refusal};
+use super::auth::{self, Refusal, Session};
 use super::commands::{AgentCommand, AgentLink, EMPTY_SET, Settled};
 use super::error::ApiError;
 use super::hub::{ApplyError, Filter, Published, Start, Subscription, ws_frame};
@@ -83,7 +83,9 @@ pub async fn upgrade(
     // The page's operator session, from a page of this site only: a
     // browser sends the cookie on the handshake, so another site's page
     // must not borrow it (its `Origin` names another host).
-    let session = same_site(&headers) && state.auth.session(&headers, &state.hub).is_some();
+    let session = same_site(&headers)
+        .then(|| state.auth.session(&headers, &state.hub))
+        .flatten();
     ws.max_message_size(HARD_LIMIT)
         .max_frame_size(HARD_LIMIT)
         .on_upgrade(move |socket| {
@@ -95,21 +97,16 @@ pub async fn upgrade(
 /// Whether the handshake's `Origin`, if any, names the host it was sent to
 /// (ports aside, as for `SameSite`: a proxy may pass `Host` without one).
 fn same_site(headers: &HeaderMap) -> bool {
-    let host_of = |s: &str| {
-        let s = s.split_once("://").map_or(s, |(_, rest)| rest);
-        let s = s.split('/').next().unwrap_or(s);
-        match s.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
-                host.to_ascii_lowercase()
-            }
-            _ => s.to_ascii_lowercase(),
-        }
-    };
+    use axum::http::{Uri, uri::Authority};
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    match (header(header::ORIGIN), header(header::HOST)) {
-        (None, _) => true,
-        (Some(origin), Some(host)) => host_of(origin) == host_of(host),
-        (Some(_), None) => false,
+    let Some(origin) = header(header::ORIGIN) else {
+        return true;
+    };
+    let origin = origin.parse::<Uri>().ok();
+    let host = header(header::HOST).and_then(|h| h.parse::<Authority>().ok());
+    match (origin.as_ref().and_then(Uri::host), host) {
+        (Some(origin), Some(host)) => origin.eq_ignore_ascii_case(host.host()),
+        _ => false,
     }
 }
 
@@ -117,10 +114,10 @@ async fn connection(
     mut socket: WebSocket,
     state: AppState,
     bearer: Option<String>,
-    session: bool,
+    session: Option<Session>,
     client: Option<std::net::IpAddr>,
 ) {
-    let (role, device) = match hello(&mut socket, &state, bearer, session).await {
+    let (role, device, session) = match hello(&mut socket, &state, bearer, session).await {
         Ok(who) => who,
         Err(frame) => {
             // A wrong token counts as over HTTP (see `api::count_guesses`).
@@ -143,6 +140,7 @@ async fn connection(
     let mut conn = Connection {
         state: state.clone(),
         role,
+        session,
         link,
         subscription: None,
         health: None,
@@ -164,13 +162,13 @@ async fn connection(
 
 /// Reads and checks the `hello`; answers nothing yet. With no token, a
 /// live operator `session` cookie on the handshake grants the operator
-/// (and viewer) role.
+/// (and viewer) role, for as long as the session lasts.
 async fn hello(
     socket: &mut WebSocket,
     state: &AppState,
     bearer: Option<String>,
-    session: bool,
-) -> Result<(Role, Option<DeviceId>), End> {
+    session: Option<Session>,
+) -> Result<(Role, Option<DeviceId>, Option<Session>), End> {
     let text = loop {
         let message = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
             .await
@@ -209,14 +207,14 @@ async fn hello(
         return Err(end(close::POLICY, "only a device hello names a device"));
     }
     let token = token.or(bearer);
-    if token.is_none() && session && role != Role::Device {
-        return Ok((role, None));
+    if token.is_none() && session.is_some() && role != Role::Device {
+        return Ok((role, None, session));
     }
     match state
         .auth
         .authorize(role, device.as_ref(), token.as_deref())
     {
-        Ok(()) => Ok((role, device)),
+        Ok(()) => Ok((role, device, None)),
         Err(Refusal::Unauthorized(why)) => Err(end(close::UNAUTHORIZED, why)),
         Err(Refusal::Forbidden(why)) => Err(end(close::FORBIDDEN, why)),
     }
@@ -245,6 +243,8 @@ async fn maybe<F: Future>(fut: Option<F>) -> F::Output {
 struct Connection {
     state: AppState,
     role: Role,
+    /// The operator session the role came from, if it did.
+    session: Option<Session>,
     link: Option<AgentLink>,
     subscription: Option<Subscription>,
     /// Whether the server takes changes, followed once subscribed.
@@ -318,6 +318,7 @@ impl Connection {
                     }
                 }
                 Wake::Ping => {
+                    self.session_lasts()?;
                     if self.heard.elapsed() > silence {
                         return Err(end(
                             close::GOING_AWAY,
@@ -366,6 +367,18 @@ impl Connection {
         }
     }
 
+    /// Ends a connection whose role came from an operator session that was
+    /// signed out or ran out since: at its next command, or ping.
+    fn session_lasts(&self) -> Result<(), End> {
+        match &self.session {
+            Some(s) if s.expires <= auth::now() || self.state.hub.signed_out(&s.id) => Err(end(
+                close::UNAUTHORIZED,
+                "the operator session ended (signed out or expired)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// One text message from the peer. `Err` ends the connection.
     async fn receive(&mut self, socket: &mut WebSocket, text: &str) -> Result<(), End> {
         let silence = self.state.ws.silence;
@@ -405,6 +418,7 @@ impl Connection {
                 if self.role != Role::Operator {
                     return Err(end(close::FORBIDDEN, "only an operator may send commands"));
                 }
+                self.session_lasts()?;
                 self.command(socket, device, set, request_id).await
             }
             ClientMessage::Status { device, update } => {
@@ -596,5 +610,43 @@ async fn close(mut socket: WebSocket, frame: End) {
             socket.send(Message::Close(Some(frame))),
         )
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(origin: Option<&str>, host: Option<&str>) -> bool {
+        let mut headers = HeaderMap::new();
+        if let Some(origin) = origin {
+            headers.insert(header::ORIGIN, origin.parse().unwrap());
+        }
+        if let Some(host) = host {
+            headers.insert(header::HOST, host.parse().unwrap());
+        }
+        same_site(&headers)
+    }
+
+    #[test]
+    fn same_site_compares_the_hosts_of_origin_and_host() {
+        assert!(
+            site(None, Some("127.0.0.1:3000")),
+            "no Origin: not a browser page"
+        );
+        assert!(site(Some("http://127.0.0.1:3000"), Some("127.0.0.1:3000")));
+        // A proxy may pass Host without the port the page was served on.
+        assert!(site(
+            Some("https://Dash.Example"),
+            Some("dash.example:8080")
+        ));
+        assert!(site(Some("http://[::1]:3000"), Some("[::1]:3000")));
+        assert!(!site(Some("https://evil.example"), Some("127.0.0.1:3000")));
+        assert!(!site(
+            Some("http://127.0.0.1.evil.example"),
+            Some("127.0.0.1")
+        ));
+        assert!(!site(Some("null"), Some("127.0.0.1:3000")));
+        assert!(!site(Some("http://127.0.0.1:3000"), None));
     }
 }
