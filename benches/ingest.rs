@@ -181,13 +181,7 @@ async fn main() {
         "updates: {updates} acknowledged ({:.0}/s), {readings} readings, {errors} errors",
         updates as f64 / elapsed
     );
-    let ms = |us: u64| us as f64 / 1000.0;
-    println!(
-        "latency: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        ms(latencies.value_at_quantile(0.5)),
-        ms(latencies.value_at_quantile(0.99)),
-        ms(latencies.max())
-    );
+    println!("latency: {}", support::quantiles(&latencies));
     let _ = server.kill().await;
     if !args.memory && readings > 0 {
         let per_million = |bytes: u64| bytes as f64 * 1e6 / readings as f64 / 1e6;

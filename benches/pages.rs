@@ -99,16 +99,6 @@ fn seed(dir: &std::path::Path, devices: u32) {
     }
 }
 
-fn quantiles(h: &Histogram<u64>) -> String {
-    let ms = |us: u64| us as f64 / 1000.0;
-    format!(
-        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        ms(h.value_at_quantile(0.5)),
-        ms(h.value_at_quantile(0.99)),
-        ms(h.max())
-    )
-}
-
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench` to every bench target; ignore it.
@@ -233,13 +223,13 @@ async fn main() {
         "pages: {} rendered ({:.0}/s), {errors} errors; {}",
         pages.len(),
         pages.len() as f64 / elapsed,
-        quantiles(&pages)
+        support::quantiles(&pages)
     );
     println!(
         "events meanwhile: {published} posted at {}/s, {} seen on SSE, {lost} not seen; POST to SSE {}",
         args.rate,
         delivery.len(),
-        quantiles(&delivery)
+        support::quantiles(&delivery)
     );
     let _ = server.kill().await;
 }

@@ -43,3 +43,15 @@ pub async fn start_server(mut command: Command) -> (Child, String) {
     });
     (child, addr)
 }
+
+/// "p50 …, p99 …, max …" of a histogram of µs, in ms.
+#[allow(dead_code)] // not every bench prints its latencies so
+pub fn quantiles(h: &hdrhistogram::Histogram<u64>) -> String {
+    let ms = |us: u64| us as f64 / 1000.0;
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.max())
+    )
+}

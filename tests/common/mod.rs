@@ -78,27 +78,17 @@ impl Server {
 
     /// Starts a server with no simulator and `extra` command-line options.
     pub async fn start_with(extra: &[&str]) -> Self {
-        Self::launch(extra, false).await
+        Self::launch(extra, false, &[]).await
     }
 
     /// Starts a server with no simulator, `extra` options and `env`.
     pub async fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let n = SERVERS.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let mut server = Self::unstarted(
-            extra,
-            false,
-            format!("test-token-{pid}-{n}"),
-            format!("test-operator-{pid}-{n}"),
-        );
-        server.env = owned(env);
-        server.spawn("127.0.0.1:0").await;
-        server
+        Self::launch(extra, false, env).await
     }
 
     /// Starts a server with the built-in simulator and `extra` options.
     pub async fn start_with_simulator(extra: &[&str]) -> Self {
-        Self::launch(extra, true).await
+        Self::launch(extra, true, &[]).await
     }
 
     /// Starts an instance of the cluster on `redis_url`, with no simulator.
@@ -117,22 +107,17 @@ impl Server {
         let mut args = vec!["--redis-url", redis_url];
         args.extend(extra);
         let pid = std::process::id();
-        let mut server = Self::unstarted(
-            &args,
-            false,
-            format!("test-token-{pid}-cluster"),
-            format!("test-operator-{pid}-cluster"),
-        );
-        server.env = owned(env);
-        server.spawn("127.0.0.1:0").await;
-        server
+        let token = format!("test-token-{pid}-cluster");
+        let operator_token = format!("test-operator-{pid}-cluster");
+        Self::launch_as(&args, false, token, operator_token, env).await
     }
 
-    async fn launch(extra: &[&str], simulator: bool) -> Self {
+    /// Starts a server with tokens of its own.
+    async fn launch(extra: &[&str], simulator: bool, env: &[(&str, &str)]) -> Self {
         let n = SERVERS.fetch_add(1, Ordering::Relaxed);
         let token = format!("test-token-{}-{n}", std::process::id());
         let operator_token = format!("test-operator-{}-{n}", std::process::id());
-        Self::launch_as(extra, simulator, token, operator_token).await
+        Self::launch_as(extra, simulator, token, operator_token, env).await
     }
 
     async fn launch_as(
@@ -140,8 +125,10 @@ impl Server {
         simulator: bool,
         token: String,
         operator_token: String,
+        env: &[(&str, &str)],
     ) -> Self {
         let mut server = Self::unstarted(extra, simulator, token, operator_token);
+        server.env = owned(env);
         server.spawn("127.0.0.1:0").await;
         server
     }
