@@ -428,11 +428,12 @@ async fn the_device_of_an_agent_on_an_instance_that_dies_goes_offline_once() {
     agent
         .send(&json!({"type": "status", "device": "far-1", "update": {"power_on": true}}))
         .await;
+    // Its report too, so that no event of it is still on its way.
     eventually("the agent's device online everywhere", || async {
         servers[0]
             .device("far-1")
             .await
-            .is_some_and(|d| d["online"] == true)
+            .is_some_and(|d| d["online"] == true && d["status"]["power_on"] == true)
     })
     .await;
     let mut stream = servers[0].sse("?device=far-1").await;
@@ -460,6 +461,42 @@ async fn the_device_of_an_agent_on_an_instance_that_dies_goes_offline_once() {
         "a second event: {:?}",
         again.map(|e| e.json())
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_device_of_an_agent_on_a_frozen_instance_goes_offline_and_back_when_it_thaws() {
+    let redis = Redis::start().await;
+    // The test's agent answers no pings: long enough for the freeze.
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let patient = ["--agent-timeout", "60s"];
+        servers.push(Server::start_in_cluster(&redis.url(), &patient).await);
+    }
+    let mut agent = servers[1].agent("far-2").await;
+    agent
+        .send(&json!({"type": "status", "device": "far-2", "update": {"power_on": true}}))
+        .await;
+    // Its report too, so that no event of it is still on its way.
+    eventually("the agent's device online everywhere", || async {
+        servers[0]
+            .device("far-2")
+            .await
+            .is_some_and(|d| d["online"] == true && d["status"]["power_on"] == true)
+    })
+    .await;
+    let mut stream = servers[0].sse("?device=far-2").await;
+    stream.expect_start().await;
+
+    // Frozen, its connections stay open (Redis still counts its
+    // subscription, as it would for a host that vanished without a word),
+    // but it no longer renews its sign of life.
+    servers[1].signal("STOP");
+    let offline = stream.expect_status().await;
+    servers[1].signal("CONT");
+    assert_eq!(offline.json()["online"], false, "{:?}", offline.json());
+    // Thawed, it still has the agent's connection, and says so.
+    let online = stream.expect_status().await;
+    assert_eq!(online.json()["online"], true, "{:?}", online.json());
 }
 
 #[tokio::test(flavor = "multi_thread")]

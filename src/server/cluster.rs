@@ -62,6 +62,17 @@ const LIMITS: &str = "telltale:limits";
 /// scored by that end (Unix seconds).
 const SIGNED_OUT: &str = "telltale:signed_out";
 
+/// Each instance's sign of life, set again every second by its sweep
+/// ([`Broker::orphans`]) and expiring after [`ALIVE_FOR`]: an instance whose
+/// key is gone is gone too, even when its host vanished (or the process
+/// froze) without closing its connections to Redis.
+fn alive_key(instance: &str) -> String {
+    format!("telltale:alive:{instance}")
+}
+
+/// How long an instance's sign of life lasts.
+const ALIVE_FOR: Duration = Duration::from_secs(10);
+
 /// The channel an instance receives its [`Relay`]s on.
 fn inbox(instance: &str) -> String {
     format!("telltale:commands:{instance}")
@@ -543,12 +554,20 @@ impl Broker {
         })
     }
 
-    /// The agents announced by other instances that are gone: nobody
-    /// listens on their inbox any more (the kernel closes a dead process's
-    /// connection, and Redis drops its subscription with it). By device.
+    /// Renews this instance's sign of life, and returns the agents
+    /// announced by other instances that are gone, by device. Gone: nobody
+    /// listens on its inbox any more (the kernel closes a dead process's
+    /// connection, and Redis drops its subscription with it), or its sign
+    /// of life ran out (its host vanished, or it froze).
     pub fn orphans(&mut self) -> Result<Vec<(DeviceId, String)>, StoreError> {
-        let agents: Vec<(String, String)> =
-            self.with(TIMEOUT, |c| redis::cmd("HGETALL").arg(AGENTS).query(c))?;
+        let me = alive_key(&self.instance);
+        let (agents,): (Vec<(String, String)>,) = self.with(TIMEOUT, |c| {
+            redis::pipe()
+                .pset_ex(&me, 1, ALIVE_FOR.as_millis() as u64)
+                .ignore()
+                .hgetall(AGENTS)
+                .query(c)
+        })?;
         let others: BTreeSet<&str> = agents
             .iter()
             .map(|(_, instance)| instance.as_str())
@@ -558,18 +577,28 @@ impl Broker {
             return Ok(Vec::new());
         }
         let inboxes: Vec<String> = others.iter().map(|i| inbox(i)).collect();
-        let listeners: Vec<(String, i64)> = self.with(TIMEOUT, |c| {
-            redis::cmd("PUBSUB").arg("NUMSUB").arg(&inboxes).query(c)
-        })?;
-        let gone: BTreeSet<String> = listeners
-            .into_iter()
-            .filter(|(_, n)| *n == 0)
-            .map(|(channel, _)| channel)
+        let alive: Vec<String> = others.iter().map(|i| alive_key(i)).collect();
+        let (listeners, signs): (Vec<(String, i64)>, Vec<Option<String>>) =
+            self.with(TIMEOUT, |c| {
+                redis::pipe()
+                    .cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(&inboxes)
+                    .mget(&alive)
+                    .query(c)
+            })?;
+        let gone: BTreeSet<&str> = others
+            .iter()
+            .zip(listeners.iter().zip(&signs))
+            .filter(|(_, ((_, listening), sign))| *listening == 0 || sign.is_none())
+            .map(|(instance, _)| *instance)
             .collect();
         Ok(agents
-            .into_iter()
-            .filter(|(_, instance)| gone.contains(&inbox(instance)))
-            .filter_map(|(device, instance)| Some((DeviceId::parse(&device).ok()?, instance)))
+            .iter()
+            .filter(|(_, instance)| gone.contains(instance.as_str()))
+            .filter_map(|(device, instance)| {
+                Some((DeviceId::parse(device).ok()?, instance.clone()))
+            })
             .collect())
     }
 
