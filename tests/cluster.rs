@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    Nginx, Redis, Schema, SelfSigned, Server, SseStream, answer_next_command, command, eventually,
-    within,
+    Nginx, Redis, Schema, SelfSigned, Server, SseStream, Ws, answer_next_command, command,
+    eventually, within,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -420,24 +420,31 @@ async fn a_command_on_one_instance_reaches_the_agent_on_another_and_its_result_c
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_device_of_an_agent_on_an_instance_that_dies_goes_offline_once() {
-    let redis = Redis::start().await;
-    let mut servers = instances(&redis, 3).await;
-    let mut agent = servers[2].agent("far-1").await;
+/// An agent for `device` on `host`, once its report is seen on `watcher`
+/// (so no event of it is still on its way), and `watcher`'s stream of that
+/// device, started.
+async fn agent_watched(host: &Server, watcher: &Server, device: &str) -> (Ws, SseStream) {
+    let mut agent = host.agent(device).await;
     agent
-        .send(&json!({"type": "status", "device": "far-1", "update": {"power_on": true}}))
+        .send(&json!({"type": "status", "device": device, "update": {"power_on": true}}))
         .await;
-    // Its report too, so that no event of it is still on its way.
-    eventually("the agent's device online everywhere", || async {
-        servers[0]
-            .device("far-1")
+    eventually("the agent's device online, as reported", || async {
+        watcher
+            .device(device)
             .await
             .is_some_and(|d| d["online"] == true && d["status"]["power_on"] == true)
     })
     .await;
-    let mut stream = servers[0].sse("?device=far-1").await;
+    let mut stream = watcher.sse(&format!("?device={device}")).await;
     stream.expect_start().await;
+    (agent, stream)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_device_of_an_agent_on_an_instance_that_dies_goes_offline_once() {
+    let redis = Redis::start().await;
+    let mut servers = instances(&redis, 3).await;
+    let (_agent, mut stream) = agent_watched(&servers[2], &servers[0], "far-1").await;
 
     // The instance dies with its agent's connection; nobody tells the others.
     drop(servers.pop());
@@ -472,20 +479,7 @@ async fn the_device_of_an_agent_on_a_frozen_instance_goes_offline_and_back_when_
         let patient = ["--agent-timeout", "60s"];
         servers.push(Server::start_in_cluster(&redis.url(), &patient).await);
     }
-    let mut agent = servers[1].agent("far-2").await;
-    agent
-        .send(&json!({"type": "status", "device": "far-2", "update": {"power_on": true}}))
-        .await;
-    // Its report too, so that no event of it is still on its way.
-    eventually("the agent's device online everywhere", || async {
-        servers[0]
-            .device("far-2")
-            .await
-            .is_some_and(|d| d["online"] == true && d["status"]["power_on"] == true)
-    })
-    .await;
-    let mut stream = servers[0].sse("?device=far-2").await;
-    stream.expect_start().await;
+    let (_agent, mut stream) = agent_watched(&servers[1], &servers[0], "far-2").await;
 
     // Frozen, its connections stay open (Redis still counts its
     // subscription, as it would for a host that vanished without a word),
