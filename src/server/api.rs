@@ -469,8 +469,7 @@ pub async fn count_guesses(
     mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let client = client_ip(&request);
-    let Some(ip) = client else {
+    let Some(ip) = client_ip(&request) else {
         return next.run(request).await;
     };
     if let Some(wait) = state.auth.guesses.wait(ip) {
@@ -503,8 +502,9 @@ fn client_ip(request: &axum::extract::Request) -> Option<std::net::IpAddr> {
             .parse()
             .ok()
     };
-    match peer.is_loopback() {
-        true => Some(forwarded().unwrap_or(peer)),
-        false => Some(peer),
+    if peer.is_loopback() {
+        Some(forwarded().unwrap_or(peer))
+    } else {
+        Some(peer)
     }
 }
