@@ -5,7 +5,7 @@
 mod common;
 
 use common::{
-    Nginx, Redis, Schema, SelfSigned, Server, SseStream, Ws, answer_next_command, command,
+    Nginx, Redis, Schema, SelfSigned, Server, SseStream, Ws, admin, answer_next_command, command,
     eventually, within,
 };
 use reqwest::StatusCode;
@@ -716,4 +716,82 @@ async fn instances_on_one_postgresql_share_one_history_that_outlives_them() {
         .post_status("shared", &json!({ "temperature": 16.0 }))
         .await;
     assert!(next.id > *ids.iter().max().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_the_database_refuses_is_published_nowhere_and_one_it_fails_to_commit_is_stored_later()
+ {
+    let redis = Redis::start().await;
+    let db = Schema::new();
+    let args = ["--database-url", db.url.as_str()];
+    let (a, b) = (
+        Server::start_in_cluster(&redis.url(), &args).await,
+        Server::start_in_cluster(&redis.url(), &args).await,
+    );
+    let first = a.post_status("rack", &json!({ "temperature": 1.0 })).await;
+    let mut stream = b
+        .sse_with("", &[("last-event-id", &first.id.to_string())])
+        .await;
+    stream.expect_retry().await;
+    let sql = |sql: &str| admin(&db.base, sql.replace("{schema}", &db.name));
+
+    // PostgreSQL refuses the row: a 503 that says nothing changed, and
+    // nothing did, anywhere.
+    sql("ALTER TABLE {schema}.events ADD CONSTRAINT refuse CHECK (id < 0) NOT VALID");
+    let (status, body) = a
+        .try_post_status("rack", &json!({ "temperature": 2.0 }))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("nothing changed"), "{error}");
+    sql("ALTER TABLE {schema}.events DROP CONSTRAINT refuse");
+
+    // PostgreSQL takes the row but fails the commit (a deferred check),
+    // after Redis took the event: a 503 that says it was published, the
+    // change on every instance, and the writer degraded until it has
+    // stored the event.
+    sql("CREATE TABLE {schema}.nowhere (id TEXT PRIMARY KEY);
+         ALTER TABLE {schema}.events ADD CONSTRAINT later FOREIGN KEY (device)
+             REFERENCES {schema}.nowhere (id) DEFERRABLE INITIALLY DEFERRED NOT VALID");
+    let (status, body) = a
+        .try_post_status("rack", &json!({ "temperature": 3.0 }))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("was published"), "{error}");
+    let seen = stream.expect_status().await;
+    assert_eq!(seen.id(), first.id + 1, "the refused change took no id");
+    assert_eq!(seen.json()["status"]["temperature"], 3.0);
+    eventually("the writer to say it is degraded", || async {
+        a.get_json("/healthz").await.1["status"] == "degraded"
+    })
+    .await;
+    let stored = || {
+        sql(&format!(
+            "SELECT count(*) FROM {{schema}}.events WHERE id = {}",
+            seen.id()
+        ))
+    };
+    assert_eq!(stored(), ["0"]);
+    sql("ALTER TABLE {schema}.events DROP CONSTRAINT later");
+    eventually("the writer to store the event and recover", || async {
+        a.get_json("/healthz").await.1["status"] == "ok"
+    })
+    .await;
+    assert_eq!(stored(), ["1"]);
+
+    // The history is whole, and ids go on.
+    let next = a.post_status("rack", &json!({ "temperature": 4.0 })).await;
+    assert_eq!(next.id, seen.id() + 1);
+    assert_eq!(stream.expect_status().await.id(), next.id);
+    let (_, history) = b
+        .get_json("/api/devices/rack/history?metric=temperature")
+        .await;
+    let temperatures: Vec<f64> = history["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["v"].as_f64().unwrap())
+        .collect();
+    assert_eq!(temperatures, [1.0, 3.0, 4.0]);
 }

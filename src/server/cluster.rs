@@ -17,7 +17,11 @@
 //! "behind": the hub catches up from the stream and computes its change
 //! again (see [`Hub`](super::hub::Hub)).
 //!
-//! Every instance reads the stream ([`follow`]) and applies each event to
+//! With a store, the event is first written in a transaction that commits
+//! only once the script succeeded (see
+//! [`Store::record_then`](super::store::Store::record_then)).
+//!
+//! Every instance reads the stream ([`Hub::follow`](super::hub::Hub::follow)) and applies each event to
 //! its own hub (and its own store) in id order, then fans it out to its own
 //! SSE and WebSocket clients: Redis carries each event once per instance,
 //! never once per viewer.

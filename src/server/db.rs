@@ -408,10 +408,14 @@ impl Conn {
         }
         let open = Open(self);
         let done = work(open.0)?;
-        open.0.batch("COMMIT")?;
-        std::mem::forget(open);
-        self.in_transaction(false);
-        Ok(done)
+        let committed = open.0.batch("COMMIT");
+        // A COMMIT that fails ends PostgreSQL's transaction all the same;
+        // SQLite's stays open (busy, say) and is rolled back.
+        if committed.is_ok() || self.is_postgres() {
+            std::mem::forget(open);
+            self.in_transaction(false);
+        }
+        committed.map(|()| done)
     }
 
     fn in_transaction(&self, open: bool) {

@@ -3,6 +3,7 @@
 
 use super::commands::Refused;
 use super::hub::ApplyError;
+use super::store::StoreError;
 use crate::model::FieldError;
 use axum::Json;
 use axum::http::{StatusCode, header};
@@ -47,8 +48,9 @@ pub enum ApiError {
     CommandFailed(String),
     #[error("the device did not answer within {}", humantime::format_duration(*.0))]
     CommandTimedOut(std::time::Duration),
-    /// The change could not be made durable; nothing changed. Retry later.
-    #[error("not stored, nothing changed: {0}")]
+    /// The change could not be made durable (see [`not_stored`]). Retry
+    /// later.
+    #[error("{0}")]
     Unavailable(String),
     /// The store could not be read. Retry later.
     #[error("the store could not be read: {0}")]
@@ -99,11 +101,18 @@ impl From<ApplyError> for ApiError {
     fn from(e: ApplyError) -> Self {
         match e {
             ApplyError::Invalid(e) => Self::Invalid(e),
-            ApplyError::Store(e) => {
-                tracing::error!("{e}");
-                Self::Unavailable(e.to_string())
-            }
+            ApplyError::Store(e) => Self::Unavailable(not_stored(&e)),
         }
+    }
+}
+
+/// What a change the store failed on tells its sender (logged too): that
+/// nothing changed, unless it is known to have been published.
+pub fn not_stored(e: &StoreError) -> String {
+    tracing::error!("{e}");
+    match e {
+        StoreError::Unconfirmed(_) => e.to_string(),
+        e => format!("not stored, nothing changed: {e}"),
     }
 }
 

@@ -204,6 +204,10 @@ struct State {
     watch: Watch,
     /// Open while [`Hub::apply`] applies a group of updates.
     group: Option<Group>,
+    /// Cluster mode: this instance's events that may have reached Redis but
+    /// whose commit to the store failed; recorded when they come back from
+    /// the stream (see [`Hub::apply_remote`]).
+    unsure: BTreeSet<EventId>,
 }
 
 impl State {
@@ -277,6 +281,7 @@ impl Hub {
                 thresholds: Thresholds::default(),
                 watch: Watch::default(),
                 group: None,
+                unsure: BTreeSet::new(),
             }),
             ring_capacity,
             client_queue,
@@ -524,34 +529,62 @@ impl Hub {
         let json: Box<str> = serde_json::to_string(&StatusEvent::from(&device))
             .expect("a status always serializes")
             .into();
-        if let Some(broker) = &self.broker {
-            if let Some(reason) = self.degraded() {
-                return Err(StoreError::Broker(reason));
-            }
-            let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
-            // A failure is the caller's 503; whether the instance is
-            // degraded is for the follower, which watches Redis, to say.
-            let appended =
-                tokio::task::block_in_place(|| broker.append(state.last_id, &device.id, &json))?;
-            if appended == Append::Behind {
-                return Err(StoreError::Behind);
-            }
+        let Some(broker) = &self.broker else {
+            self.commit(state, id, device, json, true)?;
+            return Ok(Applied { id, changed: true });
+        };
+        if let Some(reason) = self.degraded() {
+            return Err(StoreError::Broker(reason));
         }
-        self.commit(state, id, device, json, true)?;
+        let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
+        // The event is written to the store first, in a transaction that
+        // commits only once Redis took it: a store or Redis that fails
+        // leaves neither with it. A failure is the caller's 503; whether
+        // the instance is degraded is for the follower, which watches
+        // Redis, to say.
+        let mut sent = false;
+        let mut append = || {
+            sent = true;
+            match broker.append(state.last_id, &device.id, &json)? {
+                Append::Done => Ok(()),
+                Append::Behind => Err(StoreError::Behind),
+            }
+        };
+        let published = tokio::task::block_in_place(|| match state.store.as_mut() {
+            Some(store) => {
+                store.record_then(id, &device, state.devices.get(&device.id), &json, append)
+            }
+            None => append(),
+        });
+        match published {
+            Ok(()) => {}
+            Err(StoreError::Behind) => return Err(StoreError::Behind),
+            Err(e) if sent => {
+                // Redis may have it (a commit that failed, an answer that
+                // never came): if so, it comes back through the follower,
+                // which records it then.
+                state.unsure.insert(id);
+                return Err(match e {
+                    StoreError::Broker(_) => e,
+                    e => StoreError::Unconfirmed(e.to_string()),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        self.commit(state, id, device, json, false)?;
         Ok(Applied { id, changed: true })
     }
 
-    /// Makes event `id` (the next one) durable in the store, then this
-    /// hub's current state, and sends it to every subscriber. Another
-    /// instance's event (not `own`) is not recorded in a store shared with
-    /// that instance: it did so itself.
+    /// Makes event `id` (the next one) durable in the store (when `record`:
+    /// not when it is already there), then this hub's current state, and
+    /// sends it to every subscriber.
     fn commit(
         &self,
         state: &mut State,
         id: EventId,
         device: Device,
         json: Box<str>,
-        own: bool,
+        record: bool,
     ) -> Result<(), StoreError> {
         let State {
             store,
@@ -569,7 +602,7 @@ impl Hub {
                 json: json.clone(),
             });
             group.before.entry(device.id.clone()).or_insert(before);
-        } else if let Some(store) = store.as_mut().filter(|s| own || !s.shared()) {
+        } else if let Some(store) = store.as_mut().filter(|_| record) {
             let fsyncs = store.fsyncs();
             let mut record = || store.record(id, &device, devices.get(&device.id), &json);
             if fsyncs {
@@ -929,7 +962,7 @@ impl Hub {
     /// in force at `from` (placed at `from`), then every change, with
     /// folded minutes (min/avg/max) for times older than the raw retention.
     /// With `step_ms`, points are buckets of that width (see
-    /// [`history`](super::history)). More than
+    /// [`history`]). More than
     /// [`MAX_POINTS`](super::history::MAX_POINTS) points is
     /// `StoreError::TooManyPoints`. A `step_ms` of 0 or less is no step;
     /// `from` after `to` gives no points. Without a store there is no
@@ -1094,6 +1127,14 @@ impl Hub {
                 state.last_id
             );
         }
+        if !state.unsure.is_empty() {
+            tracing::warn!(
+                "events {:?}, whose commit failed, may be missing from the store: \
+                 the cluster's stream no longer has them",
+                state.unsure
+            );
+            state.unsure.clear();
+        }
         state.devices = devices.into_iter().map(|d| (d.id.clone(), d)).collect();
         state.last_id = head;
         state.fresh = false;
@@ -1124,9 +1165,21 @@ impl Hub {
             !p.stale && p.online != Some(false) && p.updated_at != device.updated_at
         });
         let (id, spoke) = (device.id.clone(), !device.stale);
-        // The instance that published it recorded it, when the store is
-        // the cluster's own (PostgreSQL).
-        self.commit(state, event.id, device, event.json.into(), false)?;
+        // The instance that published an event recorded it, when the store
+        // is the cluster's own (PostgreSQL); this one's own, too, unless
+        // its commit failed.
+        let mut record = state.store.as_ref().is_some_and(|s| !s.shared());
+        if state.unsure.contains(&event.id)
+            && let Some(store) = state.store.as_mut()
+        {
+            let previous = state.devices.get(&id);
+            tokio::task::block_in_place(|| {
+                store.record_missing(event.id, &device, previous, &event.json)
+            })?;
+            state.unsure.remove(&event.id);
+            record = false;
+        }
+        self.commit(state, event.id, device, event.json.into(), record)?;
         if spoke {
             self.heard(state, &id, learn);
         }

@@ -38,7 +38,7 @@ pub const FILE_NAME: &str = "telltale.sqlite3";
 pub enum StoreError {
     #[error("the store: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("the store (PostgreSQL): {0}")]
+    #[error("the store (PostgreSQL): {}", postgres_reason(.0))]
     Postgres(#[from] postgres::Error),
     /// The connection to PostgreSQL broke inside a transaction: it is rolled
     /// back; the next use connects again.
@@ -78,6 +78,38 @@ pub enum StoreError {
     /// and tries again; this never reaches a client.
     #[error("this instance is behind the cluster")]
     Behind,
+    /// Cluster mode: the change reached the cluster's stream, so every
+    /// instance shows it, but the store did not confirm its commit. It is
+    /// recorded (if it was not) once the store answers again.
+    #[error(
+        "the change was published, but the store did not confirm it was stored ({0}); \
+         it is stored as soon as the store answers again"
+    )]
+    Unconfirmed(String),
+}
+
+/// What PostgreSQL said, rather than the client's bare "db error".
+fn postgres_reason(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+impl StoreError {
+    /// Whether a row clashed with one already there (a primary key or a
+    /// unique constraint).
+    fn is_duplicate(&self) -> bool {
+        match self {
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => matches!(
+                e.extended_code,
+                rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                    | rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            ),
+            Self::Postgres(e) => e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
+            _ => false,
+        }
+    }
 }
 
 /// One stored status event: its id, device and `StatusEvent` JSON.
@@ -486,6 +518,51 @@ impl Store {
         self.conn.transaction(TxKind::Write, |tx| {
             insert_event(tx, id, device, previous, json)
         })
+    }
+
+    /// Cluster mode: records event `id` as [`record`](Self::record) does,
+    /// but commits only once `publish` (the append to the cluster's stream)
+    /// succeeded, so the store never holds an event the cluster lacks, nor
+    /// (but for a failed commit, which the caller must note) the reverse.
+    /// An event `id` already in the store (another instance recorded it
+    /// first: on a shared database its uncommitted row is waited for) is
+    /// [`StoreError::Behind`], before anything is published.
+    pub fn record_then(
+        &mut self,
+        id: EventId,
+        device: &Device,
+        previous: Option<&Device>,
+        json: &str,
+        publish: impl FnOnce() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        self.conn.transaction(TxKind::Write, |tx| {
+            insert_event(tx, id, device, previous, json).map_err(|e| {
+                if e.is_duplicate() {
+                    StoreError::Behind
+                } else {
+                    e
+                }
+            })?;
+            publish()
+        })
+    }
+
+    /// Records event `id` as [`record`](Self::record) does, unless the
+    /// store has it already: for an event whose commit failed, which may
+    /// have been made durable all the same (or, on a shared database, an
+    /// event of the same id that another instance recorded).
+    pub fn record_missing(
+        &mut self,
+        id: EventId,
+        device: &Device,
+        previous: Option<&Device>,
+        json: &str,
+    ) -> Result<(), StoreError> {
+        match self.record(id, device, previous, json) {
+            Err(e) if e.is_duplicate() => Ok(()),
+            done => done,
+        }
     }
 
     /// Records several events, in id order, as [`record`](Self::record)
@@ -934,6 +1011,43 @@ mod tests {
         store
     }
 
+    /// What either backend does alike in cluster mode: an event is kept
+    /// only if it was published, an id already stored is `Behind` before
+    /// anything is published, and an unsure event is recorded once.
+    pub(crate) fn records_only_what_was_published(mut store: Store) {
+        let (a1, a2) = (device("a", 1.0), device("a", 2.0));
+        store
+            .record_then(1, &a1, None, r#"{"n":1}"#, || Ok(()))
+            .unwrap();
+        // Redis refused: nothing of event 2 is kept.
+        let refused = store.record_then(2, &a2, Some(&a1), "{}", || {
+            Err(StoreError::Broker("gone".into()))
+        });
+        assert!(matches!(refused, Err(StoreError::Broker(_))), "{refused:?}");
+        assert_eq!(store.id_range().unwrap(), Some((1, 1)));
+        assert_eq!(store.devices().unwrap()[0].status.temperature, Some(1.0));
+        // An id already there: behind, and not published.
+        let again = store.record_then(1, &a2, Some(&a1), "{}", || panic!("published"));
+        assert!(matches!(again, Err(StoreError::Behind)), "{again:?}");
+        // An unsure event: kept if missing, left as it is if there.
+        store.record_missing(1, &a2, Some(&a1), "{}").unwrap();
+        store
+            .record_missing(2, &a2, Some(&a1), r#"{"n":2}"#)
+            .unwrap();
+        store.record_missing(2, &a2, Some(&a1), "{}").unwrap();
+        let events = store.events_between(0, 2).unwrap();
+        let jsons: Vec<_> = events.iter().map(|e| e.json.as_str()).collect();
+        assert_eq!(jsons, [r#"{"n":1}"#, r#"{"n":2}"#]);
+        assert_eq!(store.devices().unwrap()[0].status.temperature, Some(2.0));
+        assert_eq!(store.readings(&a1.id, "temperature").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn only_published_events_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        records_only_what_was_published(Store::open(dir.path()).unwrap());
+    }
+
     #[test]
     fn history_reads_run_side_by_side_each_on_its_own_connection() {
         use crate::server::history::{READERS, readers};
@@ -1168,7 +1282,9 @@ pub(crate) mod testing {
         use crate::model::{Device, DeviceId};
         use crate::server::db::TxKind;
         use crate::server::history::Reader;
-        use crate::server::store::tests::{device, records_read_back_after_reopening};
+        use crate::server::store::tests::{
+            device, records_only_what_was_published, records_read_back_after_reopening,
+        };
         use crate::server::store::{PG_MIGRATIONS, StoreError};
         use chrono::Utc;
         use std::time::Duration;
@@ -1210,6 +1326,43 @@ pub(crate) mod testing {
             store.adopt(20, &[device("c", 1.0)]).unwrap();
             assert_eq!(store.devices().unwrap()[0].id.as_str(), "c");
             assert_eq!(store.last_event_id().unwrap(), Some(20));
+        }
+
+        #[test]
+        fn only_published_events_are_recorded() {
+            records_only_what_was_published(PgSchema::new().open());
+        }
+
+        #[test]
+        fn an_instance_recording_an_id_another_holds_waits_then_is_behind() {
+            let db = PgSchema::new();
+            let (mut one, mut two) = (db.open(), db.open());
+            let (holding, held) = std::sync::mpsc::channel();
+            let (release, released) = std::sync::mpsc::channel::<()>();
+            std::thread::scope(|s| {
+                s.spawn(move || {
+                    one.record_then(7, &device("a", 1.0), None, "{}", || {
+                        holding.send(()).unwrap();
+                        released.recv().unwrap();
+                        Ok(())
+                    })
+                    .unwrap();
+                });
+                held.recv().unwrap();
+                let waiting = s.spawn(|| {
+                    two.record_then(7, &device("b", 2.0), None, "{}", || {
+                        panic!("published an id another instance holds")
+                    })
+                });
+                std::thread::sleep(Duration::from_millis(200));
+                assert!(!waiting.is_finished(), "did not wait for the other commit");
+                release.send(()).unwrap();
+                let second = waiting.join().unwrap();
+                assert!(matches!(second, Err(StoreError::Behind)), "{second:?}");
+            });
+            let events = db.open().events_between(0, 10).unwrap();
+            assert_eq!(events.len(), 1);
+            assert_eq!(events[0].device.as_str(), "a");
         }
 
         #[test]

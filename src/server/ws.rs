@@ -21,7 +21,7 @@ use super::AppState;
 use super::api::parse_object;
 use super::auth::{self, Refusal, Session};
 use super::commands::{AgentCommand, AgentLink, EMPTY_SET, Settled};
-use super::error::ApiError;
+use super::error::{ApiError, not_stored};
 use super::hub::{ApplyError, Filter, Published, Start, Subscription, ws_frame};
 use crate::model::{DeviceId, Health};
 use crate::protocol::{
@@ -441,10 +441,7 @@ impl Connection {
                 let error = match applied {
                     Ok(_) => return Ok(()),
                     Err(ApplyError::Invalid(e)) => error_msg(e.message, Some(e.field), None),
-                    Err(ApplyError::Store(e)) => {
-                        tracing::error!("{e}");
-                        error_msg(format!("not stored, nothing changed: {e}"), None, None)
-                    }
+                    Err(ApplyError::Store(e)) => error_msg(not_stored(&e), None, None),
                 };
                 send_msg(socket, &error, silence).await
             }
