@@ -21,8 +21,9 @@
 //! only once the script succeeded (see
 //! [`Store::record_then`](super::store::Store::record_then)).
 //!
-//! Every instance reads the stream ([`Hub::follow`](super::hub::Hub::follow)) and applies each event to
-//! its own hub (and its own store) in id order, then fans it out to its own
+//! Every instance reads the stream
+//! ([`Hub::follow`](super::hub::Hub::follow)) and applies each event to its
+//! own hub (and its own store) in id order, then fans it out to its own
 //! SSE and WebSocket clients: Redis carries each event once per instance,
 //! never once per viewer.
 //!
