@@ -61,6 +61,8 @@
 
 mod support;
 
+use support::Redis;
+
 use clap::Parser;
 use hdrhistogram::Histogram;
 use std::process::Stdio;
@@ -502,51 +504,6 @@ impl Cluster {
         for server in &mut self.servers {
             server.stop().await;
         }
-    }
-}
-
-/// A private `redis-server` for cluster mode, killed when dropped.
-struct Redis {
-    _child: tokio::process::Child,
-    pid: u32,
-    port: u16,
-}
-
-impl Redis {
-    async fn start(cpus: Option<&str>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut argv: Vec<String> = Vec::new();
-        if let Some(cpus) = cpus {
-            argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
-        }
-        argv.push("redis-server".into());
-        let child = tokio::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server starts");
-        let pid = child.id().expect("redis-server pid");
-        for _ in 0..500 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Self {
-            _child: child,
-            pid,
-            port,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
     }
 }
 

@@ -10,7 +10,11 @@
 //!   connection and device, one request in flight at a time;
 //! - `--duration S` seconds to post for (default 10);
 //! - `--memory` run the server with `--memory` (no fsync) instead of a
-//!   durable data directory; the store's size is then not measured.
+//!   durable data directory; the store's size is then not measured;
+//! - `--redis` cluster mode (one instance on a private `redis-server`):
+//!   each update is also published through Redis before its 200;
+//! - `--database-url URL` the store in PostgreSQL instead (in its own
+//!   fresh schema, dropped at the end; its size is not measured).
 //!
 //! It starts the real `telltale` binary (`--simulator off`, a fresh
 //! temporary `--data-dir`: durable, `synchronous=FULL`, as deployed). Each
@@ -52,6 +56,52 @@ struct Args {
     /// Run the server with `--memory` instead of a durable data directory.
     #[arg(long)]
     memory: bool,
+    /// Cluster mode, on a private redis-server.
+    #[arg(long)]
+    redis: bool,
+    /// Keep the store in this PostgreSQL database (a fresh schema of it).
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+/// A fresh schema in a PostgreSQL database, dropped with this.
+struct Schema {
+    base: String,
+    name: String,
+}
+
+impl Schema {
+    fn new(base: &str) -> Self {
+        let name = format!("bench_{}", std::process::id());
+        admin(base, &format!("CREATE SCHEMA {name}"));
+        Self {
+            base: base.into(),
+            name,
+        }
+    }
+
+    /// The URL that makes this schema the search path.
+    fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        admin(&self.base, &format!("DROP SCHEMA {} CASCADE", self.name));
+    }
+}
+
+fn admin(url: &str, sql: &str) {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        postgres::Client::connect(&url, postgres::NoTls)
+            .and_then(|mut c| c.batch_execute(&sql))
+            .expect("PostgreSQL at --database-url")
+    })
+    .join()
+    .expect("the admin thread");
 }
 
 /// The database file and its WAL, in bytes.
@@ -85,11 +135,22 @@ async fn main() {
     let dir = tempfile::tempdir().expect("a temporary data directory");
     let mut command = Command::new(env!("CARGO_BIN_EXE_telltale"));
     command.args(["--simulator", "off", "--ingest-token", INGEST_TOKEN]);
-    if args.memory {
+    let schema = args.database_url.as_deref().map(Schema::new);
+    if let Some(schema) = &schema {
+        command.args(["--database-url", &schema.url()]);
+    } else if args.memory {
         command.arg("--memory");
     } else {
         command.arg("--data-dir").arg(dir.path());
     }
+    let redis = match args.redis {
+        true => Some(support::Redis::start(None).await),
+        false => None,
+    };
+    if let Some(redis) = &redis {
+        command.args(["--redis-url", &redis.url()]);
+    }
+    let sqlite = schema.is_none() && !args.memory;
     let (mut server, addr) = support::start_server(command).await;
     let base = format!("http://{addr}");
 
@@ -106,7 +167,7 @@ async fn main() {
             .status();
         assert!(status.is_success(), "the first post answered {status}");
     }
-    if !args.memory {
+    if sqlite {
         checkpoint(dir.path());
     }
     let before = store_bytes(dir.path());
@@ -171,19 +232,22 @@ async fn main() {
         "ingest: {} clients for {:.1} s, {}",
         args.clients,
         elapsed,
-        if args.memory {
-            "--memory (no fsync)"
-        } else {
-            "durable data directory (synchronous=FULL)"
-        }
+        match (&schema, args.memory) {
+            (Some(_), _) => "PostgreSQL",
+            (None, true) => "--memory (no fsync)",
+            (None, false) => "durable data directory (synchronous=FULL)",
+        },
     );
+    if redis.is_some() {
+        println!("cluster mode: one instance on a private redis-server");
+    }
     println!(
         "updates: {updates} acknowledged ({:.0}/s), {readings} readings, {errors} errors",
         updates as f64 / elapsed
     );
     println!("latency: {}", support::quantiles(&latencies));
     let _ = server.kill().await;
-    if !args.memory && readings > 0 {
+    if sqlite && readings > 0 {
         let per_million = |bytes: u64| bytes as f64 * 1e6 / readings as f64 / 1e6;
         println!(
             "store: +{:.1} MB database + WAL = {:.1} MB per million readings",

@@ -1,4 +1,5 @@
-//! What the benches share: starting the real `telltale` server.
+//! What the benches share: starting the real `telltale` server (and a
+//! `redis-server` for cluster mode).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -54,4 +55,55 @@ pub fn quantiles(h: &hdrhistogram::Histogram<u64>) -> String {
         ms(h.value_at_quantile(0.99)),
         ms(h.max())
     )
+}
+
+/// A private `redis-server` for cluster mode (maybe pinned to `cpus`),
+/// killed when dropped.
+#[allow(dead_code)] // not every bench runs a cluster
+pub struct Redis {
+    _child: tokio::process::Child,
+    pub pid: u32,
+    port: u16,
+}
+
+#[allow(dead_code)]
+impl Redis {
+    pub async fn start(cpus: Option<&str>) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(cpus) = cpus {
+            argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
+        }
+        argv.push("redis-server".into());
+        let child = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server starts");
+        let pid = child.id().expect("redis-server pid");
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self {
+            _child: child,
+            pid,
+            port,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
 }
