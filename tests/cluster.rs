@@ -95,6 +95,65 @@ async fn a_change_on_one_instance_reaches_every_client_of_every_instance_once_in
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn many_writers_on_every_instance_at_once_get_one_id_each_in_one_order() {
+    // Each instance writes the updates that wait together as one group (one
+    // commit, one append to Redis); groups of different instances race for
+    // the same ids, and the losers catch up and compute theirs again.
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 3).await;
+    let mut streams = Vec::new();
+    let mut start = None;
+    for server in &servers {
+        let mut stream = server.sse("").await;
+        let snapshot = stream.expect_start().await;
+        assert_eq!(*start.get_or_insert(snapshot.id), snapshot.id);
+        streams.push(stream);
+    }
+    const WRITERS: usize = 18;
+    const EACH: usize = 10;
+    let writers = (0..WRITERS).map(|w| {
+        let server = &servers[w % servers.len()];
+        async move {
+            let mut acked = Vec::new();
+            for n in 0..EACH {
+                // Half to a device every writer shares.
+                let device = match n % 2 {
+                    0 => "shared".to_owned(),
+                    _ => format!("own-{w}"),
+                };
+                let temp = (w * 100 + n) as f64;
+                let answer = server
+                    .post_status(&device, &json!({ "temperature": temp }))
+                    .await;
+                assert!(answer.changed);
+                acked.push((answer.id, device, temp));
+            }
+            acked
+        }
+    });
+    let mut posted: Vec<_> = futures::future::join_all(writers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    posted.sort_by_key(|p| p.0);
+    let first = start.unwrap() + 1;
+    let ids: Vec<u64> = posted.iter().map(|p| p.0).collect();
+    let all = (WRITERS * EACH) as u64;
+    assert_eq!(ids, (first..first + all).collect::<Vec<_>>());
+    for stream in &mut streams {
+        assert_eq!(statuses(stream, all as usize).await, posted);
+    }
+    let (_, reference) = servers[0].get_json("/api/devices").await;
+    for server in &servers[1..] {
+        assert_eq!(server.get_json("/api/devices").await.1, reference);
+    }
+    let last_shared = posted.iter().rev().find(|p| p.1 == "shared").unwrap().2;
+    let shared = servers[2].device("shared").await.unwrap();
+    assert_eq!(shared["status"]["temperature"], json!(last_shared));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_client_of_a_killed_instance_resumes_on_another_without_gap_or_duplicate() {
     let redis = Redis::start().await;
     let mut servers = instances(&redis, 2).await;

@@ -8,18 +8,19 @@
 //! - `telltale:events` — a Redis Stream of every event, whose entry id is
 //!   `<event id>-0`, trimmed to about `--replay-capacity` × 16 entries.
 //!
-//! An instance publishes with one Lua script that appends event
-//! `expected + 1` only if the cluster's newest id is still `expected`, the
-//! newest id this instance has applied. So an instance only ever writes a
+//! An instance publishes with one Lua script that appends events
+//! `expected + 1`, `+ 2`, … (a group: the updates that waited together)
+//! only if the cluster's newest id is still `expected`, the newest id this
+//! instance has applied. So an instance only ever writes a
 //! state computed from the complete history, ids are global, contiguous and
 //! the same on every instance, and no two instances can interleave half of
 //! a change. When another instance published first, the script answers
 //! "behind": the hub catches up from the stream and computes its change
 //! again (see [`Hub`](super::hub::Hub)).
 //!
-//! With a store, the event is first written in a transaction that commits
-//! only once the script succeeded (see
-//! [`Store::record_then`](super::store::Store::record_then)).
+//! With a store, the events are first written in a transaction that
+//! commits only once the script succeeded (see
+//! [`Store::record_all_then`](super::store::Store::record_all_then)).
 //!
 //! Every instance reads the stream
 //! ([`Hub::follow`](super::hub::Hub::follow)) and applies each event to its
@@ -142,17 +143,20 @@ static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE))
 /// as unreachable.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Publishes an event if the cluster's newest id is still the expected one.
-/// KEYS: last_id, devices, events. ARGV: expected id, new id (expected + 1,
-/// computed in Rust: the script only compares strings, so no id passes
-/// through Lua's doubles), device id, event JSON, max stream length.
-/// Returns 1, or the cluster's newest id when it is not the expected one.
+/// Publishes events if the cluster's newest id is still the expected one.
+/// KEYS: last_id, devices, events. ARGV: expected id, max stream length,
+/// then (id, device id, event JSON) for each event, with ids expected + 1,
+/// + 2, … (computed in Rust: the script only compares strings, so no id
+/// passes through Lua's doubles). Returns 1, or the cluster's newest id
+/// when it is not the expected one.
 const APPEND: &str = r"
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return cur end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-0', 'd', ARGV[3], 'j', ARGV[4])
+for i = 3, #ARGV, 3 do
+  redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], ARGV[i] .. '-0', 'd', ARGV[i + 1], 'j', ARGV[i + 2])
+end
+redis.call('SET', KEYS[1], ARGV[#ARGV - 2])
 return 1
 ";
 
@@ -396,26 +400,23 @@ impl Broker {
         id.map(|s| parse_id(&s)).transpose()
     }
 
-    /// Publishes `device`'s new state as event `expected + 1`, if the
-    /// cluster's newest id is still `expected`.
-    pub fn append(
+    /// Publishes `events` (id, device, JSON), whose ids follow `expected`,
+    /// in one step, if the cluster's newest id is still `expected`.
+    pub fn append<'a>(
         &mut self,
         expected: EventId,
-        device: &DeviceId,
-        json: &str,
+        events: impl IntoIterator<Item = (EventId, &'a DeviceId, &'a str)>,
     ) -> Result<Append, StoreError> {
         let max_len = self.max_len;
+        let events: Vec<_> = events.into_iter().collect();
         let reply: Value = self.with(TIMEOUT, |c| {
-            APPEND_SCRIPT
-                .key(LAST_ID)
-                .key(DEVICES)
-                .key(EVENTS)
-                .arg(expected.to_string())
-                .arg((expected + 1).to_string())
-                .arg(device.as_str())
-                .arg(json)
-                .arg(max_len)
-                .invoke(c)
+            let mut call = APPEND_SCRIPT.key(LAST_ID);
+            call.key(DEVICES).key(EVENTS);
+            call.arg(expected.to_string()).arg(max_len);
+            for (id, device, json) in &events {
+                call.arg(id.to_string()).arg(device.as_str()).arg(*json);
+            }
+            call.invoke(c)
         })?;
         Ok(match reply {
             Value::Int(1) => Append::Done,

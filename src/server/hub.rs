@@ -177,11 +177,14 @@ struct Waiting {
 }
 
 /// Changes made under one lock and recorded with one commit (see
-/// [`Hub::apply`]): made in memory at once, so each sees the ones before
+/// [`Hub::in_group`]): made in memory at once, so each sees the ones before
 /// it; sent to subscribers once recorded; undone if recording fails.
 struct Group {
     records: Vec<Recorded>,
     published: Vec<Arc<Published>>,
+    /// Signs of life (device, learn from it), noted once recorded: a
+    /// group run again must not count them twice.
+    heard: Vec<(DeviceId, bool)>,
     /// Each changed device as it was before the group (`None`: new).
     before: BTreeMap<DeviceId, Option<Device>>,
     last_id: EventId,
@@ -215,6 +218,7 @@ impl State {
         self.group = Some(Group {
             records: Vec::new(),
             published: Vec::new(),
+            heard: Vec::new(),
             before: BTreeMap::new(),
             last_id: self.last_id,
             fresh: self.fresh,
@@ -312,15 +316,13 @@ impl Hub {
     /// or not, is a sign of life: it clears `stale` (an event of its own when
     /// nothing else changed), and its alerts are evaluated afresh.
     ///
-    /// Group commit: while one update waits for its fsync, the others queue;
-    /// the next to take the lock applies every queued update and records
-    /// them all with one commit, each answered only once it is durable. (Not
-    /// in cluster mode, where each change is first published through Redis.)
+    /// Group commit: while one update waits for its fsync (and, in cluster
+    /// mode, for Redis), the others queue; the next to take the lock
+    /// applies every queued update and records them all with one commit
+    /// (and one append to the cluster's stream), each answered only once it
+    /// is durable.
     pub fn apply(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, ApplyError> {
-        if self.broker.is_some() {
-            return self.write(|state| self.apply_to(state, id, update));
-        }
-        if self.fsyncs {
+        if self.fsyncs || self.broker.is_some() {
             // The wait may last another group's fsync: the runtime moves
             // this worker's other tasks elsewhere meanwhile, so any number
             // of updates can wait at once (and be recorded together).
@@ -350,34 +352,123 @@ impl Hub {
     /// sends them to subscribers; if recording fails, undoes them all and
     /// answers each update with the failure.
     fn apply_group(&self, state: &mut State, group: &[Arc<Waiting>]) {
-        state.open_group();
-        let results: Vec<_> = group
-            .iter()
-            .map(|w| self.apply_to(state, &w.device, &w.update))
-            .collect();
-        let done = state.group.take().expect("the group is open");
-        // (Already inside `block_in_place` when the store fsyncs: see `apply`.)
-        let recorded = match &mut state.store {
-            Some(store) if !done.records.is_empty() => store.record_all(&done.records),
-            _ => Ok(()),
+        let (results, recorded) = self.in_group(state, |state| {
+            group
+                .iter()
+                .map(|w| self.apply_to(state, &w.device, &w.update))
+                .collect::<Vec<_>>()
+        });
+        let failed = recorded.err().map(Arc::new);
+        for (waiting, result) in group.iter().zip(results) {
+            let result = match &failed {
+                Some(e) => result.and(Err(StoreError::Group(e.clone()).into())),
+                None => result,
+            };
+            *lock(&waiting.result) = Some(result);
+        }
+    }
+
+    /// Runs `changes` with a group open, then records the events they made
+    /// with one commit, sends them to subscribers and notes the signs of
+    /// life; if recording fails, undoes them all. In cluster mode the events
+    /// are published first, as one append to the cluster's stream; when
+    /// another instance published first, the hub catches up and runs
+    /// `changes` again, on the newer state. Returns what the last run of
+    /// `changes` returned, and whether its events were recorded.
+    fn in_group<T>(
+        &self,
+        state: &mut State,
+        mut changes: impl FnMut(&mut State) -> T,
+    ) -> (T, Result<(), StoreError>) {
+        const ATTEMPTS: usize = 100;
+        let mut attempts = 0;
+        loop {
+            state.open_group();
+            let out = changes(state);
+            let done = state.group.take().expect("the group is open");
+            let recorded = self.record_group(state, &done);
+            let recorded = match recorded {
+                Ok(()) => {
+                    for published in done.published {
+                        self.send(state, published);
+                    }
+                    for (id, learn) in done.heard {
+                        self.heard(state, &id, learn);
+                    }
+                    return (out, Ok(()));
+                }
+                Err(StoreError::Behind) if attempts < ATTEMPTS => {
+                    attempts += 1;
+                    state.undo(done);
+                    match self.catch_up(state) {
+                        Ok(()) => continue,
+                        Err(e) => Err(e),
+                    }
+                }
+                Err(StoreError::Behind) => {
+                    state.undo(done);
+                    Err(StoreError::Broker(
+                        "the cluster changed too fast to catch up with".into(),
+                    ))
+                }
+                Err(e) => {
+                    state.undo(done);
+                    Err(e)
+                }
+            };
+            return (out, recorded);
+        }
+    }
+
+    /// Makes a group's events durable with one commit; in cluster mode,
+    /// publishes them through Redis in the same step (see
+    /// [`Store::record_all_then`]).
+    fn record_group(&self, state: &mut State, done: &Group) -> Result<(), StoreError> {
+        if done.records.is_empty() {
+            return Ok(());
+        }
+        let Some(broker) = &self.broker else {
+            return match &mut state.store {
+                // The commit waits for an fsync: let the runtime move this
+                // worker's other tasks elsewhere meanwhile. Without one
+                // (`--memory`) the commit takes microseconds, less than
+                // handing the worker over would.
+                Some(store) if store.fsyncs() => {
+                    tokio::task::block_in_place(|| store.record_all(&done.records))
+                }
+                Some(store) => store.record_all(&done.records),
+                None => Ok(()),
+            };
         };
-        match recorded {
-            Ok(()) => {
-                for published in done.published {
-                    self.send(state, published);
-                }
-                for (waiting, result) in group.iter().zip(results) {
-                    *lock(&waiting.result) = Some(result);
-                }
+        let mut broker = lock(broker);
+        let mut sent = false;
+        let mut append = || {
+            sent = true;
+            let events = done.records.iter().map(|r| (r.id, &r.device.id, &*r.json));
+            match broker.append(done.last_id, events)? {
+                Append::Done => Ok(()),
+                Append::Behind => Err(StoreError::Behind),
             }
-            Err(e) => {
-                state.undo(done);
-                let e = Arc::new(e);
-                for (waiting, result) in group.iter().zip(results) {
-                    let result = result.and(Err(StoreError::Group(e.clone()).into()));
-                    *lock(&waiting.result) = Some(result);
-                }
+        };
+        // A store or Redis that fails leaves neither with the events. A
+        // failure is the callers' 503; whether the instance is degraded is
+        // for the follower, which watches Redis, to say.
+        let published = tokio::task::block_in_place(|| match state.store.as_mut() {
+            Some(store) => store.record_all_then(&done.records, append),
+            None => append(),
+        });
+        match published {
+            Err(e) if sent && !matches!(e, StoreError::Behind) => {
+                // Redis may have them (a commit that failed, an answer that
+                // never came): if so, they come back through the follower,
+                // which records them then.
+                state.unsure.extend(done.records.iter().map(|r| r.id));
+                Err(match e {
+                    StoreError::Broker(_) => e,
+                    e => StoreError::Unconfirmed(e.to_string()),
+                })
             }
+            other => other,
         }
     }
 
@@ -409,7 +500,7 @@ impl Hub {
                 changed: false,
             }
         };
-        self.heard(state, id, learn);
+        self.heard_later(state, id, learn);
         Ok(applied)
     }
 
@@ -441,22 +532,23 @@ impl Hub {
         self.heard(&mut state, id, learn);
     }
 
-    /// Runs a change on the state. In cluster mode, when another instance
-    /// published first, catches up with the cluster and runs it again, on
-    /// the newer state.
-    fn write<T, E: From<StoreError> + IsBehind>(
+    /// Runs a change on the state, as a group of its own (see
+    /// [`in_group`](Self::in_group)).
+    fn write<T, E: From<StoreError>>(
         &self,
-        mut change: impl FnMut(&mut State) -> Result<T, E>,
+        change: impl FnMut(&mut State) -> Result<T, E>,
     ) -> Result<T, E> {
-        const ATTEMPTS: usize = 100;
-        let mut state = self.lock();
-        for _ in 0..ATTEMPTS {
-            match change(&mut state) {
-                Err(e) if e.is_behind() => self.catch_up(&mut state)?,
-                done => return done,
-            }
+        let (out, recorded) = self.in_group(&mut self.lock(), change);
+        recorded?;
+        out
+    }
+
+    /// [`heard`](Self::heard), once the group open (if any) is recorded.
+    fn heard_later(&self, state: &mut State, id: &DeviceId, learn: bool) {
+        match &mut state.group {
+            Some(group) => group.heard.push((id.clone(), learn)),
+            None => self.heard(state, id, learn),
         }
-        Err(StoreError::Broker("the cluster changed too fast to catch up with".into()).into())
     }
 
     /// Notes a sign of life from `id` now (see [`Watch::heard`]), and saves
@@ -509,7 +601,7 @@ impl Hub {
             },
         };
         let applied = self.publish(state, device)?;
-        self.heard(state, id, false);
+        self.heard_later(state, id, false);
         Ok(applied)
     }
 
@@ -525,59 +617,23 @@ impl Hub {
     /// (stale, alerts under new limits): `updated_at` keeps the time of its
     /// last reported change.
     fn publish_as_is(&self, state: &mut State, device: Device) -> Result<Applied, StoreError> {
+        if self.broker.is_some()
+            && let Some(reason) = self.degraded()
+        {
+            return Err(StoreError::Broker(reason));
+        }
         let id = state.last_id + 1;
         let json: Box<str> = serde_json::to_string(&StatusEvent::from(&device))
             .expect("a status always serializes")
             .into();
-        let Some(broker) = &self.broker else {
-            self.commit(state, id, device, json, true)?;
-            return Ok(Applied { id, changed: true });
-        };
-        if let Some(reason) = self.degraded() {
-            return Err(StoreError::Broker(reason));
-        }
-        let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
-        // The event is written to the store first, in a transaction that
-        // commits only once Redis took it: a store or Redis that fails
-        // leaves neither with it. A failure is the caller's 503; whether
-        // the instance is degraded is for the follower, which watches
-        // Redis, to say.
-        let mut sent = false;
-        let mut append = || {
-            sent = true;
-            match broker.append(state.last_id, &device.id, &json)? {
-                Append::Done => Ok(()),
-                Append::Behind => Err(StoreError::Behind),
-            }
-        };
-        let published = tokio::task::block_in_place(|| match state.store.as_mut() {
-            Some(store) => {
-                store.record_then(id, &device, state.devices.get(&device.id), &json, append)
-            }
-            None => append(),
-        });
-        match published {
-            Ok(()) => {}
-            Err(StoreError::Behind) => return Err(StoreError::Behind),
-            Err(e) if sent => {
-                // Redis may have it (a commit that failed, an answer that
-                // never came): if so, it comes back through the follower,
-                // which records it then.
-                state.unsure.insert(id);
-                return Err(match e {
-                    StoreError::Broker(_) => e,
-                    e => StoreError::Unconfirmed(e.to_string()),
-                });
-            }
-            Err(e) => return Err(e),
-        }
-        self.commit(state, id, device, json, false)?;
+        self.commit(state, id, device, json, true)?;
         Ok(Applied { id, changed: true })
     }
 
-    /// Makes event `id` (the next one) durable in the store (when `record`:
-    /// not when it is already there), then this hub's current state, and
-    /// sends it to every subscriber.
+    /// Makes event `id` (the next one) this hub's current state: with a
+    /// group open, for the group to record and send; else (another
+    /// instance's event) durable in the store first when `record` (not when
+    /// it is there already), and sent to every subscriber.
     fn commit(
         &self,
         state: &mut State,
@@ -603,18 +659,8 @@ impl Hub {
             });
             group.before.entry(device.id.clone()).or_insert(before);
         } else if let Some(store) = store.as_mut().filter(|_| record) {
-            let fsyncs = store.fsyncs();
-            let mut record = || store.record(id, &device, devices.get(&device.id), &json);
-            if fsyncs {
-                // The commit waits for an fsync: let the runtime move this
-                // worker's other tasks elsewhere meanwhile (every caller,
-                // HTTP, WebSocket, simulator and registry alike, gets this
-                // here). Without one (`--memory`) the commit takes
-                // microseconds, less than handing the worker over would.
-                tokio::task::block_in_place(record)?;
-            } else {
-                record()?;
-            }
+            // Only another instance's event, on the follower's own thread.
+            store.record(id, &device, devices.get(&device.id), &json)?;
         }
         state.last_id = id;
         state.fresh = false;
@@ -834,12 +880,23 @@ impl Hub {
             }
         }
         for id in due {
-            let device = Device {
-                stale: true,
-                ..state.devices[&id].clone()
-            };
-            match self.publish_as_is(state, device) {
-                Ok(_) => tracing::info!(
+            // Still due after catching up with the cluster (the device may
+            // have spoken elsewhere)?
+            let (marked, recorded) = self.in_group(state, |state| {
+                let device = state.devices.get(&id)?;
+                let due = state.watch.deadline(&id).is_some_and(|d| d <= now);
+                if device.stale || device.online == Some(false) || !due {
+                    return None;
+                }
+                let device = Device {
+                    stale: true,
+                    ..device.clone()
+                };
+                Some(self.publish_as_is(state, device))
+            });
+            match marked.map(|m| m.and(recorded)) {
+                None => {}
+                Some(Ok(())) => tracing::info!(
                     "{id} is stale: silent for longer than {}",
                     state
                         .watch
@@ -847,16 +904,7 @@ impl Hub {
                         .map(|d| humantime::format_duration(d).to_string())
                         .unwrap_or_default()
                 ),
-                Err(StoreError::Behind) => {
-                    // Another instance published first: catch up, then
-                    // look again at once (the device may have spoken).
-                    if let Err(e) = self.catch_up(state) {
-                        tracing::warn!("marking {id} stale: {e}");
-                    }
-                    next = Some(now);
-                    break;
-                }
-                Err(e) => {
+                Some(Err(e)) => {
                     tracing::error!("marking {id} stale: {e}");
                     let retry = now + RETRY;
                     next = Some(next.map_or(retry, |n| n.min(retry)));
@@ -1270,23 +1318,6 @@ fn why(e: &StoreError) -> String {
     match e {
         StoreError::Broker(reason) => reason.clone(),
         e => e.to_string(),
-    }
-}
-
-/// Whether an error only says another instance published first.
-trait IsBehind {
-    fn is_behind(&self) -> bool;
-}
-
-impl IsBehind for StoreError {
-    fn is_behind(&self) -> bool {
-        matches!(self, Self::Behind)
-    }
-}
-
-impl IsBehind for ApplyError {
-    fn is_behind(&self) -> bool {
-        matches!(self, Self::Store(StoreError::Behind))
     }
 }
 

@@ -520,30 +520,29 @@ impl Store {
         })
     }
 
-    /// Cluster mode: records event `id` as [`record`](Self::record) does,
-    /// but commits only once `publish` (the append to the cluster's stream)
-    /// succeeded, so the store never holds an event the cluster lacks, nor
-    /// (but for a failed commit, which the caller must note) the reverse.
-    /// An event `id` already in the store (another instance recorded it
-    /// first: on a shared database its uncommitted row is waited for) is
+    /// Cluster mode: records `events` as [`record_all`](Self::record_all)
+    /// does, but commits only once `publish` (their append to the cluster's
+    /// stream) succeeded, so the store never holds an event the cluster
+    /// lacks, nor (but for a failed commit, which the caller must note) the
+    /// reverse. An event id already in the store (another instance recorded
+    /// it first: on a shared database its uncommitted row is waited for) is
     /// [`StoreError::Behind`], before anything is published.
-    pub fn record_then(
+    pub fn record_all_then(
         &mut self,
-        id: EventId,
-        device: &Device,
-        previous: Option<&Device>,
-        json: &str,
+        events: &[Recorded],
         publish: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         self.conn.transaction(TxKind::Write, |tx| {
-            insert_event(tx, id, device, previous, json).map_err(|e| {
-                if e.is_duplicate() {
-                    StoreError::Behind
-                } else {
-                    e
-                }
-            })?;
+            for e in events {
+                insert_event(tx, e.id, &e.device, e.previous.as_ref(), &e.json).map_err(|e| {
+                    if e.is_duplicate() {
+                        StoreError::Behind
+                    } else {
+                        e
+                    }
+                })?;
+            }
             publish()
         })
     }
@@ -1016,18 +1015,24 @@ mod tests {
     /// anything is published, and an unsure event is recorded once.
     pub(crate) fn records_only_what_was_published(mut store: Store) {
         let (a1, a2) = (device("a", 1.0), device("a", 2.0));
-        store
-            .record_then(1, &a1, None, r#"{"n":1}"#, || Ok(()))
-            .unwrap();
-        // Redis refused: nothing of event 2 is kept.
-        let refused = store.record_then(2, &a2, Some(&a1), "{}", || {
-            Err(StoreError::Broker("gone".into()))
-        });
+        let event = |id, device: &Device, previous: Option<&Device>, json: &str| Recorded {
+            id,
+            device: device.clone(),
+            previous: previous.cloned(),
+            json: json.into(),
+        };
+        let first = [event(1, &a1, None, r#"{"n":1}"#)];
+        store.record_all_then(&first, || Ok(())).unwrap();
+        // Redis refused: nothing of events 2 and 3 is kept.
+        let (b, c) = (device("b", 5.0), device("c", 6.0));
+        let two = [event(2, &b, None, "{}"), event(3, &c, None, "{}")];
+        let refused = store.record_all_then(&two, || Err(StoreError::Broker("gone".into())));
         assert!(matches!(refused, Err(StoreError::Broker(_))), "{refused:?}");
         assert_eq!(store.id_range().unwrap(), Some((1, 1)));
-        assert_eq!(store.devices().unwrap()[0].status.temperature, Some(1.0));
+        assert_eq!(store.devices().unwrap().len(), 1);
         // An id already there: behind, and not published.
-        let again = store.record_then(1, &a2, Some(&a1), "{}", || panic!("published"));
+        let again = [event(1, &a2, Some(&a1), "{}")];
+        let again = store.record_all_then(&again, || panic!("published"));
         assert!(matches!(again, Err(StoreError::Behind)), "{again:?}");
         // An unsure event: kept if missing, left as it is if there.
         store.record_missing(1, &a2, Some(&a1), "{}").unwrap();
@@ -1339,9 +1344,15 @@ pub(crate) mod testing {
             let (mut one, mut two) = (db.open(), db.open());
             let (holding, held) = std::sync::mpsc::channel();
             let (release, released) = std::sync::mpsc::channel::<()>();
+            let event = |id, name| crate::server::store::Recorded {
+                id,
+                device: device(name, 1.0),
+                previous: None,
+                json: "{}".into(),
+            };
             std::thread::scope(|s| {
                 s.spawn(move || {
-                    one.record_then(7, &device("a", 1.0), None, "{}", || {
+                    one.record_all_then(&[event(7, "a")], || {
                         holding.send(()).unwrap();
                         released.recv().unwrap();
                         Ok(())
@@ -1350,7 +1361,7 @@ pub(crate) mod testing {
                 });
                 held.recv().unwrap();
                 let waiting = s.spawn(|| {
-                    two.record_then(7, &device("b", 2.0), None, "{}", || {
+                    two.record_all_then(&[event(7, "b")], || {
                         panic!("published an id another instance holds")
                     })
                 });
