@@ -145,9 +145,9 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Publishes events if the cluster's newest id is still the expected one.
 /// KEYS: last_id, devices, events. ARGV: expected id, max stream length,
-/// then (id, device id, event JSON) for each event, with ids expected + 1,
-/// + 2, … (computed in Rust: the script only compares strings, so no id
-/// passes through Lua's doubles). Returns 1, or the cluster's newest id
+/// then (id, device id, event JSON) for each event, with ids following the
+/// expected one (computed in Rust: the script only compares strings, so no
+/// id passes through Lua's doubles). Returns 1, or the cluster's newest id
 /// when it is not the expected one.
 const APPEND: &str = r"
 local cur = redis.call('GET', KEYS[1]) or ''
