@@ -854,3 +854,30 @@ async fn a_change_the_database_refuses_is_published_nowhere_and_one_it_fails_to_
         .collect();
     assert_eq!(temperatures, [1.0, 3.0, 4.0]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_tokens_spread_over_instances_count_on_every_one() {
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 2).await;
+    let body = json!({ "temperature": 1.0 });
+    let post = |server: &Server, token: &str| {
+        server
+            .client
+            .post(server.url("/api/devices/d/status"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    // Eleven wrong tokens, spread over both: neither instance alone saw
+    // more than its allowance of ten, but the cluster did.
+    for i in 0..11 {
+        let status = post(&servers[i % 2], "wrong").await.unwrap().status();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    for server in &servers {
+        eventually("the address to be refused on every instance", || async {
+            post(server, &server.token).await.unwrap().status() == StatusCode::TOO_MANY_REQUESTS
+        })
+        .await;
+    }
+}

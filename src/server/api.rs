@@ -478,7 +478,7 @@ pub async fn count_guesses(
     request.extensions_mut().insert(ClientIp(ip));
     let response = next.run(request).await;
     if response.status() == StatusCode::UNAUTHORIZED {
-        state.auth.guesses.wrong(ip);
+        state.wrong_token(ip);
     }
     response
 }

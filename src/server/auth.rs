@@ -228,7 +228,7 @@ pub struct Auth {
     pub viewer: Option<Token>,
     pub devices: Vec<(DeviceId, Token)>,
     pub sessions: Sessions,
-    pub guesses: Guesses,
+    pub guesses: Arc<Guesses>,
     /// Mark the session cookie `Secure` (only sent over https). Off by
     /// default: the server cannot tell whether a proxy in front of it speaks
     /// https, and a `Secure` cookie set over plain http (127.0.0.1) is
@@ -397,7 +397,7 @@ mod tests {
             operator,
             viewer: viewer.map(Token::new),
             devices: vec![(id("rack"), Token::new("rack-secret"))],
-            guesses: Guesses::default(),
+            guesses: Arc::default(),
             secure_cookie: false,
         }
     }

@@ -59,8 +59,8 @@ const LAST_ID: &str = "telltale:last_id";
 const DEVICES: &str = "telltale:devices";
 const EVENTS: &str = "telltale:events";
 const AGENTS: &str = "telltale:agents";
-/// Every instance listens here, for [`Relay::Heard`], [`Relay::Limits`]
-/// and [`Relay::SignedOut`].
+/// Every instance listens here, for [`Relay::Heard`], [`Relay::Limits`],
+/// [`Relay::Guessed`] and [`Relay::SignedOut`].
 const EVERYONE: &str = "telltale:everyone";
 /// A hash of device id → its own limits (JSON), as set over the API.
 const LIMITS: &str = "telltale:limits";
@@ -113,6 +113,11 @@ pub enum Relay {
     /// For the instance the device's agent was connected to: a newer agent
     /// took the device over on another instance.
     Replaced { device: DeviceId },
+    /// To every instance: a wrong token came from `ip`, which every
+    /// instance counts (see [`Guesses`](super::auth::Guesses)), so a
+    /// cluster behind a load balancer allows no more guesses than one
+    /// instance.
+    Guessed { from: String, ip: std::net::IpAddr },
     /// To every instance: an operator session was signed out.
     SignedOut {
         from: String,
@@ -291,6 +296,15 @@ impl Broker {
         let relay = Relay::Heard {
             from: self.instance.clone(),
             device: device.clone(),
+        };
+        self.tell_everyone(&relay, |_| {})
+    }
+
+    /// Tells the other instances that a wrong token came from `ip`.
+    pub fn guessed(&mut self, ip: std::net::IpAddr) -> Result<(), StoreError> {
+        let relay = Relay::Guessed {
+            from: self.instance.clone(),
+            ip,
         };
         self.tell_everyone(&relay, |_| {})
     }
@@ -668,7 +682,8 @@ impl Broker {
                                 Ok(
                                     Relay::Heard { from, .. }
                                     | Relay::Limits { from, .. }
-                                    | Relay::SignedOut { from, .. },
+                                    | Relay::SignedOut { from, .. }
+                                    | Relay::Guessed { from, .. },
                                 ) if from == self.instance => {}
                                 Ok(relay) => deliver(relay),
                                 Err(e) => tracing::warn!("a relay that does not read: {e}"),

@@ -23,7 +23,7 @@
 //! another instance is relayed there through Redis ([`Relay`]), and its
 //! result comes back to the ticket here: the caller cannot tell.
 
-use super::auth::Session;
+use super::auth::{Guesses, Session};
 use super::cluster::{Broker, Relay};
 use super::hub::Hub;
 use crate::model::DeviceId;
@@ -93,6 +93,8 @@ pub struct Commands {
 struct Cluster {
     instance: String,
     broker: Mutex<Broker>,
+    /// Where the wrong tokens the other instances saw are counted too.
+    guesses: Arc<Guesses>,
 }
 
 /// The generation of a command relayed to another instance.
@@ -155,13 +157,24 @@ impl Commands {
     }
 
     /// Cluster mode: agents are announced, and commands relayed, through
-    /// `broker`, as `instance`. Start [`listen`](Self::listen) too.
-    pub fn with_cluster(mut self, broker: Broker) -> Self {
+    /// `broker`, as `instance`; the wrong tokens each instance sees are
+    /// counted in every instance's `guesses`. Start
+    /// [`listen`](Self::listen) too.
+    pub fn with_cluster(mut self, broker: Broker, guesses: Arc<Guesses>) -> Self {
         self.cluster = Some(Cluster {
             instance: broker.instance().to_owned(),
             broker: Mutex::new(broker),
+            guesses,
         });
         self
+    }
+
+    /// Cluster mode: tells the other instances that a wrong token came
+    /// from `ip` (best effort: a lost notice costs one more guess).
+    pub fn tell_guessed(&self, ip: std::net::IpAddr) {
+        if let Some(Err(e)) = self.on_cluster(|broker, _| broker.guessed(ip)) {
+            tracing::debug!("telling the cluster of a wrong token: {e}");
+        }
     }
 
     /// Cluster mode: runs `f` on the relay connection (blocking).
@@ -275,6 +288,11 @@ impl Commands {
                 }
             }
             Relay::Heard { device, .. } => self.hub.heard_elsewhere(&device),
+            Relay::Guessed { ip, .. } => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.guesses.wrong(ip);
+                }
+            }
             Relay::Replaced { device } => {
                 let mut state = self.lock();
                 // Still online, through the newer agent: no event here.

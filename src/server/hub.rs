@@ -617,7 +617,10 @@ impl Hub {
     /// (stale, alerts under new limits): `updated_at` keeps the time of its
     /// last reported change.
     fn publish_as_is(&self, state: &mut State, device: Device) -> Result<Applied, StoreError> {
-        debug_assert!(state.group.is_some(), "changes are made in groups (in_group)");
+        debug_assert!(
+            state.group.is_some(),
+            "changes are made in groups (in_group)"
+        );
         if self.broker.is_some()
             && let Some(reason) = self.degraded()
         {

@@ -48,6 +48,15 @@ pub struct AppState {
     pub shutdown: CancellationToken,
 }
 
+impl AppState {
+    /// Counts a wrong token from `ip`: here, and in cluster mode on every
+    /// instance.
+    pub fn wrong_token(&self, ip: std::net::IpAddr) {
+        self.auth.guesses.wrong(ip);
+        self.commands.tell_guessed(ip);
+    }
+}
+
 /// Every route. Tests and `main` build the same router.
 pub fn app(state: AppState) -> Router {
     let hub = state.hub.clone();
@@ -124,7 +133,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     let auth = Arc::new(Auth {
         ingest: token_or_random("ingest", config.ingest_token.as_deref()),
         sessions: auth::Sessions::new(&operator),
-        guesses: auth::Guesses::default(),
+        guesses: Arc::default(),
         operator,
         viewer: config
             .viewer_token
@@ -258,7 +267,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         config.client_queue as usize,
     );
     if let Some(broker) = &broker {
-        commands = commands.with_cluster(broker.another());
+        commands = commands.with_cluster(broker.another(), auth.guesses.clone());
     }
     let commands = Arc::new(commands);
     if let Some(broker) = broker {

@@ -126,7 +126,7 @@ async fn connection(
                     .as_ref()
                     .is_some_and(|f| f.code == close::UNAUTHORIZED)
             {
-                state.auth.guesses.wrong(ip);
+                state.wrong_token(ip);
             }
             return close(socket, frame).await;
         }
