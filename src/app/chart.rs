@@ -304,11 +304,31 @@ fn spark_domain(points: &[Point]) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// The time span a sparkline draws, `(from, end)`: its whole window once
+/// its points reach that far back, else from its first point (a minute at
+/// least), so a young history fills the line rather than a sliver at its
+/// end.
+pub fn spark_span(points: &[Point], now: i64, window_ms: i64) -> (i64, i64) {
+    let end = points.last().map_or(now, |p| p.t.max(now));
+    let from = end - window_ms;
+    let first = points.first().map_or(end, |p| p.t);
+    (from.max(first).min(end - MINUTE_MS), end)
+}
+
+/// A sparkline's span for people: "1 h", or "25 min" while it is shorter.
+pub fn span_text(ms: i64) -> String {
+    if ms >= HOUR_MS && ms % HOUR_MS == 0 {
+        format!("{} h", ms / HOUR_MS)
+    } else {
+        format!("{} min", (ms + MINUTE_MS - 1) / MINUTE_MS)
+    }
+}
+
 const SPARK_W: f64 = 120.0;
 const SPARK_H: f64 = 32.0;
 
-/// A small step line of the last `window_ms` of one metric, no axes.
-/// `data-points` tells how many points are drawn.
+/// A small step line of the last `window_ms` of one metric (or less: see
+/// [`spark_span`]), no axes. `data-points` tells how many points are drawn.
 #[component]
 pub fn Sparkline(
     points: Signal<Vec<Point>>,
@@ -320,8 +340,7 @@ pub fn Sparkline(
     let geometry = Memo::new(move |_| {
         let now = now_ms.get();
         points.with(|points| {
-            let end = points.last().map_or(now, |p| p.t.max(now));
-            let from = end - window_ms;
+            let (from, end) = spark_span(points, now, window_ms);
             let shown = in_window(points, from, end);
             let (lo, hi) = spark_domain(shown);
             let x = Scale::new((from as f64, end as f64), (1.0, SPARK_W - 1.0));
@@ -522,6 +541,34 @@ mod tests {
             min: None,
             max: None,
         }
+    }
+
+    #[test]
+    fn a_sparkline_spans_its_window_or_its_history_if_shorter() {
+        let now = 10 * HOUR_MS;
+        // A full hour, and more: the window.
+        let full = [p(now - 2 * HOUR_MS, 1.0), p(now - 10_000, 2.0)];
+        assert_eq!(spark_span(&full, now, HOUR_MS), (now - HOUR_MS, now));
+        // Ten minutes of history: those ten minutes.
+        let young = [p(now - 10 * MINUTE_MS, 1.0), p(now - 5_000, 2.0)];
+        assert_eq!(
+            spark_span(&young, now, HOUR_MS),
+            (now - 10 * MINUTE_MS, now)
+        );
+        // Seconds, or nothing: a minute.
+        let fresh = [p(now - 5_000, 1.0)];
+        assert_eq!(spark_span(&fresh, now, HOUR_MS), (now - MINUTE_MS, now));
+        assert_eq!(spark_span(&[], now, HOUR_MS), (now - MINUTE_MS, now));
+        // A point newer than the clock ends the span.
+        let ahead = [p(now - MINUTE_MS * 3, 1.0), p(now + 2_000, 2.0)];
+        assert_eq!(
+            spark_span(&ahead, now, HOUR_MS),
+            (now - MINUTE_MS * 3, now + 2_000)
+        );
+        assert_eq!(span_text(HOUR_MS), "1 h");
+        assert_eq!(span_text(10 * MINUTE_MS), "10 min");
+        assert_eq!(span_text(10 * MINUTE_MS + 1), "11 min");
+        assert_eq!(span_text(MINUTE_MS), "1 min");
     }
 
     #[test]

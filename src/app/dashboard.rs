@@ -593,9 +593,14 @@ fn DeviceCard(
     let alert = move |metric: &'static str| move || device.with(|d| alert_text(d, metric));
     let href = device.with_untracked(|d| device_href(&d.id));
     let spark_points = Signal::derive(move || spark.with(|s| s.points.clone()));
+    let span = move || {
+        let (from, end) =
+            spark.with(|s| chart::spark_span(&s.points, now_ms.get(), SPARK_WINDOW_MS));
+        chart::span_text(end - from)
+    };
     let spark_label = Signal::derive(move || {
         spark.with(|s| match &s.metric {
-            Some(m) => format!("{} over the last hour", chart::title_of(m)),
+            Some(m) => format!("{} over the last {}", chart::title_of(m), span()),
             None => "no readings".into(),
         })
     });
@@ -712,7 +717,8 @@ fn DeviceCard(
                         {move || {
                             spark.with(|s| s.metric.as_deref().map(chart::title_of)).unwrap_or_default()
                         }}
-                        " · 1 h"
+                        " · "
+                        {span}
                     </span>
                 </a>
             </Show>
