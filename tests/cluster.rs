@@ -21,6 +21,20 @@ async fn instances(redis: &Redis, n: usize) -> Vec<Server> {
     servers
 }
 
+/// An SSE stream on each of `servers`, and the event id their snapshots all
+/// start from (the instances agree on where the cluster is).
+async fn streams_from_one_start(servers: &[Server]) -> (Vec<SseStream>, u64) {
+    let mut streams = Vec::new();
+    let mut start = None;
+    for server in servers {
+        let mut stream = server.sse("").await;
+        let snapshot = stream.expect_start().await;
+        assert_eq!(*start.get_or_insert(snapshot.id), snapshot.id);
+        streams.push(stream);
+    }
+    (streams, start.expect("some servers"))
+}
+
 /// The next `n` status events of `stream`, as (id, device, temperature).
 async fn statuses(stream: &mut SseStream, n: usize) -> Vec<(u64, String, f64)> {
     let mut seen = Vec::new();
@@ -40,18 +54,12 @@ async fn statuses(stream: &mut SseStream, n: usize) -> Vec<(u64, String, f64)> {
 async fn a_change_on_one_instance_reaches_every_client_of_every_instance_once_in_order() {
     let redis = Redis::start().await;
     let servers = instances(&redis, 3).await;
-    let mut streams = Vec::new();
+    let (mut streams, start) = streams_from_one_start(&servers).await;
     let mut viewers = Vec::new();
-    let mut start = None;
     for server in &servers {
-        let mut stream = server.sse("").await;
-        let snapshot = stream.expect_start().await;
-        // The instances agree on where the cluster is.
-        assert_eq!(*start.get_or_insert(snapshot.id), snapshot.id);
-        streams.push(stream);
         let mut viewer = server.viewer().await;
         viewer.send(&json!({"type": "subscribe"})).await;
-        assert_eq!(viewer.expect("snapshot").await["id"], json!(snapshot.id));
+        assert_eq!(viewer.expect("snapshot").await["id"], json!(start));
         viewers.push(viewer);
     }
     // Posts to every instance in turn, some concurrently.
@@ -68,7 +76,7 @@ async fn a_change_on_one_instance_reaches_every_client_of_every_instance_once_in
         posted.extend(futures::future::join_all(posts).await);
     }
     posted.sort_by_key(|p| p.0);
-    let first = start.unwrap() + 1;
+    let first = start + 1;
     let ids: Vec<u64> = posted.iter().map(|p| p.0).collect();
     assert_eq!(
         ids,
@@ -101,14 +109,7 @@ async fn many_writers_on_every_instance_at_once_get_one_id_each_in_one_order() {
     // the same ids, and the losers catch up and compute theirs again.
     let redis = Redis::start().await;
     let servers = instances(&redis, 3).await;
-    let mut streams = Vec::new();
-    let mut start = None;
-    for server in &servers {
-        let mut stream = server.sse("").await;
-        let snapshot = stream.expect_start().await;
-        assert_eq!(*start.get_or_insert(snapshot.id), snapshot.id);
-        streams.push(stream);
-    }
+    let (mut streams, start) = streams_from_one_start(&servers).await;
     const WRITERS: usize = 18;
     const EACH: usize = 10;
     let writers = (0..WRITERS).map(|w| {
@@ -137,7 +138,7 @@ async fn many_writers_on_every_instance_at_once_get_one_id_each_in_one_order() {
         .flatten()
         .collect();
     posted.sort_by_key(|p| p.0);
-    let first = start.unwrap() + 1;
+    let first = start + 1;
     let ids: Vec<u64> = posted.iter().map(|p| p.0).collect();
     let all = (WRITERS * EACH) as u64;
     assert_eq!(ids, (first..first + all).collect::<Vec<_>>());
