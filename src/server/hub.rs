@@ -386,8 +386,7 @@ impl Hub {
             state.open_group();
             let out = changes(state);
             let done = state.group.take().expect("the group is open");
-            let recorded = self.record_group(state, &done);
-            let recorded = match recorded {
+            let error = match self.record_group(state, &done) {
                 Ok(()) => {
                     for published in done.published {
                         self.send(state, published);
@@ -397,26 +396,22 @@ impl Hub {
                     }
                     return (out, Ok(()));
                 }
-                Err(StoreError::Behind) if attempts < ATTEMPTS => {
+                Err(e) => e,
+            };
+            state.undo(done);
+            match error {
+                StoreError::Behind if attempts < ATTEMPTS => {
                     attempts += 1;
-                    state.undo(done);
-                    match self.catch_up(state) {
-                        Ok(()) => continue,
-                        Err(e) => Err(e),
+                    if let Err(e) = self.catch_up(state) {
+                        return (out, Err(e));
                     }
                 }
-                Err(StoreError::Behind) => {
-                    state.undo(done);
-                    Err(StoreError::Broker(
-                        "the cluster changed too fast to catch up with".into(),
-                    ))
+                StoreError::Behind => {
+                    let e = "the cluster changed too fast to catch up with";
+                    return (out, Err(StoreError::Broker(e.into())));
                 }
-                Err(e) => {
-                    state.undo(done);
-                    Err(e)
-                }
-            };
-            return (out, recorded);
+                e => return (out, Err(e)),
+            }
         }
     }
 
@@ -899,7 +894,9 @@ impl Hub {
                 Some(self.publish_as_is(state, device))
             });
             match marked.map(|m| m.and(recorded)) {
-                None => {}
+                // It spoke elsewhere: look again at once, for its new
+                // deadline.
+                None => next = Some(now),
                 Some(Ok(())) => tracing::info!(
                     "{id} is stale: silent for longer than {}",
                     state
