@@ -515,9 +515,14 @@ impl Store {
         json: &str,
     ) -> Result<(), StoreError> {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        self.conn.transaction(TxKind::Write, |tx| {
-            insert_event(tx, id, device, previous, json)
-        })
+        let row = EventRow {
+            id,
+            device,
+            previous,
+            json,
+        };
+        self.conn
+            .transaction(TxKind::Write, |tx| insert_events(tx, &[row]))
     }
 
     /// Cluster mode: records `events` as [`record_all`](Self::record_all)
@@ -533,16 +538,15 @@ impl Store {
         publish: impl FnOnce() -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        let rows: Vec<_> = events.iter().map(Recorded::row).collect();
         self.conn.transaction(TxKind::Write, |tx| {
-            for e in events {
-                insert_event(tx, e.id, &e.device, e.previous.as_ref(), &e.json).map_err(|e| {
-                    if e.is_duplicate() {
-                        StoreError::Behind
-                    } else {
-                        e
-                    }
-                })?;
-            }
+            insert_events(tx, &rows).map_err(|e| {
+                if e.is_duplicate() {
+                    StoreError::Behind
+                } else {
+                    e
+                }
+            })?;
             publish()
         })
     }
@@ -569,11 +573,9 @@ impl Store {
     /// (one fsync).
     pub fn record_all(&mut self, events: &[Recorded]) -> Result<(), StoreError> {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        self.conn.transaction(TxKind::Write, |tx| {
-            events
-                .iter()
-                .try_for_each(|e| insert_event(tx, e.id, &e.device, e.previous.as_ref(), &e.json))
-        })
+        let rows: Vec<_> = events.iter().map(Recorded::row).collect();
+        self.conn
+            .transaction(TxKind::Write, |tx| insert_events(tx, &rows))
     }
 
     /// Cluster mode: takes the cluster's state, as of event `last_id`, in
@@ -583,9 +585,7 @@ impl Store {
         let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         self.conn.transaction(TxKind::Write, |tx| {
             tx.execute("DELETE FROM devices", &[])?;
-            for device in devices {
-                save_device(tx, device)?;
-            }
+            save_devices(tx, &devices.iter().collect::<Vec<_>>())?;
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -762,34 +762,78 @@ fn describe_postgres(config: &postgres::Config) -> String {
     format!("postgres://{host}:{port}/{db}")
 }
 
-/// Inserts or replaces `device`'s row.
-fn save_device(tx: &Conn, device: &Device) -> Result<(), StoreError> {
-    let status = serde_json::to_string(&device.status).expect("a status always serializes");
-    let alerts = serde_json::to_string(&device.alerts).expect("alerts always serialize");
-    let updated_at = device.updated_at.to_rfc3339();
-    tx.execute(
-        "INSERT INTO devices (id, name, status_json, online, updated_at, stale, alerts_json)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT (id) DO UPDATE SET name = excluded.name,
+/// Inserts or replaces the rows of `devices` (distinct ids).
+fn save_devices(tx: &Conn, devices: &[&Device]) -> Result<(), StoreError> {
+    let texts: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            (
+                serde_json::to_string(&d.status).expect("a status always serializes"),
+                serde_json::to_string(&d.alerts).expect("alerts always serialize"),
+                d.updated_at.to_rfc3339(),
+            )
+        })
+        .collect();
+    let mut args = Vec::with_capacity(devices.len() * 7);
+    for (d, (status, alerts, updated_at)) in devices.iter().zip(&texts) {
+        args.extend([
+            Arg::Str(d.id.as_str()),
+            Arg::Str(&d.name),
+            Arg::Str(status),
+            Arg::OptBool(d.online),
+            Arg::Str(updated_at),
+            Arg::Bool(d.stale),
+            Arg::Str(alerts),
+        ]);
+    }
+    insert_rows(
+        tx,
+        "INSERT INTO devices (id, name, status_json, online, updated_at, stale, alerts_json)",
+        "ON CONFLICT (id) DO UPDATE SET name = excluded.name,
              status_json = excluded.status_json, online = excluded.online,
              updated_at = excluded.updated_at, stale = excluded.stale,
              alerts_json = excluded.alerts_json",
-        &[
-            Arg::Str(device.id.as_str()),
-            Arg::Str(&device.name),
-            Arg::Str(&status),
-            Arg::OptBool(device.online),
-            Arg::Str(&updated_at),
-            Arg::Bool(device.stale),
-            Arg::Str(&alerts),
-        ],
+        7,
+        &args,
     )
-    .map(drop)
+}
+
+/// Runs `head VALUES (…), (…) … tail` for rows of `width` arguments each,
+/// many rows a statement: a group's rows cost a few round trips to
+/// PostgreSQL, not one each. Statements take 1, 2, 4, … or [`ROWS`] rows,
+/// so only a few distinct ones are prepared (and cached).
+fn insert_rows(
+    tx: &Conn,
+    head: &str,
+    tail: &str,
+    width: usize,
+    args: &[Arg],
+) -> Result<(), StoreError> {
+    const ROWS: usize = 32;
+    let mut rest = args;
+    while !rest.is_empty() {
+        let rows = (rest.len() / width).min(ROWS);
+        let rows = 1 << rows.ilog2();
+        let values: Vec<String> = (0..rows)
+            .map(|r| {
+                let cells: Vec<String> =
+                    (1..=width).map(|c| format!("?{}", r * width + c)).collect();
+                format!("({})", cells.join(", "))
+            })
+            .collect();
+        let sql = format!("{head} VALUES {} {tail}", values.join(", "));
+        let (now, later) = rest.split_at(rows * width);
+        tx.execute(&sql, now)?;
+        rest = later;
+    }
+    Ok(())
 }
 
 /// A connection to the database at `path` with this crate's settings.
 fn connect(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
+    // Room for every statement, the sizes of `insert_rows` included.
+    conn.set_prepared_statement_cache_capacity(64);
     // Another writer (the retention task, or a second server on the same
     // directory) holding the write lock is waited for a little, then an error.
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -867,59 +911,99 @@ pub struct Recorded {
     pub json: Box<str>,
 }
 
-/// The rows of one event: see [`Store::record`].
-fn insert_event(
-    tx: &Conn,
+impl Recorded {
+    fn row(&self) -> EventRow<'_> {
+        EventRow {
+            id: self.id,
+            device: &self.device,
+            previous: self.previous.as_ref(),
+            json: &self.json,
+        }
+    }
+}
+
+/// An event as [`insert_events`] writes it.
+struct EventRow<'a> {
     id: EventId,
-    device: &Device,
-    previous: Option<&Device>,
-    json: &str,
-) -> Result<(), StoreError> {
-    // The event's time is its device's `updated_at` (a stale mark
-    // keeps an older one: retention may then prune it early, and a
-    // resume from before it falls back to a snapshot, never to a gap).
-    let ts = device.updated_at.timestamp_millis();
-    tx.execute(
-        "INSERT INTO events (id, device, json, ts) VALUES (?1, ?2, ?3, ?4)",
-        &[
-            Arg::I64(id as i64),
-            Arg::Str(device.id.as_str()),
-            Arg::Str(json),
-            Arg::I64(ts),
-        ],
+    device: &'a Device,
+    /// The device's state before this event.
+    previous: Option<&'a Device>,
+    json: &'a str,
+}
+
+/// The rows of `events`, in id order (see [`Store::record`]): each event,
+/// the last id, each device's newest state, and the readings that changed,
+/// each kind in as few statements as [`insert_rows`] takes.
+fn insert_events(tx: &Conn, events: &[EventRow]) -> Result<(), StoreError> {
+    let Some(last) = events.last() else {
+        return Ok(());
+    };
+    // An event's time is its device's `updated_at` (a stale mark keeps an
+    // older one: retention may then prune it early, and a resume from
+    // before it falls back to a snapshot, never to a gap).
+    let ts = |e: &EventRow| e.device.updated_at.timestamp_millis();
+    let mut args = Vec::with_capacity(events.len() * 4);
+    for e in events {
+        args.extend([
+            Arg::I64(e.id as i64),
+            Arg::Str(e.device.id.as_str()),
+            Arg::Str(e.json),
+            Arg::I64(ts(e)),
+        ]);
+    }
+    insert_rows(
+        tx,
+        "INSERT INTO events (id, device, json, ts)",
+        "",
+        4,
+        &args,
     )?;
     tx.execute(
         SAVE_LAST_ID,
-        &[Arg::Str(LAST_EVENT_ID), Arg::I64(id as i64)],
+        &[Arg::Str(LAST_EVENT_ID), Arg::I64(last.id as i64)],
     )?;
-    save_device(tx, device)?;
-    let old = previous.map(|d| &d.status);
-    let changed = |metric: &str, now: Option<f64>, before: Option<f64>| match now {
-        Some(value) if Some(value) != before => tx
-            .execute(
-                "INSERT INTO readings (device, metric, ts, value) VALUES (?1, ?2, ?3, ?4)",
-                &[
-                    Arg::Str(device.id.as_str()),
-                    Arg::Str(metric),
-                    Arg::I64(ts),
-                    Arg::F64(value),
-                ],
-            )
-            .map(drop),
-        _ => Ok(()),
-    };
-    let s = &device.status;
-    changed(
-        "temperature",
-        s.temperature,
-        old.and_then(|o| o.temperature),
-    )?;
-    changed("humidity", s.humidity, old.and_then(|o| o.humidity))?;
-    for (name, &value) in &s.metrics {
-        let before = old.and_then(|o| o.metrics.get(name).copied());
-        changed(name, Some(value), before)?;
+    let mut newest: Vec<&Device> = Vec::new();
+    for e in events.iter().rev() {
+        if !newest.iter().any(|d| d.id == e.device.id) {
+            newest.push(e.device);
+        }
     }
-    Ok(())
+    save_devices(tx, &newest)?;
+    let mut args = Vec::new();
+    for e in events {
+        let old = e.previous.map(|d| &d.status);
+        let s = &e.device.status;
+        let numbers = [
+            (
+                "temperature",
+                s.temperature,
+                old.and_then(|o| o.temperature),
+            ),
+            ("humidity", s.humidity, old.and_then(|o| o.humidity)),
+        ]
+        .into_iter()
+        .chain(s.metrics.iter().map(|(name, &value)| {
+            let before = old.and_then(|o| o.metrics.get(name).copied());
+            (name.as_str(), Some(value), before)
+        }));
+        for (metric, now, before) in numbers {
+            if let Some(value) = now.filter(|v| Some(*v) != before) {
+                args.extend([
+                    Arg::Str(e.device.id.as_str()),
+                    Arg::Str(metric),
+                    Arg::I64(ts(e)),
+                    Arg::F64(value),
+                ]);
+            }
+        }
+    }
+    insert_rows(
+        tx,
+        "INSERT INTO readings (device, metric, ts, value)",
+        "",
+        4,
+        &args,
+    )
 }
 
 #[cfg(test)]
@@ -927,6 +1011,7 @@ mod tests {
     use super::*;
     use crate::model::Status;
     use chrono::Utc;
+    use std::collections::BTreeMap;
 
     pub(super) fn device(id: &str, t: f64) -> Device {
         Device {
@@ -1045,6 +1130,62 @@ mod tests {
         assert_eq!(jsons, [r#"{"n":1}"#, r#"{"n":2}"#]);
         assert_eq!(store.devices().unwrap()[0].status.temperature, Some(2.0));
         assert_eq!(store.readings(&a1.id, "temperature").unwrap().len(), 2);
+    }
+
+    /// A group larger than one statement's rows: every event, each
+    /// device's newest state, and every changed reading.
+    pub(crate) fn records_a_large_group(mut store: Store) {
+        let mut before: BTreeMap<&str, Device> = BTreeMap::new();
+        let mut events = Vec::new();
+        for i in 0..37u64 {
+            let name = ["a", "b", "c"][i as usize % 3];
+            // `load` (temperature / 10) changes with it; every 4th repeats.
+            let t = (i / 4 * 4) as f64;
+            let device = device(name, t);
+            let previous = before.insert(name, device.clone());
+            events.push(Recorded {
+                id: 100 + i,
+                device,
+                previous,
+                json: format!(r#"{{"n":{i}}}"#).into(),
+            });
+        }
+        store.record_all(&events).unwrap();
+        assert_eq!(store.id_range().unwrap(), Some((100, 136)));
+        assert_eq!(store.last_event_id().unwrap(), Some(136));
+        let stored = store.events_between(0, 200).unwrap();
+        assert_eq!(stored.len(), 37);
+        assert!(stored.iter().zip(&events).all(|(s, e)| s.json == *e.json));
+        let devices = store.devices().unwrap();
+        let temps: Vec<_> = devices.iter().map(|d| d.status.temperature).collect();
+        assert_eq!(temps, [Some(36.0), Some(32.0), Some(32.0)]);
+        for (name, last) in [("a", 36.0), ("b", 32.0), ("c", 32.0)] {
+            let id = DeviceId::parse(name).unwrap();
+            let readings: Vec<f64> = store
+                .readings(&id, "temperature")
+                .unwrap()
+                .into_iter()
+                .map(|(_, v)| v)
+                .collect();
+            let want: Vec<f64> = events
+                .iter()
+                .filter(|e| e.device.id == id)
+                .filter(|e| {
+                    e.previous.as_ref().and_then(|p| p.status.temperature)
+                        != e.device.status.temperature
+                })
+                .map(|e| e.device.status.temperature.unwrap())
+                .collect();
+            assert_eq!(readings, want, "{name}");
+            assert_eq!(readings.last(), Some(&last));
+            assert_eq!(store.readings(&id, "load").unwrap().len(), want.len());
+        }
+    }
+
+    #[test]
+    fn a_large_group_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        records_a_large_group(Store::open(dir.path()).unwrap());
     }
 
     #[test]
@@ -1288,7 +1429,8 @@ pub(crate) mod testing {
         use crate::server::db::TxKind;
         use crate::server::history::Reader;
         use crate::server::store::tests::{
-            device, records_only_what_was_published, records_read_back_after_reopening,
+            device, records_a_large_group, records_only_what_was_published,
+            records_read_back_after_reopening,
         };
         use crate::server::store::{PG_MIGRATIONS, StoreError};
         use chrono::Utc;
@@ -1336,6 +1478,11 @@ pub(crate) mod testing {
         #[test]
         fn only_published_events_are_recorded() {
             records_only_what_was_published(PgSchema::new().open());
+        }
+
+        #[test]
+        fn a_large_group_is_recorded() {
+            records_a_large_group(PgSchema::new().open());
         }
 
         #[test]
