@@ -819,6 +819,7 @@ async fn a_change_the_database_refuses_is_published_nowhere_and_one_it_fails_to_
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let error = body["error"].as_str().unwrap();
     assert!(error.contains("was published"), "{error}");
+    assert!(!error.contains("nothing changed"), "{error}");
     let seen = stream.expect_status().await;
     assert_eq!(seen.id(), first.id + 1, "the refused change took no id");
     assert_eq!(seen.json()["status"]["temperature"], 3.0);

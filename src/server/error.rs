@@ -110,9 +110,13 @@ impl From<ApplyError> for ApiError {
 /// nothing changed, unless it is known to have been published.
 pub fn not_stored(e: &StoreError) -> String {
     tracing::error!("{e}");
-    match e {
+    let cause = match e {
+        StoreError::Group(e) => &**e,
+        e => e,
+    };
+    match cause {
         StoreError::Unconfirmed(_) => e.to_string(),
-        e => format!("not stored, nothing changed: {e}"),
+        _ => format!("not stored, nothing changed: {e}"),
     }
 }
 
