@@ -514,15 +514,13 @@ impl Store {
         previous: Option<&Device>,
         json: &str,
     ) -> Result<(), StoreError> {
-        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let row = EventRow {
             id,
             device,
             previous,
             json,
         };
-        self.conn
-            .transaction(TxKind::Write, |tx| insert_events(tx, &[row]))
+        self.record_rows(&[row])
     }
 
     /// Cluster mode: records `events` as [`record_all`](Self::record_all)
@@ -572,10 +570,14 @@ impl Store {
     /// does one, in one transaction: all or none, at the cost of one commit
     /// (one fsync).
     pub fn record_all(&mut self, events: &[Recorded]) -> Result<(), StoreError> {
-        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         let rows: Vec<_> = events.iter().map(Recorded::row).collect();
+        self.record_rows(&rows)
+    }
+
+    fn record_rows(&mut self, rows: &[EventRow]) -> Result<(), StoreError> {
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         self.conn
-            .transaction(TxKind::Write, |tx| insert_events(tx, &rows))
+            .transaction(TxKind::Write, |tx| insert_events(tx, rows))
     }
 
     /// Cluster mode: takes the cluster's state, as of event `last_id`, in
