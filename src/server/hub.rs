@@ -625,31 +625,18 @@ impl Hub {
         let json: Box<str> = serde_json::to_string(&StatusEvent::from(&device))
             .expect("a status always serializes")
             .into();
-        self.commit(state, id, device, json, true)?;
+        self.commit(state, id, device, json);
         Ok(Applied { id, changed: true })
     }
 
     /// Makes event `id` (the next one) this hub's current state: with a
     /// group open, for the group to record and send; else (another
-    /// instance's event) durable in the store first when `record` (not when
-    /// it is there already), and sent to every subscriber.
-    fn commit(
-        &self,
-        state: &mut State,
-        id: EventId,
-        device: Device,
-        json: Box<str>,
-        record: bool,
-    ) -> Result<(), StoreError> {
-        let State {
-            store,
-            devices,
-            group,
-            ..
-        } = state;
-        if let Some(group) = group {
+    /// instance's event, already recorded where it must be) sent to every
+    /// subscriber.
+    fn commit(&self, state: &mut State, id: EventId, device: Device, json: Box<str>) {
+        if let Some(group) = &mut state.group {
             // Recorded, and sent, with the rest of the group.
-            let before = devices.get(&device.id).cloned();
+            let before = state.devices.get(&device.id).cloned();
             group.records.push(Recorded {
                 id,
                 device: device.clone(),
@@ -657,9 +644,6 @@ impl Hub {
                 json: json.clone(),
             });
             group.before.entry(device.id.clone()).or_insert(before);
-        } else if let Some(store) = store.as_mut().filter(|_| record) {
-            // Only another instance's event, on the follower's own thread.
-            store.record(id, &device, devices.get(&device.id), &json)?;
         }
         state.last_id = id;
         state.fresh = false;
@@ -669,7 +653,6 @@ impl Hub {
             Some(group) => group.published.push(published),
             None => self.send(state, published),
         }
-        Ok(())
     }
 
     /// Keeps a durable event for replay and sends it to every subscriber.
@@ -1216,19 +1199,18 @@ impl Hub {
         let (id, spoke) = (device.id.clone(), !device.stale);
         // The instance that published an event recorded it, when the store
         // is the cluster's own (PostgreSQL); this one's own, too, unless
-        // its commit failed.
-        let mut record = state.store.as_ref().is_some_and(|s| !s.shared());
-        if state.unsure.contains(&event.id)
-            && let Some(store) = state.store.as_mut()
-        {
+        // its commit failed. (On the follower's thread, or under
+        // `catch_up`'s `block_in_place`.)
+        if let Some(store) = state.store.as_mut() {
             let previous = state.devices.get(&id);
-            tokio::task::block_in_place(|| {
-                store.record_missing(event.id, &device, previous, &event.json)
-            })?;
-            state.unsure.remove(&event.id);
-            record = false;
+            if state.unsure.contains(&event.id) {
+                store.record_missing(event.id, &device, previous, &event.json)?;
+            } else if !store.shared() {
+                store.record(event.id, &device, previous, &event.json)?;
+            }
         }
-        self.commit(state, event.id, device, event.json.into(), record)?;
+        state.unsure.remove(&event.id);
+        self.commit(state, event.id, device, event.json.into());
         if spoke {
             self.heard(state, &id, learn);
         }
