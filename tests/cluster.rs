@@ -861,6 +861,18 @@ async fn a_change_the_database_refuses_is_published_nowhere_and_one_it_fails_to_
 async fn wrong_tokens_spread_over_instances_count_on_every_one() {
     let redis = Redis::start().await;
     let servers = instances(&redis, 2).await;
+    // Relays reach only the instances already listening (Redis pub/sub).
+    let client = redis::Client::open(redis.url()).unwrap();
+    eventually("both instances to listen for relays", || async {
+        let mut conn = client.get_connection().unwrap();
+        let listening: Vec<(String, usize)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("telltale:everyone")
+            .query(&mut conn)
+            .unwrap();
+        listening[0].1 == servers.len()
+    })
+    .await;
     let body = json!({ "temperature": 1.0 });
     let post = |server: &Server, token: &str| {
         server
