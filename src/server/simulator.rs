@@ -1,6 +1,9 @@
 //! The built-in device source: three devices drifting realistically, so the
 //! page is alive on first start. Each reading takes a small random step back
-//! towards its device's set point; power changes now and then.
+//! towards its device's set point. Power changes only by command: switched
+//! off, a device drifts towards room conditions (the freezer warms up, the
+//! rack cools down) and what only runs with power (fans, compressor, lamps)
+//! stops at once; switched on again, it returns to its set points.
 //!
 //! It is also the in-process agent of its devices, registered in the same
 //! command registry as a WebSocket agent: a `power_on` command is applied at
@@ -19,41 +22,77 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// How one reading moves: `(set point, random step)` with power on, and
+/// with power off (`None`: it needs power, so it is 0 while off).
+#[derive(Clone, Copy, Debug)]
+struct Drift {
+    on: (f64, f64),
+    off: Option<(f64, f64)>,
+}
+
+const fn drift_to(on: (f64, f64), off: (f64, f64)) -> Drift {
+    Drift { on, off: Some(off) }
+}
+
+const fn powered(on: (f64, f64)) -> Drift {
+    Drift { on, off: None }
+}
+
 struct Simulated {
     id: &'static str,
     name: &'static str,
-    temperature: (f64, f64),
-    humidity: (f64, f64),
-    metrics: &'static [(&'static str, f64, f64)],
+    temperature: Drift,
+    humidity: Drift,
+    metrics: &'static [(&'static str, Drift)],
 }
 
-/// (set point, step size) per reading; metrics are (name, set point, step).
 const DEVICES: [Simulated; 3] = [
     Simulated {
         id: "greenhouse",
         name: "Greenhouse",
-        temperature: (24.0, 0.3),
-        humidity: (65.0, 1.0),
-        metrics: &[("soil_moisture", 40.0, 1.5), ("lux", 12000.0, 400.0)],
+        // Off: no heating, misting or grow lights; daylight stays.
+        temperature: drift_to((24.0, 0.3), (14.0, 0.3)),
+        humidity: drift_to((65.0, 1.0), (80.0, 1.0)),
+        metrics: &[
+            ("soil_moisture", drift_to((40.0, 1.5), (25.0, 0.5))),
+            ("lux", drift_to((12000.0, 400.0), (3000.0, 200.0))),
+        ],
     },
     Simulated {
         id: "server-rack",
         name: "Server rack",
-        temperature: (31.0, 0.5),
-        humidity: (35.0, 0.5),
-        metrics: &[("fan_rpm", 2400.0, 60.0), ("load", 0.6, 0.05)],
+        temperature: drift_to((31.0, 0.5), (22.0, 0.2)),
+        humidity: drift_to((35.0, 0.5), (40.0, 0.5)),
+        metrics: &[
+            ("fan_rpm", powered((2400.0, 60.0))),
+            ("load", powered((0.6, 0.05))),
+        ],
     },
     Simulated {
         id: "freezer",
         name: "Lab freezer",
-        temperature: (-20.0, 0.2),
-        humidity: (20.0, 0.5),
-        metrics: &[("compressor_duty", 0.45, 0.03)],
+        temperature: drift_to((-20.0, 0.2), (21.0, 0.2)),
+        humidity: drift_to((20.0, 0.5), (45.0, 0.5)),
+        metrics: &[("compressor_duty", powered((0.45, 0.03)))],
     },
 ];
 
-fn drift(rng: &mut impl Rng, value: f64, (set_point, step): (f64, f64)) -> f64 {
-    let pull = (set_point - value) * 0.1;
+/// The next value of a reading: a tenth of the way back to its set point
+/// for the power state, plus a random step; to two decimals. A reading
+/// with an off set point has inertia: it moves no more than a step a tick
+/// towards it (a freezer switched off warms up over minutes). What needs
+/// power is 0 while off and starts at its set point when on again.
+fn drift(rng: &mut impl Rng, value: f64, how: Drift, power_on: bool) -> f64 {
+    let (set_point, step) = match (power_on, how.off) {
+        (true, _) => how.on,
+        (false, Some(off)) => off,
+        (false, None) => return 0.0,
+    };
+    let pull = match how.off {
+        Some(_) => ((set_point - value) * 0.1).clamp(-step, step),
+        None if value == 0.0 => set_point,
+        None => (set_point - value) * 0.1,
+    };
     let next = value + pull + rng.random_range(-step..=step);
     (next * 100.0).round() / 100.0
 }
@@ -94,10 +133,10 @@ pub async fn run(
         .iter()
         .map(|d| {
             (
-                d.temperature.0,
-                d.humidity.0,
+                d.temperature.on.0,
+                d.humidity.on.0,
                 true,
-                d.metrics.iter().map(|m| m.1).collect(),
+                d.metrics.iter().map(|m| m.1.on.0).collect(),
             )
         })
         .collect();
@@ -137,17 +176,14 @@ pub async fn run(
                 // simulator) took this device over: its readings are theirs.
                 continue;
             }
-            *t = drift(&mut rng, *t, device.temperature);
-            *h = drift(&mut rng, *h, device.humidity).clamp(0.0, 100.0);
-            if rng.random_bool(0.02) {
-                *on = !*on;
-            }
+            *t = drift(&mut rng, *t, device.temperature, *on);
+            *h = drift(&mut rng, *h, device.humidity, *on).clamp(0.0, 100.0);
             let metrics: BTreeMap<String, f64> = device
                 .metrics
                 .iter()
                 .zip(metrics.iter_mut())
-                .map(|(&(name, set_point, step), v)| {
-                    *v = drift(&mut rng, *v, (set_point, step)).max(0.0);
+                .map(|(&(name, how), v)| {
+                    *v = drift(&mut rng, *v, how, *on).max(0.0);
                     (name.to_owned(), *v)
                 })
                 .collect();
@@ -164,5 +200,48 @@ pub async fn run(
                 tracing::error!("simulator {id}: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(drift_of: Drift, from: f64, power_on: bool, ticks: usize) -> f64 {
+        let mut rng = SmallRng::seed_from_u64(7);
+        (0..ticks).fold(from, |v, _| drift(&mut rng, v, drift_of, power_on))
+    }
+
+    #[test]
+    fn a_reading_stays_near_its_set_point_while_on() {
+        let freezer = DEVICES[2].temperature;
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut v = freezer.on.0;
+        for _ in 0..1000 {
+            v = drift(&mut rng, v, freezer, true);
+            assert!((v - -20.0).abs() < 2.0, "{v} strayed from -20");
+        }
+    }
+
+    #[test]
+    fn switched_off_it_drifts_to_its_off_set_point_and_back_when_on() {
+        let freezer = DEVICES[2].temperature;
+        let warming = run(freezer, -20.0, false, 20);
+        assert!(
+            (-18.0..=-14.0).contains(&warming),
+            "off for 20 ticks it warms by a step a tick or so: {warming}"
+        );
+        let warm = run(freezer, -20.0, false, 500);
+        assert!((warm - 21.0).abs() < 1.5, "off for 500 ticks: {warm}");
+        let cold = run(freezer, warm, true, 500);
+        assert!((cold - -20.0).abs() < 1.5, "on again for 500 ticks: {cold}");
+    }
+
+    #[test]
+    fn what_needs_power_stops_at_once_when_off() {
+        let fan = DEVICES[1].metrics[0].1;
+        assert_eq!(run(fan, 2400.0, false, 1), 0.0);
+        let started = run(fan, 0.0, true, 1);
+        assert!((started - 2400.0).abs() <= 60.0, "on again: {started}");
     }
 }
