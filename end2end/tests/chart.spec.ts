@@ -194,7 +194,9 @@ memoryTest("a dashboard whose stream starts afresh reads its sparklines again", 
   const before = await pointsOf(spark);
   await server.post("rack-1", { temperature: 21 });
   await server.post("rack-1", { temperature: 22 });
-  await expect.poll(() => pointsOf(spark), { timeout: 1_000 }).toBe(before + 2);
+  // A point a minute: the second update is the new point's value.
+  await expect(spark).toHaveAttribute("data-last", "22", { timeout: 1_000 });
+  expect(await pointsOf(spark)).toBe(before + 1);
   await restartForgetting(page, server, () => server.post("rack-1", { temperature: 30 }).then(() => {}));
   // The new server's history: its one reading, in one or two minute
   // buckets (it holds on into the next) — not the old points and a new one.
@@ -211,9 +213,17 @@ test("a new POST extends the dashboard card's sparkline", async ({ page, server 
   expect(before).toBeGreaterThanOrEqual(1);
   await server.post("rack-1", { temperature: 21 });
   await expect.poll(() => pointsOf(spark), { timeout: 1_000 }).toBe(before + 1);
+  await expect(spark).toHaveAttribute("data-last", "21");
+  // Within a minute of it, a change moves the new point: the line stays
+  // a point a minute, like the history it started from, and ends at the
+  // current value.
+  await server.post("rack-1", { temperature: 23.5 });
+  await expect(spark).toHaveAttribute("data-last", "23.5", { timeout: 1_000 });
+  expect(await pointsOf(spark)).toBe(before + 1);
   await server.post("rack-1", { humidity: 50 });
   await page.waitForTimeout(300);
   expect(await pointsOf(spark), "humidity is not the sparkline's metric").toBe(before + 1);
+  await expect(spark).toHaveAttribute("data-last", "23.5");
   // A device that appears while the page is open gets a sparkline too.
   await server.post("rack-2", { humidity: 30 });
   await expect(card(page, "rack-2").getByTestId("sparkline")).toHaveAttribute("data-points", "1", {

@@ -237,6 +237,20 @@ pub fn append(points: &mut Vec<Point>, t: i64, v: f64, window_ms: i64) {
     trim(points, newest - window_ms);
 }
 
+/// [`append`] for a line drawn a point per `step_ms` (as the server
+/// renders it): a reading within `step_ms` of the newest point replaces
+/// that point's value instead of adding a point, so live updates keep the
+/// line as coarse as its history, and it still ends at the current value.
+pub fn append_coarse(points: &mut Vec<Point>, t: i64, v: f64, window_ms: i64, step_ms: i64) {
+    if let Some(last) = points.last_mut()
+        && (last.t..last.t + step_ms).contains(&t)
+    {
+        last.v = v;
+        return;
+    }
+    append(points, t, v, window_ms);
+}
+
 /// A point as a page carries it: its value to 3 decimals and no min/max,
 /// which keeps the data serialized into the page small.
 pub fn compact(p: Point) -> Point {
@@ -328,7 +342,8 @@ const SPARK_W: f64 = 120.0;
 const SPARK_H: f64 = 32.0;
 
 /// A small step line of the last `window_ms` of one metric (or less: see
-/// [`spark_span`]), no axes. `data-points` tells how many points are drawn.
+/// [`spark_span`]), no axes. `data-points` tells how many points are drawn,
+/// `data-last` the value the line ends at.
 #[component]
 pub fn Sparkline(
     points: Signal<Vec<Point>>,
@@ -345,7 +360,8 @@ pub fn Sparkline(
             let (lo, hi) = spark_domain(shown);
             let x = Scale::new((from as f64, end as f64), (1.0, SPARK_W - 1.0));
             let y = Scale::new((lo, hi), (SPARK_H - 2.0, 2.0));
-            (step_path(shown, from, end, x, y), shown.len())
+            let last = shown.last().map(|p| p.v);
+            (step_path(shown, from, end, x, y), shown.len(), last)
         })
     });
     view! {
@@ -353,6 +369,7 @@ pub fn Sparkline(
             class="sparkline"
             data-testid="sparkline"
             data-points=move || geometry.with(|g| g.1)
+            data-last=move || geometry.with(|g| g.2)
             viewBox=format!("0 0 {SPARK_W} {SPARK_H}")
             preserveAspectRatio="none"
             role="img"

@@ -54,8 +54,9 @@ pub fn value_of(status: &Status, metric: &str) -> Option<f64> {
 
 impl Spark {
     /// Follows a device's new state: a changed value of the shown metric is
-    /// a new point (at the device's `updated_at`, as the store records it);
-    /// points older than the window go. When the device now calls for
+    /// a new point (at the device's `updated_at`, as the store records it),
+    /// or the newest point's new value while that is younger than a
+    /// bucket; points older than the window go. When the device now calls for
     /// another metric (it got a temperature, say) the line starts afresh.
     pub fn follow(&mut self, before: Option<&Device>, device: &Device) {
         let metric = spark_metric(&device.status);
@@ -73,11 +74,12 @@ impl Spark {
         if let Some(v) = now
             && now != was
         {
-            chart::append(
+            chart::append_coarse(
                 &mut self.points,
                 device.updated_at.timestamp_millis(),
                 v,
                 SPARK_WINDOW_MS,
+                SPARK_STEP_MS,
             );
         }
     }
@@ -742,7 +744,9 @@ fn DeviceCard(
                                     <Value alert>
                                         {move || {
                                             device
-                                                .with(|d| d.status.metrics.get(&name).map(|v| number(*v)))
+                                                .with(|d| {
+                                                    d.status.metrics.get(&name).map(|v| format_value(&name, *v))
+                                                })
                                         }}
                                     </Value>
                                 </span>
@@ -903,26 +907,33 @@ mod tests {
         assert_eq!(spark.metric.as_deref(), Some("temperature"));
         assert_eq!(spark.points.len(), 1, "a new card starts with its value");
 
-        let second = device(2_000, t(21.0));
+        // Within the same minute: the newest point takes the new value.
+        let second = device(30_000, t(20.5));
         spark.follow(Some(&first), &second);
-        assert_eq!(spark.points.len(), 2);
+        assert_eq!(
+            spark.points.iter().map(|p| (p.t, p.v)).collect::<Vec<_>>(),
+            [(1_000, 20.5)]
+        );
+        let third = device(61_000, t(21.0));
+        spark.follow(Some(&second), &third);
+        assert_eq!(spark.points.len(), 2, "a minute on: a new point");
         // Only humidity changed: nothing to add.
-        let third = device(
-            3_000,
+        let fourth = device(
+            200_000,
             Status {
                 humidity: Some(45.0),
                 ..t(21.0)
             },
         );
-        spark.follow(Some(&second), &third);
+        spark.follow(Some(&third), &fourth);
         assert_eq!(spark.points.len(), 2);
         // Over an hour later: the old points go, but the one in force at
         // the window's start.
-        let later = device(2_000 + SPARK_WINDOW_MS + 5_000, t(22.0));
-        spark.follow(Some(&third), &later);
+        let later = device(61_000 + SPARK_WINDOW_MS + 5_000, t(22.0));
+        spark.follow(Some(&fourth), &later);
         assert_eq!(
             spark.points.iter().map(|p| (p.t, p.v)).collect::<Vec<_>>(),
-            [(2_000, 21.0), (later.updated_at.timestamp_millis(), 22.0)]
+            [(61_000, 21.0), (later.updated_at.timestamp_millis(), 22.0)]
         );
 
         // A device that had humidity only, and now reports a temperature.
