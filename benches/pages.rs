@@ -10,7 +10,8 @@
 //!   flight each;
 //! - `--devices D` devices on the page (default 12), each with an hour of
 //!   history (a reading every 2 s), so every card's sparkline is read from
-//!   the store as deployed;
+//!   the store as deployed (the server keeps them, and reads each again
+//!   once a minute);
 //! - `--duration S` seconds to load pages for (default 10);
 //! - `--rate R` events per second the publisher posts meanwhile (default 20).
 //!

@@ -255,6 +255,89 @@ pub(super) struct Initial {
     operator: bool,
 }
 
+/// The sparklines the server rendered, kept for the next renders: each is
+/// read from the store at most once a minute and, in between, follows its
+/// device's state as a browser's does ([`Spark::follow`]). Without it every
+/// page load would read every card's hour of readings: with 100 devices
+/// reporting every 2 s, 180,000 rows a page.
+#[cfg(feature = "ssr")]
+#[derive(Default)]
+pub struct SparkCache(std::sync::Mutex<std::collections::HashMap<DeviceId, Cached>>);
+
+#[cfg(feature = "ssr")]
+struct Cached {
+    /// The state the sparkline has followed up to.
+    device: Device,
+    spark: Spark,
+    read_at_ms: i64,
+}
+
+#[cfg(feature = "ssr")]
+impl SparkCache {
+    /// How long a sparkline read from the store is followed before it is
+    /// read again (so its minutes become the store's time-weighted means).
+    const REREAD_MS: i64 = SPARK_STEP_MS;
+
+    /// The sparkline of `device` (as the hub has it now) at `now`.
+    pub fn spark(
+        &self,
+        hub: &crate::server::hub::Hub,
+        device: &Device,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Spark {
+        let now_ms = now.timestamp_millis();
+        {
+            let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = cache.get_mut(&device.id)
+                && now_ms - c.read_at_ms < Self::REREAD_MS
+            {
+                // A render that took its snapshot before another's leaves
+                // the newer state in place.
+                if device.updated_at > c.device.updated_at {
+                    c.spark.follow(Some(&c.device), device);
+                    c.device = device.clone();
+                }
+                chart::trim(&mut c.spark.points, now_ms - SPARK_WINDOW_MS);
+                return c.spark.clone();
+            }
+        }
+        let spark = read_spark(hub, device, now);
+        let cached = Cached {
+            device: device.clone(),
+            spark: spark.clone(),
+            read_at_ms: now_ms,
+        };
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(device.id.clone(), cached);
+        spark
+    }
+}
+
+/// A device's sparkline read from the store: the last hour of its
+/// sparkline's metric, a point a minute.
+#[cfg(feature = "ssr")]
+fn read_spark(
+    hub: &crate::server::hub::Hub,
+    d: &Device,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Spark {
+    let metric = spark_metric(&d.status);
+    let points = match &metric {
+        Some(m) => {
+            let from = now - chrono::TimeDelta::milliseconds(SPARK_WINDOW_MS);
+            match hub.history(&d.id, m, from, now, Some(SPARK_STEP_MS)) {
+                Ok(history) => history.points.into_iter().map(chart::compact).collect(),
+                Err(e) => {
+                    tracing::warn!("no sparkline for {}: {e}", d.id);
+                    Vec::new()
+                }
+            }
+        }
+        None => Vec::new(),
+    };
+    Spark { metric, points }
+}
+
 /// The page's data, read on a blocking thread before the render (see
 /// [`super::read_ahead`]); read here only when the request did not pass there.
 #[cfg(feature = "ssr")]
@@ -272,36 +355,20 @@ fn initial() -> Initial {
         (Some(parts), Some(auth)) => auth.session(&parts.headers, &hub).is_some(),
         _ => false,
     };
-    read(&hub, operator)
+    read(&hub, &SparkCache::default(), operator)
 }
 
 /// What the dashboard renders from: the devices, and each one's sparkline
-/// from the history (blocking reads).
+/// (blocking reads).
 #[cfg(feature = "ssr")]
-pub(super) fn read(hub: &crate::server::hub::Hub, operator: bool) -> Initial {
+pub(super) fn read(hub: &crate::server::hub::Hub, cache: &SparkCache, operator: bool) -> Initial {
     use crate::server::hub::Filter;
     let now = chrono::Utc::now();
     let snapshot = hub.snapshot(&Filter::default());
     let sparks = snapshot
         .devices
         .iter()
-        .map(|d| {
-            let metric = spark_metric(&d.status);
-            let points = match &metric {
-                Some(m) => {
-                    let from = now - chrono::TimeDelta::milliseconds(SPARK_WINDOW_MS);
-                    match hub.history(&d.id, m, from, now, Some(SPARK_STEP_MS)) {
-                        Ok(history) => history.points.into_iter().map(chart::compact).collect(),
-                        Err(e) => {
-                            tracing::warn!("no sparkline for {}: {e}", d.id);
-                            Vec::new()
-                        }
-                    }
-                }
-                None => Vec::new(),
-            };
-            (d.id.clone(), Spark { metric, points })
-        })
+        .map(|d| (d.id.clone(), cache.spark(hub, d, now)))
         .collect();
     Initial {
         snapshot,
@@ -1008,6 +1075,41 @@ mod tests {
             assert_eq!(spark.metric.as_deref(), Some("humidity"));
             assert_eq!(spark.points.len(), 1);
         });
+    }
+
+    #[cfg(feature = "ssr")]
+    #[test]
+    fn the_server_keeps_sparklines_between_renders_and_reads_them_again_a_minute_on() {
+        // No store: what the hub reads for a sparkline is always empty, so
+        // any point comes from following the device.
+        let hub = crate::server::hub::Hub::new(8, 8);
+        let cache = SparkCache::default();
+        let at = |ms| DateTime::from_timestamp_millis(ms).unwrap();
+        let t = |v| Status {
+            temperature: Some(v),
+            ..Status::default()
+        };
+        let points = |s: &Spark| s.points.iter().map(|p| (p.t, p.v)).collect::<Vec<_>>();
+        let first = device(1_000, t(20.0));
+        let read = cache.spark(&hub, &first, at(2_000));
+        assert_eq!(read.metric.as_deref(), Some("temperature"));
+        assert_eq!(points(&read), []);
+        let second = device(30_000, t(21.0));
+        assert_eq!(
+            points(&cache.spark(&hub, &second, at(31_000))),
+            [(30_000, 21.0)],
+            "followed, not read"
+        );
+        assert_eq!(
+            points(&cache.spark(&hub, &first, at(31_500))),
+            [(30_000, 21.0)],
+            "a render with an older snapshot leaves the newer state"
+        );
+        assert_eq!(
+            points(&cache.spark(&hub, &second, at(2_000 + SPARK_STEP_MS))),
+            [],
+            "read again"
+        );
     }
 
     /// The server's render of a card (what the first HTML shows).

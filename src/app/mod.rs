@@ -14,6 +14,8 @@ mod live;
 
 use crate::model::DeviceId;
 use dashboard::Dashboard;
+#[cfg(feature = "ssr")]
+pub use dashboard::SparkCache;
 use device::DevicePage;
 use leptos::prelude::*;
 use leptos_meta::{MetaTags, Stylesheet, Title, provide_meta_context};
@@ -80,7 +82,8 @@ pub async fn read_ahead(
     let path = request.uri().path();
     let read = if path == "/" {
         let operator = state.auth.session(request.headers(), &hub).is_some();
-        spawn_blocking(move || one(dashboard::read(&hub, operator)))
+        let sparks = state.sparks.clone();
+        spawn_blocking(move || one(dashboard::read(&hub, &sparks, operator)))
     } else if let Some(id) = path.strip_prefix("/devices/") {
         let id = DeviceId::parse(id).ok();
         let query = Query::<Vec<(String, String)>>::try_from_uri(request.uri());

@@ -42,6 +42,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub auth: Arc<Auth>,
     pub commands: Arc<Commands>,
+    /// The dashboard's sparklines, kept between renders.
+    pub sparks: Arc<crate::app::SparkCache>,
     pub heartbeat: Duration,
     pub ws: ws::WsConfig,
     /// Cancelled once on shutdown; every endless stream ends on it.
@@ -294,6 +296,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         hub,
         auth,
         commands,
+        sparks: Arc::default(),
         heartbeat: config.heartbeat,
         ws: ws::WsConfig {
             ping: config.ws_ping,
