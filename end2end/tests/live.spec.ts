@@ -97,3 +97,36 @@ test("two open pages both update on one POST", async ({ page, context, browser, 
     await otherContext.close();
   }
 });
+
+test.describe("on a phone-width screen", () => {
+  test.use({ viewport: { width: 390, height: 800 } });
+
+  test("long names never hide a value nor widen the page", async ({ page, server }) => {
+    const metric = "a_very_long_metric_name_for_the_inlet_pressure_kpa";
+    await server.post("cold-room", {
+      name: "Cold-storage-room-B-west-wing-compressor-unit-number-0000000042",
+      temperature: 4,
+      metrics: { [metric]: 101.325 },
+    });
+    const fits = async () => {
+      const [scroll, client] = await page.evaluate(() => [
+        document.documentElement.scrollWidth,
+        document.documentElement.clientWidth,
+      ]);
+      expect(scroll, "the page scrolls sideways").toBeLessThanOrEqual(client);
+    };
+    await page.goto("/");
+    await waitLive(page);
+    const row = card(page, "cold-room").locator(`li[data-metric="${metric}"]`);
+    const value = row.locator(".metric-value");
+    await expect(value).toHaveText("101.33 kPa");
+    await expect(row.locator(".metric-name")).toHaveAttribute("title", metric);
+    const [rowBox, valueBox] = [await row.boundingBox(), await value.boundingBox()];
+    expect(valueBox!.x + valueBox!.width).toBeLessThanOrEqual(rowBox!.x + rowBox!.width + 0.5);
+    await fits();
+    await page.goto("/devices/cold-room");
+    await waitLive(page);
+    await expect(page.locator(`[data-testid="reading"][data-metric="${metric}"]`)).toContainText("101.33 kPa");
+    await fits();
+  });
+});

@@ -291,6 +291,10 @@ pub fn unit_of(metric: &str) -> &'static str {
         m if m.ends_with("_w") || m.ends_with("_watts") => "W",
         m if m.ends_with("_v") || m.ends_with("_volts") => "V",
         m if m.ends_with("_s") || m.ends_with("_seconds") => "s",
+        m if m.ends_with("_kpa") => "kPa",
+        m if m.ends_with("_hpa") => "hPa",
+        m if m.ends_with("_hz") => "Hz",
+        m if m.ends_with("_kwh") => "kWh",
         _ => "",
     }
 }
@@ -804,6 +808,8 @@ mod tests {
         assert_eq!(unit_of("co2_ppm"), "ppm");
         assert_eq!(unit_of("fan_rpm"), "rpm");
         assert_eq!(unit_of("uptime_s"), "s");
+        assert_eq!(unit_of("inlet_pressure_kpa"), "kPa");
+        assert_eq!(unit_of("energy_kwh"), "kWh");
         assert_eq!(unit_of("load_1m"), "");
         assert_eq!(title_of("humidity"), "Humidity");
         assert_eq!(title_of("load_1m"), "load_1m");

@@ -716,7 +716,12 @@ fn DeviceCard(
                 </h2>
                 <span class="badges">
                     <LinkBadges device=device />
-                    <span class="power" class:on=power_on data-testid="power">
+                    <span
+                        class="power"
+                        class:on=power_on
+                        class:unknown=move || device.with(|d| d.status.power_on.is_none())
+                        data-testid="power"
+                    >
                         {move || match device.with(|d| d.status.power_on) {
                             Some(true) => "on",
                             Some(false) => "off",
@@ -797,6 +802,7 @@ fn DeviceCard(
                     key=|name| name.clone()
                     children=move |name| {
                         let label = name.clone();
+                        let title = name.clone();
                         let attr = name.clone();
                         let metric = name.clone();
                         let alert = Signal::derive(move || device.with(|d| alert_text(d, &metric)));
@@ -806,7 +812,7 @@ fn DeviceCard(
                                 data-metric=attr
                                 class:alerting=move || alert.with(Option::is_some)
                             >
-                                <span class="metric-name">{label}</span>
+                                <span class="metric-name" title=title>{label}</span>
                                 <span class="metric-value">
                                     <Value alert>
                                         {move || {
