@@ -390,6 +390,20 @@ pub fn Dashboard() -> impl IntoView {
     let rendered_at = initial.snapshot.event_id;
     let board = Board::new(initial);
     live::connect(board.feed, None, rendered_at, board);
+    // `?q=` filters the cards: from the address on the server (a plain GET
+    // form, so it works without JavaScript), live as one types after.
+    let query = leptos_router::hooks::use_query_map();
+    let filter = RwSignal::new(query.with_untracked(|q| q.get("q").unwrap_or_default()));
+    let shown = Memo::new(move |_| {
+        let filter = filter.get();
+        board.cards.with(|cards| {
+            let shown = cards
+                .iter()
+                .filter(|c| c.device.with(|d| matches(&filter, d)))
+                .count();
+            (shown, cards.len())
+        })
+    });
 
     // The devices with a reading out of its limits, in card order.
     let alerting = Memo::new(move |_| {
@@ -435,6 +449,29 @@ pub fn Dashboard() -> impl IntoView {
                 </ul>
             </nav>
         </Show>
+        <Show when=move || shown.with(|(_, all)| *all > 1)>
+            <form class="filter" role="search" method="get" action="/" on:submit=|ev| ev.prevent_default()>
+                <input
+                    type="search"
+                    name="q"
+                    placeholder="Filter devices by name or id"
+                    aria-label="Filter devices"
+                    autocomplete="off"
+                    data-testid="filter"
+                    prop:value=filter
+                    on:input=move |ev| {
+                        let q = event_target_value(&ev);
+                        keep_in_address(&q);
+                        filter.set(q);
+                    }
+                />
+                <Show when=move || filter.with(|f| !f.trim().is_empty())>
+                    <span class="filter-count" data-testid="filter-count">
+                        {move || shown.with(|(shown, all)| format!("{shown} of {all}"))}
+                    </span>
+                </Show>
+            </form>
+        </Show>
         <main
             class="grid"
             class:stale=move || board.feed.connection.get() != Connection::Live
@@ -445,10 +482,16 @@ pub fn Dashboard() -> impl IntoView {
                     spark=card.spark
                     now_ms=board.feed.now_ms
                     operator=board.operator
+                    hidden=Signal::derive(move || !card.device.with(|d| matches(&filter.get(), d)))
                 />
             </For>
             <Show when=move || board.cards.with(Vec::is_empty)>
                 <p class="empty">"No devices yet. They appear here as soon as they report."</p>
+            </Show>
+            <Show when=move || shown.with(|(shown, all)| *shown == 0 && *all > 0)>
+                <p class="empty" data-testid="no-match">
+                    {move || format!("No device matches \u{201c}{}\u{201d}.", filter.get().trim())}
+                </p>
             </Show>
         </main>
     }
@@ -645,12 +688,42 @@ fn SessionControl(operator: RwSignal<bool>) -> impl IntoView {
     }
 }
 
+/// Whether a device matches a card filter: its name or id contains the
+/// filter's words, ignoring case (an empty filter matches every device).
+pub fn matches(filter: &str, device: &Device) -> bool {
+    let name = device.name.to_lowercase();
+    filter
+        .split_whitespace()
+        .map(str::to_lowercase)
+        .all(|word| name.contains(&word) || device.id.as_str().contains(&word))
+}
+
+/// Puts a card filter into the page's address (`/?q=…`, or `/` when empty)
+/// without a reload, so a reload or a shared link keeps it.
+fn keep_in_address(_filter: &str) {
+    #[cfg(feature = "hydrate")]
+    {
+        let filter = _filter.trim();
+        let url = if filter.is_empty() {
+            "/".to_owned()
+        } else {
+            format!("/?q={}", js_sys::encode_uri_component(filter))
+        };
+        if let Some(history) = web_sys::window().and_then(|w| w.history().ok()) {
+            let _ = history.replace_state_with_url(&wasm_bindgen::JsValue::NULL, "", Some(&url));
+        }
+    }
+}
+
 #[component]
 fn DeviceCard(
     device: RwSignal<Device>,
     spark: RwSignal<Spark>,
     now_ms: RwSignal<i64>,
     operator: RwSignal<bool>,
+    /// Left out by the card filter.
+    #[prop(into)]
+    hidden: Signal<bool>,
 ) -> impl IntoView {
     let id = device.with_untracked(|d| d.id.to_string());
     let metric_names =
@@ -702,6 +775,7 @@ fn DeviceCard(
     view! {
         <article
             class="card"
+            hidden=move || hidden.get()
             class:offline=offline
             class:silent=stale
             class:alerting=alerting
@@ -954,6 +1028,20 @@ mod tests {
     }
 
     #[test]
+    fn a_filter_matches_every_word_in_the_name_or_id_ignoring_case() {
+        let mut d = device(0, Status::default());
+        d.name = "Cold Room B".into();
+        assert!(matches("", &d));
+        assert!(matches("  ", &d));
+        assert!(matches("cold", &d));
+        assert!(matches("ROOM cold", &d));
+        assert!(matches("rack-1", &d), "the id");
+        assert!(matches("room rack", &d), "one word each");
+        assert!(!matches("freezer", &d));
+        assert!(!matches("cold freezer", &d));
+    }
+
+    #[test]
     fn the_sparkline_shows_temperature_else_humidity_else_the_first_metric() {
         let mut status = Status {
             metrics: BTreeMap::from([("b".into(), 1.0), ("a".into(), 2.0)]),
@@ -1131,6 +1219,7 @@ mod tests {
                     spark=RwSignal::new(spark)
                     now_ms=RwSignal::new(0)
                     operator=RwSignal::new(false)
+                    hidden=false
                 />
             }
             .to_html()
