@@ -452,3 +452,18 @@ async fn unknown_addresses_and_wrong_methods_get_an_answer_that_says_so() {
         assert!(html.contains(r#"href="/""#), "{path}: {html}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_other_site_may_frame_a_page_nor_sniff_a_response() {
+    let server = Server::start().await;
+    for path in ["/", "/devices/lamp", "/api/devices", "/healthz", "/nothing"] {
+        let response = reqwest::get(server.url(path)).await.unwrap();
+        let headers = response.headers();
+        assert_eq!(
+            headers["content-security-policy"], "frame-ancestors 'none'",
+            "{path}"
+        );
+        assert_eq!(headers["x-frame-options"], "DENY", "{path}");
+        assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
+    }
+}

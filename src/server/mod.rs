@@ -22,6 +22,7 @@ use crate::app::{App, read_ahead, shell};
 use auth::{Auth, Token};
 use axum::Router;
 use axum::extract::FromRef;
+use axum::http::{HeaderValue, header};
 use axum::routing::{get, post, put};
 use commands::Commands;
 use config::Config;
@@ -34,6 +35,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::compression::CompressionLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 #[derive(Clone, FromRef)]
@@ -112,6 +114,20 @@ pub fn app(state: AppState) -> Router {
         // The default predicate leaves `text/event-stream` uncompressed, so
         // events are never held back in a compressor's buffer.
         .layer(CompressionLayer::new())
+        // No other site may frame the page (its power switches could be
+        // clicked through a disguise), nor a response be read as another type.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("frame-ancestors 'none'"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
