@@ -19,6 +19,7 @@ test("a reading out of range highlights its card and lists it under attention un
   const attention = page.getByTestId("attention");
   await expect(attention).toHaveCount(0);
   await expect(rack).not.toHaveClass(/\balerting\b/);
+  await expect(page).toHaveTitle("Telltale");
 
   await server.post("rack-1", { temperature: 31.5 });
   await expect(rack).toHaveClass(/\balerting\b/, { timeout: 1_000 });
@@ -32,6 +33,8 @@ test("a reading out of range highlights its card and lists it under attention un
   const link = attention.getByRole("link", { name: "Rack" });
   await expect(link).toHaveAttribute("href", "/devices/rack-1");
   await expect(attention.getByRole("link")).toHaveCount(1);
+  // A tab in the background says so in its title.
+  await expect(page).toHaveTitle("(1) Telltale");
   await expect(card(page, "rack-2")).not.toHaveClass(/\balerting\b/);
 
   // A second reading out of range, below a minimum this time.
@@ -48,6 +51,7 @@ test("a reading out of range highlights its card and lists it under attention un
   await expect(rack.getByTestId("alert")).toHaveCount(0);
   await expect(rack.getByTestId("temperature")).toHaveText("25.0 °C");
   await expect(attention).toHaveCount(0);
+  await expect(page).toHaveTitle("Telltale");
 });
 
 test.describe("without JavaScript", () => {
@@ -59,6 +63,7 @@ test.describe("without JavaScript", () => {
     await server.post("rack-1", { temperature: 35 });
 
     await page.goto("/");
+    await expect(page).toHaveTitle("(1) Telltale");
     const rack = card(page, "rack-1");
     await expect(rack).toHaveClass(/\balerting\b/);
     await expect(rack.getByTestId("alert")).toHaveAttribute("title", "above the maximum of 30 °C");

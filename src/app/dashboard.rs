@@ -14,6 +14,7 @@ use super::live::{self, Connection, Feed, Follower};
 use super::{api, device_href};
 use crate::model::{Alert, Device, DeviceId, Point, Snapshot, Status, StatusEvent};
 use leptos::prelude::*;
+use leptos_meta::Title;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -423,6 +424,11 @@ pub fn Dashboard() -> impl IntoView {
     });
 
     view! {
+        // A tab in the background tells how many devices need attention.
+        <Title text=move || match alerting.with(Vec::len) {
+            0 => "Telltale".to_owned(),
+            n => format!("({n}) Telltale"),
+        } />
         <header class="top">
             <h1>"Telltale"</h1>
             <SessionControl operator=board.operator />

@@ -59,10 +59,7 @@ pub fn App() -> impl IntoView {
 
 #[component]
 fn DashboardPage() -> impl IntoView {
-    view! {
-        <Title text="Telltale" />
-        <Dashboard />
-    }
+    view! { <Dashboard /> }
 }
 
 /// Reads what the page asked for renders from on a blocking thread, before
