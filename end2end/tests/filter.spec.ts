@@ -53,6 +53,17 @@ test("a reload keeps the filter", async ({ page, server }) => {
   await expect.poll(() => visible(page)).toEqual(["freezer"]);
 });
 
+test("a filter that hides the only device can still be cleared", async ({ page, server }) => {
+  await server.post("rack-1", { name: "Rack", temperature: 20 });
+  await page.goto("/?q=freezer");
+  await waitLive(page);
+  await expect(page.getByTestId("no-match")).toBeVisible();
+  await page.getByTestId("filter").fill("");
+  await expect.poll(() => visible(page)).toEqual(["rack-1"]);
+  // With one device and no filter, there is nothing to filter.
+  await expect(page.getByTestId("filter")).toHaveCount(0);
+});
+
 test.describe("without JavaScript", () => {
   test.use({ javaScriptEnabled: false });
 

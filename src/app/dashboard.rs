@@ -455,7 +455,11 @@ pub fn Dashboard() -> impl IntoView {
                 </ul>
             </nav>
         </Show>
-        <Show when=move || shown.with(|(_, all)| *all > 1)>
+        // Shown with several devices, or while a filter is set (from the
+        // address, say), so it can always be cleared.
+        <Show when=move || {
+            shown.with(|(_, all)| *all > 1) || filter.with(|f| !f.trim().is_empty())
+        }>
             <form class="filter" role="search" method="get" action="/" on:submit=|ev| ev.prevent_default()>
                 <input
                     type="search"
