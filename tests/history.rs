@@ -238,6 +238,28 @@ async fn bad_requests_are_refused_naming_the_field() {
 }
 
 #[tokio::test]
+async fn from_may_be_a_duration_before_to() {
+    let server = Server::start().await;
+    let [_, _, last] = three_temperatures(&server, "rack").await;
+    let to = rfc3339(last + TimeDelta::seconds(1));
+    let to_time: DateTime<Utc> = to.parse().unwrap();
+    let body = history(&server, "rack", &format!("?to={to}&from=90m")).await;
+    let from: DateTime<Utc> = body["from"].as_str().unwrap().parse().unwrap();
+    assert_eq!(from, to_time - TimeDelta::minutes(90));
+    assert_eq!(tv(&body).last().map(|p| p.1), Some(30.0));
+    // Against now when `to` is left out, as a page's download link asks.
+    let body = history(&server, "rack", "?from=24h&step=1m").await;
+    let from: DateTime<Utc> = body["from"].as_str().unwrap().parse().unwrap();
+    let to: DateTime<Utc> = body["to"].as_str().unwrap().parse().unwrap();
+    assert_eq!(to - from, TimeDelta::hours(24));
+    // A bare number is not a duration here (is it seconds? a year?).
+    let (status, body) = server.get_json("/api/devices/rack/history?from=90").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["field"], "from");
+    assert!(body["error"].as_str().unwrap().contains("24h"), "{body}");
+}
+
+#[tokio::test]
 async fn history_survives_a_restart_on_the_same_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_str().unwrap();

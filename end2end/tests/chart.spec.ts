@@ -231,3 +231,22 @@ test("a new POST extends the dashboard card's sparkline", async ({ page, server 
   });
   await expect(card(page, "rack-2").getByTestId("spark")).toContainText("Humidity");
 });
+
+test("each chart links to its data as CSV, for the range shown", async ({ page, server }) => {
+  await server.post("rack-1", { name: "Rack", temperature: 20 });
+  await server.post("rack-1", { temperature: 21.5 });
+  await page.goto("/devices/rack-1?range=24h");
+  await waitLive(page);
+  const link = chart(page, "temperature").getByTestId("csv");
+  await expect(link).toHaveAttribute("href", "/api/devices/rack-1/history.csv?metric=temperature&from=24h&step=1m");
+  const [download] = await Promise.all([page.waitForEvent("download"), link.click()]);
+  expect(download.suggestedFilename()).toBe("rack-1-temperature-24h.csv");
+  const text = await (await import("node:fs/promises")).readFile((await download.path())!, "utf8");
+  const lines = text.trim().split("\n");
+  expect(lines[0]).toBe("t,value,min,max");
+  expect(lines.length).toBeGreaterThanOrEqual(2);
+  // The newest minute: its time, mean, min and max (the last reading's).
+  const [t, , , max] = lines[lines.length - 1].split(",");
+  expect(t).toMatch(/^\d{4}-\d\d-\d\dT[\d:.]+Z$/);
+  expect(max).toBe("21.5");
+});

@@ -449,6 +449,8 @@ fn layout(points: &[Point], now: i64, window_ms: i64) -> Layout {
 #[component]
 pub fn LineChart(
     metric: String,
+    /// Where its data is, as CSV, and the name to save it under.
+    download: (String, String),
     points: Signal<Vec<Point>>,
     now_ms: Signal<i64>,
     window_ms: i64,
@@ -481,6 +483,9 @@ pub fn LineChart(
         <figure class="chart" data-testid="chart" data-metric=metric.clone()>
             <figcaption>
                 {title} {(!unit.is_empty()).then(|| view! { <span class="unit">{unit}</span> })}
+                <a class="download" href=download.0 download=download.1 data-testid="csv">
+                    "CSV"
+                </a>
             </figcaption>
             <Show
                 when=has_points

@@ -74,6 +74,17 @@ impl Range {
         }
     }
 
+    /// The bucket width of the range's CSV download: 360, 1,440 or 1,008
+    /// rows at most, within the history API's limit whatever the device's
+    /// report rate.
+    pub fn csv_step(self) -> &'static str {
+        match self {
+            Self::Hour => "10s",
+            Self::Day => "1m",
+            Self::Week => "10m",
+        }
+    }
+
     /// The history's bucket width when there are more than [`MAX_RAW_POINTS`]
     /// readings: a few hundred points a chart (240, 288, 336), whatever the
     /// device's report rate.
@@ -318,6 +329,7 @@ pub fn DevicePage() -> impl IntoView {
     let alerting = move || device.with(|d| !d.alerts.is_empty());
     let metrics = move || device.with(|d| metrics_of(&d.status));
     let href = device_href(&id);
+    let csv_of = id.clone();
 
     view! {
         <Title text=move || format!("{} · Telltale", name()) />
@@ -420,9 +432,18 @@ pub fn DevicePage() -> impl IntoView {
                                         .unwrap_or_default()
                                 })
                         });
+                        let download = (
+                            format!(
+                                "/api/devices/{csv_of}/history.csv?metric={metric}&from={}&step={}",
+                                range.query(),
+                                range.csv_step(),
+                            ),
+                            format!("{csv_of}-{metric}-{}.csv", range.query()),
+                        );
                         view! {
                             <LineChart
                                 metric
+                                download
                                 points=points.into()
                                 now_ms=feed.now_ms.into()
                                 window_ms=range.window_ms()

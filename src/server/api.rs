@@ -121,7 +121,7 @@ async fn history_as(
         None => chrono::Utc::now(),
     };
     let from = match query.from.as_deref() {
-        Some(t) => parse_time("from", t)?,
+        Some(t) => parse_from(t, to)?,
         None => to
             .checked_sub_signed(DEFAULT_SPAN)
             .ok_or_else(|| ApiError::invalid("to", "`to` is too early"))?,
@@ -164,6 +164,33 @@ fn parse_time(field: &str, value: &str) -> Result<chrono::DateTime<chrono::Utc>,
                 field,
                 format!("`{field}` must be an RFC 3339 time such as 2026-11-25T12:00:00Z ({e})"),
             )
+        })
+}
+
+/// `from`: an RFC 3339 time, or a duration (`24h`, `90m`) before `to`, so
+/// a link can ask for "the last day" whenever it is followed.
+fn parse_from(
+    value: &str,
+    to: chrono::DateTime<chrono::Utc>,
+) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    let Ok(span) = humantime::parse_duration(value.trim()) else {
+        return chrono::DateTime::parse_from_rfc3339(value.trim())
+            .map(|t| t.to_utc())
+            .map_err(|e| {
+                ApiError::invalid(
+                    "from",
+                    format!(
+                        "`from` must be an RFC 3339 time such as 2026-11-25T12:00:00Z, \
+                         or a duration before `to` such as 24h ({e})"
+                    ),
+                )
+            });
+    };
+    chrono::TimeDelta::from_std(span)
+        .ok()
+        .and_then(|span| to.checked_sub_signed(span))
+        .ok_or_else(|| {
+            ApiError::invalid("from", format!("`from` is too long before `to`: {value}"))
         })
 }
 
