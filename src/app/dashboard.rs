@@ -665,6 +665,7 @@ fn SessionControl(operator: RwSignal<bool>) -> impl IntoView {
                                     type="password"
                                     name="token"
                                     autocomplete="current-password"
+                                    placeholder="Operator token"
                                     required
                                     data-testid="operator-token"
                                     bind:value=token
