@@ -567,11 +567,13 @@ pub fn ConnectionIndicator(feed: Feed) -> impl IntoView {
 }
 
 /// A metric's value with its unit: temperature and humidity to a tenth, as
-/// the cards show them, other metrics to two decimals at most.
+/// the cards show them, other metrics to two decimals at most; seconds of
+/// two minutes or more in the largest unit that keeps them readable.
 pub fn format_value(metric: &str, v: f64) -> String {
     let unit = chart::unit_of(metric);
     match metric {
         "temperature" | "humidity" => reading(Some(v), unit),
+        _ if unit == "s" && v.abs() >= 120.0 => duration(v),
         _ if unit.is_empty() => number(v),
         _ => format!("{} {unit}", number(v)),
     }
@@ -952,6 +954,16 @@ pub fn number(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
+/// Seconds in minutes, hours or days: "24 min", "5.5 h", "12.3 d".
+fn duration(secs: f64) -> String {
+    let (v, unit) = match secs.abs() {
+        s if s < 2.0 * 3600.0 => ((secs / 60.0).round(), "min"),
+        s if s < 2.0 * 86_400.0 => ((secs / 360.0).round() / 10.0, "h"),
+        _ => ((secs / 8_640.0).round() / 10.0, "d"),
+    };
+    format!("{} {unit}", number(v))
+}
+
 fn ago(now_ms: i64, then_ms: i64) -> String {
     let s = (now_ms - then_ms).max(0) / 1000;
     match s {
@@ -979,6 +991,10 @@ mod tests {
         assert_eq!(format_value("temperature", 23.0), "23.0 °C");
         assert_eq!(format_value("fan_rpm", 1000.0), "1000 rpm");
         assert_eq!(format_value("load_1m", 0.456), "0.46");
+        assert_eq!(format_value("uptime_s", 119.0), "119 s");
+        assert_eq!(format_value("uptime_s", 1441.0), "24 min");
+        assert_eq!(format_value("uptime_s", 19_800.0), "5.5 h");
+        assert_eq!(format_value("uptime_s", 1_062_720.0), "12.3 d");
     }
 
     use crate::model::{Limits, Status};
