@@ -399,3 +399,48 @@ async fn a_device_that_died_while_the_server_was_down_still_goes_stale() {
     };
     assert_eq!(stale["stale"], true, "{stale}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulated_freezer_comes_with_a_limit_and_switched_off_warms_into_an_alert() {
+    let server = Server::start_with_simulator(&["--simulator-interval", "20ms"]).await;
+    eventually("the simulator's freezer", || async {
+        server.device("freezer").await.is_some()
+    })
+    .await;
+    let (_, view) = server.get_json("/api/thresholds").await;
+    assert_eq!(
+        view["devices"]["freezer"],
+        json!({"temperature": {"max": -15.0}})
+    );
+    assert_eq!(
+        view["devices"]["greenhouse"],
+        json!({"soil_moisture": {"min": 30.0}})
+    );
+    let freezer = server.device("freezer").await.unwrap();
+    assert_eq!(freezer.get("alerts"), None, "at its set point: {freezer}");
+    let mut sse = watch(&server, "freezer").await;
+    let (status, body) = server
+        .post_command(
+            "freezer",
+            Some(&server.operator_token),
+            &json!({"set": {"power_on": false}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // From -20 °C, warming about a step (0.2 °C) a tick: some 25 ticks.
+    let alerted = within("the freezer's alert", async {
+        loop {
+            let event = next_status(&mut sse).await;
+            if event.get("alerts").is_some() {
+                return event;
+            }
+        }
+    })
+    .await;
+    assert_eq!(alerted["status"]["power_on"], false, "{alerted}");
+    assert!(
+        alerted["status"]["temperature"].as_f64().unwrap() > -15.0,
+        "{alerted}"
+    );
+    assert_eq!(alerted["alerts"]["temperature"]["max"], -15.0);
+}

@@ -13,7 +13,7 @@
 
 use super::commands::{AgentLink, Commands, Settled};
 use super::hub::Hub;
-use crate::model::{DeviceId, StatusUpdate};
+use crate::model::{DeviceId, Limits, StatusUpdate};
 use crate::protocol::Outcome;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -44,6 +44,8 @@ struct Simulated {
     temperature: Drift,
     humidity: Drift,
     metrics: &'static [(&'static str, Drift)],
+    /// The limits it comes with: `(metric, min, max)`.
+    limits: &'static [(&'static str, Option<f64>, Option<f64>)],
 }
 
 const DEVICES: [Simulated; 3] = [
@@ -57,6 +59,7 @@ const DEVICES: [Simulated; 3] = [
             ("soil_moisture", drift_to((40.0, 1.5), (25.0, 0.5))),
             ("lux", drift_to((12000.0, 400.0), (3000.0, 200.0))),
         ],
+        limits: &[("soil_moisture", Some(30.0), None)],
     },
     Simulated {
         id: "server-rack",
@@ -67,6 +70,7 @@ const DEVICES: [Simulated; 3] = [
             ("fan_rpm", powered((2400.0, 60.0))),
             ("load", powered((0.6, 0.05))),
         ],
+        limits: &[("temperature", None, Some(38.0))],
     },
     Simulated {
         id: "freezer",
@@ -74,8 +78,31 @@ const DEVICES: [Simulated; 3] = [
         temperature: drift_to((-20.0, 0.2), (21.0, 0.2)),
         humidity: drift_to((20.0, 0.5), (45.0, 0.5)),
         metrics: &[("compressor_duty", powered((0.45, 0.03)))],
+        limits: &[("temperature", None, Some(-15.0))],
     },
 ];
+
+/// Gives each simulated device its limits the first time it appears (as
+/// an installer would, over the API's path: kept in the store, shared in a
+/// cluster), so switching the freezer off ends in an alert. A device seen
+/// before, or with limits of its own (from the API or the thresholds
+/// file), keeps what it has: an operator's change is never undone.
+fn come_with_limits(hub: &Hub) {
+    for device in &DEVICES {
+        let id = DeviceId::parse(device.id).expect("simulator ids are valid");
+        if hub.device(&id).is_some() || hub.own_limits(&id).is_some() {
+            continue;
+        }
+        let limits = device
+            .limits
+            .iter()
+            .map(|&(metric, min, max)| (metric.to_owned(), Limits { min, max }))
+            .collect();
+        if let Err(e) = hub.set_limits(&id, limits) {
+            tracing::warn!("simulator {id}: its limits are not set: {e}");
+        }
+    }
+}
 
 /// The next value of a reading: a tenth of the way back to its set point
 /// for the power state, plus a random step; to two decimals. A reading
@@ -104,6 +131,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut rng = SmallRng::from_os_rng();
+    come_with_limits(&hub);
     // One link per device, funnelled into one queue tagged with the index.
     let (commanded, mut incoming) = tokio::sync::mpsc::channel(16);
     let links: Vec<_> = DEVICES
