@@ -117,7 +117,7 @@ async fn history_as(
         ));
     }
     let to = match query.to.as_deref() {
-        Some(t) => parse_time("to", t)?,
+        Some(t) => parse_time("to", t, "")?,
         None => chrono::Utc::now(),
     };
     let from = match query.from.as_deref() {
@@ -156,13 +156,20 @@ async fn history_as(
     Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], body).into_response())
 }
 
-fn parse_time(field: &str, value: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+/// An RFC 3339 time; `or` names what else `field` may be, for the error.
+fn parse_time(
+    field: &str,
+    value: &str,
+    or: &str,
+) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
     chrono::DateTime::parse_from_rfc3339(value.trim())
         .map(|t| t.to_utc())
         .map_err(|e| {
             ApiError::invalid(
                 field,
-                format!("`{field}` must be an RFC 3339 time such as 2026-11-25T12:00:00Z ({e})"),
+                format!(
+                    "`{field}` must be an RFC 3339 time such as 2026-11-25T12:00:00Z{or} ({e})"
+                ),
             )
         })
 }
@@ -174,17 +181,7 @@ fn parse_from(
     to: chrono::DateTime<chrono::Utc>,
 ) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
     let Ok(span) = humantime::parse_duration(value.trim()) else {
-        return chrono::DateTime::parse_from_rfc3339(value.trim())
-            .map(|t| t.to_utc())
-            .map_err(|e| {
-                ApiError::invalid(
-                    "from",
-                    format!(
-                        "`from` must be an RFC 3339 time such as 2026-11-25T12:00:00Z, \
-                         or a duration before `to` such as 24h ({e})"
-                    ),
-                )
-            });
+        return parse_time("from", value, ", or a duration before `to` such as 24h");
     };
     chrono::TimeDelta::from_std(span)
         .ok()
