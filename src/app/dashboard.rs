@@ -703,10 +703,15 @@ fn SessionControl(operator: RwSignal<bool>) -> impl IntoView {
 
 /// Whether a device matches a card filter: its name or id contains the
 /// filter's words, ignoring case (an empty filter matches every device).
+/// Cheap without a filter: every card checks it on each of its device's
+/// events.
 pub fn matches(filter: &str, device: &Device) -> bool {
+    let mut words = filter.split_whitespace().peekable();
+    if words.peek().is_none() {
+        return true;
+    }
     let name = device.name.to_lowercase();
-    filter
-        .split_whitespace()
+    words
         .map(str::to_lowercase)
         .all(|word| name.contains(&word) || device.id.as_str().contains(&word))
 }
