@@ -1015,6 +1015,12 @@ mod tests {
     use chrono::Utc;
     use std::collections::BTreeMap;
 
+    /// The temperatures recorded for `id`, oldest first.
+    fn temperatures(store: &Store, id: &DeviceId) -> Vec<f64> {
+        let readings = store.readings(id, "temperature").unwrap();
+        readings.into_iter().map(|(_, v)| v).collect()
+    }
+
     pub(super) fn device(id: &str, t: f64) -> Device {
         Device {
             id: DeviceId::parse(id).unwrap(),
@@ -1082,13 +1088,7 @@ mod tests {
         );
         assert_eq!(events[0].device.as_str(), "b");
         let a = DeviceId::parse("a").unwrap();
-        let temps: Vec<f64> = store
-            .readings(&a, "temperature")
-            .unwrap()
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect();
-        assert_eq!(temps, [20.0, 21.0]);
+        assert_eq!(temperatures(&store, &a), [20.0, 21.0]);
         assert_eq!(store.readings(&a, "load").unwrap().len(), 1, "only changes");
         let mut signed_out = store.signed_out(1_000).unwrap();
         signed_out.sort();
@@ -1163,12 +1163,7 @@ mod tests {
         assert_eq!(temps, [Some(36.0), Some(32.0), Some(32.0)]);
         for (name, last) in [("a", 36.0), ("b", 32.0), ("c", 32.0)] {
             let id = DeviceId::parse(name).unwrap();
-            let readings: Vec<f64> = store
-                .readings(&id, "temperature")
-                .unwrap()
-                .into_iter()
-                .map(|(_, v)| v)
-                .collect();
+            let readings = temperatures(&store, &id);
             let want: Vec<f64> = events
                 .iter()
                 .filter(|e| e.device.id == id)
