@@ -94,6 +94,7 @@ fn seed(dir: &std::path::Path, devices: u32) {
                 device: device.clone(),
                 previous: previous.replace(device),
                 json: json.to_string().into(),
+                removed: false,
             });
         }
         store.record_all(&batch).expect("the history is written");

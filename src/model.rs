@@ -126,7 +126,8 @@ pub struct Snapshot {
     pub devices: Vec<Device>,
 }
 
-/// The data of an SSE `status` event: one device's full status after a change.
+/// The data of an SSE `status` event: one device's full status after a
+/// change, or, with `removed`, its last status as it was removed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusEvent {
     pub device: DeviceId,
@@ -139,6 +140,10 @@ pub struct StatusEvent {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub alerts: BTreeMap<String, Alert>,
     pub updated_at: DateTime<Utc>,
+    /// The device was removed (`DELETE /api/devices/{id}`): forget it. A
+    /// later report of the same id registers it anew.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub removed: bool,
 }
 
 /// The SSE `health` event: whether the server can take changes. Sent when
@@ -160,6 +165,7 @@ impl From<&Device> for StatusEvent {
             stale: d.stale,
             alerts: d.alerts.clone(),
             updated_at: d.updated_at,
+            removed: false,
         }
     }
 }

@@ -650,6 +650,43 @@ async fn limits_set_on_one_instance_hold_on_every_instance() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_device_removed_on_one_instance_is_gone_from_every_instance_and_a_later_one() {
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 2).await;
+    let (removed_on, other) = (&servers[0], &servers[1]);
+    removed_on
+        .post_status("old-rig", &json!({ "temperature": 20.0 }))
+        .await;
+    other
+        .post_status("kept", &json!({ "temperature": 5.0 }))
+        .await;
+    let (mut streams, _) = streams_from_one_start(&servers).await;
+    let (status, body) = removed_on
+        .remove("old-rig", Some(&removed_on.operator_token))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (server, stream) in servers.iter().zip(&mut streams) {
+        let record = stream.expect_status().await;
+        assert_eq!(record.id(), body["id"].as_u64().unwrap());
+        assert_eq!(record.json()["removed"], true);
+        assert_eq!(server.device("old-rig").await, None);
+    }
+    // The cluster's shared state forgot it: a new instance never sees it.
+    let late = Server::start_in_cluster(&redis.url(), &[]).await;
+    let (_, list) = late.get_json("/api/devices").await;
+    let ids: Vec<&str> = list["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["kept"]);
+    // Removed once: the other instance has nothing left to remove.
+    let (status, _) = other.remove("old-rig", Some(&other.operator_token)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_operator_signed_in_on_one_instance_is_signed_in_on_all_until_signed_out() {
     let redis = Redis::start().await;
     let servers = instances(&redis, 2).await;

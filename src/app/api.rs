@@ -1,5 +1,5 @@
 //! The page's few requests to the server: operator sign-in and sign-out,
-//! and commands. All go to the page's own origin, so the browser sends the
+//! commands, and removing a device. All go to the page's own origin, so the browser sends the
 //! `HttpOnly` session cookie by itself; the page never sees it, and keeps the
 //! operator token only for the moment it takes to post it.
 
@@ -45,6 +45,12 @@ pub async fn sign_in(token: String) -> Result<(), Failure> {
 /// `DELETE /api/session`.
 pub async fn sign_out() -> Result<(), Failure> {
     send(Method::Delete, "/api/session", None).await
+}
+
+/// `DELETE /api/devices/{id}`. The card goes when the removal's status
+/// event arrives, on this page and every other.
+pub async fn remove_device(device: &str) -> Result<(), Failure> {
+    send(Method::Delete, &format!("/api/devices/{device}"), None).await
 }
 
 /// `POST /api/devices/{id}/commands` setting `power_on`. Ends when the device

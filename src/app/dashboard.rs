@@ -215,8 +215,19 @@ impl Board {
         }
     }
 
-    /// Updates one card, or adds it (in id order) for a new device.
+    /// Updates one card, adds it (in id order) for a new device, or drops
+    /// it for a removed one.
     pub fn apply_status(&self, event: StatusEvent) {
+        if event.removed {
+            let known = self
+                .cards
+                .with_untracked(|cards| cards.iter().any(|c| c.id == event.device));
+            if known {
+                self.cards
+                    .update(|cards| cards.retain(|c| c.id != event.device));
+            }
+            return;
+        }
         let device = event.into_device();
         let existing = self
             .cards
@@ -312,6 +323,15 @@ impl SparkCache {
         cache.insert(device.id.clone(), cached);
         spark
     }
+
+    /// Drops the sparklines of devices no longer in `devices` (removed).
+    fn keep_only(&self, devices: &[Device]) {
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() > devices.len() {
+            let ids: std::collections::HashSet<&DeviceId> = devices.iter().map(|d| &d.id).collect();
+            cache.retain(|id, _| ids.contains(id));
+        }
+    }
 }
 
 /// A device's sparkline read from the store: the last hour of its
@@ -371,6 +391,7 @@ pub(super) fn read(hub: &crate::server::hub::Hub, cache: &SparkCache, operator: 
         .iter()
         .map(|d| (d.id.clone(), cache.spark(hub, d, now)))
         .collect();
+    cache.keep_only(&snapshot.devices);
     Initial {
         snapshot,
         sparks,
@@ -764,32 +785,33 @@ fn DeviceCard(
             None => "no readings".into(),
         })
     });
-    let pending = RwSignal::new(false);
-    let error = RwSignal::new(None::<String>);
+    let request = Request {
+        pending: RwSignal::new(false),
+        error: RwSignal::new(None),
+        operator,
+    };
+    let Request { pending, error, .. } = request;
     let device_id = id.clone();
     let toggle = move |_| {
-        if pending.get_untracked() {
-            return;
-        }
         // Asks for the opposite of the confirmed state; shows nothing new
         // until the device's status event says it happened.
         let want = !power_on_untracked(device);
-        pending.set(true);
-        error.set(None);
         let device_id = device_id.clone();
-        leptos::task::spawn_local(async move {
-            let result = api::set_power(&device_id, want).await;
-            // The card may be gone by now (its device vanished).
-            let _ = pending.try_set(false);
-            if let Err(failure) = result {
-                let _ = error.try_set(Some(failure.message));
-                if failure.unauthorized {
-                    // The session ended: show the sign-in form again.
-                    let _ = operator.try_set(false);
-                }
-            }
-        });
+        request.send(async move { api::set_power(&device_id, want).await });
     };
+    // Only a device without a live link: its agent would bring it back.
+    let removable = move || device.with(|d| d.online != Some(true));
+    let device_id = id.clone();
+    let remove = Callback::new(move |_: ()| {
+        let name = device.with_untracked(|d| d.name.clone());
+        let question = format!("Remove {name} and all its history?");
+        if !window().confirm_with_message(&question).unwrap_or(false) {
+            return;
+        }
+        let device_id = device_id.clone();
+        // The card goes when the removal's event arrives.
+        request.send(async move { api::remove_device(&device_id).await });
+    });
     view! {
         <article
             class="card"
@@ -846,6 +868,18 @@ fn DeviceCard(
                         </span>
                         "Power"
                     </button>
+                    <Show when=removable>
+                        <button
+                            type="button"
+                            class="remove"
+                            data-testid="remove"
+                            title="Remove this device and its history"
+                            disabled=move || pending.get()
+                            on:click=move |_| remove.run(())
+                        >
+                            "Remove"
+                        </button>
+                    </Show>
                 </div>
             </Show>
             <Show when=move || error.with(Option::is_some)>
@@ -942,6 +976,37 @@ pub fn Value(alert: Signal<Option<String>>, children: Children) -> impl IntoView
         >
             {children()}
         </span>
+    }
+}
+
+/// A card's operator requests: one at a time, the last one's failure shown
+/// on the card.
+#[derive(Clone, Copy)]
+struct Request {
+    pending: RwSignal<bool>,
+    error: RwSignal<Option<String>>,
+    operator: RwSignal<bool>,
+}
+
+impl Request {
+    fn send(self, request: impl Future<Output = Result<(), api::Failure>> + 'static) {
+        if self.pending.get_untracked() {
+            return;
+        }
+        self.pending.set(true);
+        self.error.set(None);
+        leptos::task::spawn_local(async move {
+            let result = request.await;
+            // The card may be gone by now (its device vanished).
+            let _ = self.pending.try_set(false);
+            if let Err(failure) = result {
+                let _ = self.error.try_set(Some(failure.message));
+                if failure.unauthorized {
+                    // The session ended: show the sign-in form again.
+                    let _ = self.operator.try_set(false);
+                }
+            }
+        });
     }
 }
 
@@ -1200,6 +1265,17 @@ mod tests {
             let spark = board.cards.with_untracked(|c| c[0].spark.get_untracked());
             assert_eq!(spark.metric.as_deref(), Some("humidity"));
             assert_eq!(spark.points.len(), 1);
+            // A removal drops the card; once is enough.
+            let removal = StatusEvent {
+                removed: true,
+                ..StatusEvent::from(&other)
+            };
+            board.apply_status(removal.clone());
+            board.apply_status(removal);
+            let ids: Vec<_> = board
+                .cards
+                .with_untracked(|c| c.iter().map(|c| c.id.to_string()).collect());
+            assert_eq!(ids, ["rack-1"]);
         });
     }
 

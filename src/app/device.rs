@@ -229,6 +229,9 @@ struct Page {
     device: RwSignal<Device>,
     series: RwSignal<Vec<Series>>,
     range: Range,
+    /// The device was removed: the page keeps its last state, without
+    /// history, until a new report registers it again.
+    removed: RwSignal<bool>,
 }
 
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
@@ -273,10 +276,20 @@ impl Page {
         }
     }
 
+    /// The device went away: its last state stays, its history (deleted
+    /// with it) goes.
+    fn removed(&self) {
+        self.removed.set(true);
+        self.series.set(Vec::new());
+    }
+
     fn apply(&self, device: Device) {
         let before = self.device.get_untracked();
         if device.id != before.id {
             return;
+        }
+        if self.removed.get_untracked() {
+            self.removed.set(false);
         }
         let window = self.range.window_ms();
         self.series
@@ -288,9 +301,9 @@ impl Page {
 impl Follower for Page {
     fn snapshot(&self, snapshot: Snapshot) {
         let id = self.device.with_untracked(|d| d.id.clone());
-        // A device that went away keeps its last state on this page.
-        if let Some(device) = snapshot.devices.into_iter().find(|d| d.id == id) {
-            self.apply(device);
+        match snapshot.devices.into_iter().find(|d| d.id == id) {
+            Some(device) => self.apply(device),
+            None => self.removed(),
         }
         // The stream started afresh: events were missed (this page fell
         // behind, or the server lost track of it), and with them points.
@@ -298,7 +311,11 @@ impl Follower for Page {
     }
 
     fn status(&self, event: StatusEvent) {
-        self.apply(event.into_device());
+        match event.removed {
+            true if self.device.with_untracked(|d| d.id == event.device) => self.removed(),
+            true => {}
+            false => self.apply(event.into_device()),
+        }
     }
 }
 
@@ -321,6 +338,7 @@ pub fn DevicePage() -> impl IntoView {
         device: RwSignal::new(device),
         series: RwSignal::new(initial.series),
         range,
+        removed: RwSignal::new(false),
     };
     live::connect(feed, Some(id.clone()), initial.event_id, page);
     let device = page.device;
@@ -354,6 +372,12 @@ pub fn DevicePage() -> impl IntoView {
             data-testid="device-page"
             data-device=id.to_string()
         >
+            <Show when=move || page.removed.get()>
+                <p class="removed-note" role="status" data-testid="removed">
+                    "This device was removed, with its history: shown is its last state. \
+                     Its next report brings it back."
+                </p>
+            </Show>
             <section class="current" class:alerting=alerting class:offline=offline>
                 <dl class="readings">
                     <For

@@ -245,6 +245,19 @@ pub async fn post_status(
     Ok(Json(state.hub.apply(&id, &update)?))
 }
 
+/// `DELETE /api/devices/{id}`: removes a device that has no live link, with
+/// its history (see [`Hub::remove`](super::hub::Hub::remove)); every page
+/// drops its card.
+pub async fn remove_device(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Applied>, ApiError> {
+    state.auth.check_operator(&headers, &state.hub)?;
+    let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
+    Ok(Json(state.hub.remove(&id)?))
+}
+
 /// The body of `POST /api/devices/{id}/commands`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -153,17 +153,24 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// then (id, device id, event JSON) for each event, with ids following the
 /// expected one (computed in Rust: the script only compares strings, so no
 /// id passes through Lua's doubles). Returns 1, or the cluster's newest id
-/// when it is not the expected one.
-const APPEND: &str = r"
+/// when it is not the expected one. A removal (`"removed":true`, which in
+/// a status event's JSON can only be its top-level flag: names and keys are
+/// strings, whose quotes are escaped, and no other field is a `true` under
+/// that key) deletes the device from the state.
+const APPEND: &str = r#"
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return cur end
 for i = 3, #ARGV, 3 do
-  redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+  if string.find(ARGV[i + 2], '"removed":true', 1, true) then
+    redis.call('HDEL', KEYS[2], ARGV[i + 1])
+  else
+    redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
+  end
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], ARGV[i] .. '-0', 'd', ARGV[i + 1], 'j', ARGV[i + 2])
 end
 redis.call('SET', KEYS[1], ARGV[#ARGV - 2])
 return 1
-";
+"#;
 
 /// Puts an instance's state into a Redis that has less than it (new, or
 /// restarted empty). KEYS as APPEND. ARGV: the instance's newest id, max

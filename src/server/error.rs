@@ -2,7 +2,7 @@
 //! `{"error": "...", "field": "..."}` in one place.
 
 use super::commands::Refused;
-use super::hub::ApplyError;
+use super::hub::{ApplyError, RemoveError};
 use super::store::StoreError;
 use crate::model::FieldError;
 use axum::Json;
@@ -35,6 +35,9 @@ pub enum ApiError {
     Invalid(FieldError),
     #[error("unknown device `{0}`")]
     UnknownDevice(String),
+    /// The change would be undone at once (see [`RemoveError::Connected`]).
+    #[error("{0}")]
+    Conflict(String),
     #[error("no such API endpoint: {0} (see the API in README.md)")]
     NoEndpoint(String),
     #[error("{method} is not allowed on {path}")]
@@ -84,7 +87,7 @@ impl ApiError {
             Self::CommandRefused(_) | Self::Unavailable(_) | Self::StoreRead(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::CommandFailed(_) => StatusCode::CONFLICT,
+            Self::CommandFailed(_) | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::CommandTimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::TooManyGuesses(_) => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -102,6 +105,16 @@ impl From<ApplyError> for ApiError {
         match e {
             ApplyError::Invalid(e) => Self::Invalid(e),
             ApplyError::Store(e) => Self::Unavailable(not_stored(&e)),
+        }
+    }
+}
+
+impl From<RemoveError> for ApiError {
+    fn from(e: RemoveError) -> Self {
+        match e {
+            RemoveError::Unknown(id) => Self::UnknownDevice(id.to_string()),
+            RemoveError::Connected(_) => Self::Conflict(e.to_string()),
+            RemoveError::Store(e) => Self::Unavailable(not_stored(&e)),
         }
     }
 }

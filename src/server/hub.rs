@@ -98,6 +98,21 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
+/// Why [`Hub::remove`] removed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("unknown device `{0}`")]
+    Unknown(DeviceId),
+    /// Its agent (or the simulator) would register it again at once.
+    #[error(
+        "`{0}` is connected (its agent or the simulator reports for it): stop that first, \
+         or it would come straight back"
+    )]
+    Connected(DeviceId),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
 impl From<FieldError> for ApplyError {
     fn from(e: FieldError) -> Self {
         Self::Invalid(e)
@@ -600,6 +615,26 @@ impl Hub {
         Ok(applied)
     }
 
+    /// Removes device `id`: publishes its last state marked `removed`,
+    /// then forgets it (its state, history and learned report interval; its
+    /// limits stay, as configuration). A device with a live link is
+    /// refused: its agent would register it again at once.
+    pub fn remove(&self, id: &DeviceId) -> Result<Applied, RemoveError> {
+        self.write(|state| {
+            let device = match state.devices.get(id) {
+                None => return Err(RemoveError::Unknown(id.clone())),
+                Some(d) if d.online == Some(true) => {
+                    return Err(RemoveError::Connected(id.clone()));
+                }
+                Some(d) => Device {
+                    updated_at: Utc::now(),
+                    ..d.clone()
+                },
+            };
+            Ok(self.publish_event(state, device, true)?)
+        })
+    }
+
     /// Stores a changed device under a new event id — durably first, when
     /// there is a store — and sends it to every subscriber, serialized once.
     /// When the store fails, nothing changes.
@@ -612,6 +647,17 @@ impl Hub {
     /// (stale, alerts under new limits): `updated_at` keeps the time of its
     /// last reported change.
     fn publish_as_is(&self, state: &mut State, device: Device) -> Result<Applied, StoreError> {
+        self.publish_event(state, device, false)
+    }
+
+    /// Publishes `device`'s state as the next event; with `removed`, its
+    /// last state as it is removed.
+    fn publish_event(
+        &self,
+        state: &mut State,
+        device: Device,
+        removed: bool,
+    ) -> Result<Applied, StoreError> {
         debug_assert!(
             state.group.is_some(),
             "changes are made in groups (in_group)"
@@ -622,18 +668,29 @@ impl Hub {
             return Err(StoreError::Broker(reason));
         }
         let id = state.last_id + 1;
-        let json: Box<str> = serde_json::to_string(&StatusEvent::from(&device))
+        let event = StatusEvent {
+            removed,
+            ..StatusEvent::from(&device)
+        };
+        let json: Box<str> = serde_json::to_string(&event)
             .expect("a status always serializes")
             .into();
-        self.commit(state, id, device, json);
+        self.commit(state, id, device, json, removed);
         Ok(Applied { id, changed: true })
     }
 
     /// Makes event `id` (the next one) this hub's current state: with a
     /// group open, for the group to record and send; else (another
     /// instance's event, already recorded where it must be) sent to every
-    /// subscriber.
-    fn commit(&self, state: &mut State, id: EventId, device: Device, json: Box<str>) {
+    /// subscriber. With `removed`, the event removes the device.
+    fn commit(
+        &self,
+        state: &mut State,
+        id: EventId,
+        device: Device,
+        json: Box<str>,
+        removed: bool,
+    ) {
         if let Some(group) = &mut state.group {
             // Recorded, and sent, with the rest of the group.
             let before = state.devices.get(&device.id).cloned();
@@ -642,13 +699,21 @@ impl Hub {
                 device: device.clone(),
                 previous: before.clone(),
                 json: json.clone(),
+                removed,
             });
             group.before.entry(device.id.clone()).or_insert(before);
         }
         state.last_id = id;
         state.fresh = false;
         let published = Arc::new(Published::new(id, device.id.clone(), json));
-        state.devices.insert(device.id.clone(), device);
+        if removed {
+            // Should the group be undone, the device is only watched
+            // again from its next report.
+            state.watch.forget(&device.id);
+            state.devices.remove(&device.id);
+        } else {
+            state.devices.insert(device.id.clone(), device);
+        }
         match &mut state.group {
             Some(group) => group.published.push(published),
             None => self.send(state, published),
@@ -1188,29 +1253,39 @@ impl Hub {
         if event.id != state.last_id + 1 {
             return Err(StoreError::Behind);
         }
-        let device = serde_json::from_str::<StatusEvent>(&event.json)
-            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?
-            .into_device();
+        let status = serde_json::from_str::<StatusEvent>(&event.json)
+            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?;
+        let removed = status.removed;
+        let device = status.into_device();
         let previous = state.devices.get(&device.id);
         // As in `apply`: a report after a quiet spell teaches nothing.
         let learn = previous.is_some_and(|p| {
             !p.stale && p.online != Some(false) && p.updated_at != device.updated_at
         });
-        let (id, spoke) = (device.id.clone(), !device.stale);
+        let (id, spoke) = (device.id.clone(), !device.stale && !removed);
         // The instance that published an event recorded it, when the store
         // is the cluster's own (PostgreSQL); this one's own, too, unless
         // its commit failed. (On the follower's thread, or under
         // `catch_up`'s `block_in_place`.)
+        let mut recorded = Recorded {
+            id: event.id,
+            device,
+            previous: None,
+            json: event.json.into(),
+            removed,
+        };
         if let Some(store) = state.store.as_mut() {
-            let previous = state.devices.get(&id);
-            if state.unsure.contains(&event.id) {
-                store.record_missing(event.id, &device, previous, &event.json)?;
-            } else if !store.shared() {
-                store.record(event.id, &device, previous, &event.json)?;
+            let unsure = state.unsure.contains(&event.id);
+            if unsure || !store.shared() {
+                recorded.previous = state.devices.get(&id).cloned();
+                match unsure {
+                    true => store.record_missing(&recorded)?,
+                    false => store.record_all(std::slice::from_ref(&recorded))?,
+                }
             }
         }
         state.unsure.remove(&event.id);
-        self.commit(state, event.id, device, event.json.into());
+        self.commit(state, event.id, recorded.device, recorded.json, removed);
         if spoke {
             self.heard(state, &id, learn);
         }
@@ -1665,6 +1740,37 @@ mod tests {
         assert_eq!(hub.apply(&id("a"), &temp(3.0)).unwrap().id, first + 3);
         // An unchanged update is still no event after a restart.
         assert!(!hub.apply(&id("a"), &temp(3.0)).unwrap().changed);
+    }
+
+    #[test]
+    fn a_removal_is_an_event_that_forgets_the_device_until_it_reports_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = stored_hub(dir.path(), 8);
+        hub.apply(&id("a"), &temp(1.0)).unwrap();
+        hub.set_online(&id("b"), Some(true)).unwrap();
+        let unchanged = hub.stats();
+        assert!(matches!(
+            hub.remove(&id("b")),
+            Err(RemoveError::Connected(_))
+        ));
+        assert!(matches!(hub.remove(&id("c")), Err(RemoveError::Unknown(_))));
+        assert_eq!(hub.stats(), unchanged, "refusals publish nothing");
+        let mut sub = hub.subscribe(None, &Filter::default());
+        let removed = hub.remove(&id("a")).unwrap();
+        assert_eq!(removed.id, unchanged.0 + 1);
+        let event: StatusEvent =
+            serde_json::from_str(&sub.events.try_recv().unwrap().json).unwrap();
+        assert!(event.removed);
+        assert_eq!(event.status.temperature, Some(1.0), "its last state");
+        assert_eq!(hub.device(&id("a")), None);
+        assert_eq!(hub.stats(), (removed.id, 1));
+        // The store forgot it too.
+        drop((hub, sub));
+        let hub = stored_hub(dir.path(), 8);
+        assert_eq!((hub.device(&id("a")), hub.stats()), (None, (removed.id, 1)));
+        // A report registers it anew.
+        assert!(hub.apply(&id("a"), &temp(1.0)).unwrap().changed);
+        assert!(!last_event(&hub).removed);
     }
 
     fn waiting(device: &str, t: f64) -> Arc<Waiting> {

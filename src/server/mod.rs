@@ -23,7 +23,7 @@ use auth::{Auth, Token};
 use axum::Router;
 use axum::extract::FromRef;
 use axum::http::{HeaderValue, header};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use commands::Commands;
 use config::Config;
 use hub::Hub;
@@ -89,6 +89,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}/status", post(api::post_status))
         .route("/api/devices/{id}/commands", post(api::post_command))
         .route("/api/devices/{id}/thresholds", put(api::put_thresholds))
+        .route("/api/devices/{id}", delete(api::remove_device))
         .route("/api/session", post(api::sign_in).delete(api::sign_out))
         .route("/api/ws", get(ws::upgrade))
         .route_layer(axum::middleware::from_fn_with_state(

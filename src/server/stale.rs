@@ -192,6 +192,12 @@ impl Watch {
         Some(self.heard.get(device)?.last + self.allowed_silence(device)?)
     }
 
+    /// Forgets `device` (it was removed): a later report starts afresh.
+    pub fn forget(&mut self, device: &DeviceId) {
+        self.heard.remove(device);
+        self.saved.remove(device);
+    }
+
     /// Records the deadline the watcher now sleeps until.
     pub fn arm(&mut self, next: Option<Instant>) {
         self.armed = next;

@@ -27,6 +27,7 @@ use super::db::{Arg, Conn, TxKind};
 use super::thresholds::MetricLimits;
 use crate::model::{Device, DeviceId, EventId};
 use rusqlite::{Connection, OptionalExtension};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -519,6 +520,7 @@ impl Store {
             device,
             previous,
             json,
+            removed: false,
         };
         self.record_rows(&[row])
     }
@@ -549,18 +551,12 @@ impl Store {
         })
     }
 
-    /// Records event `id` as [`record`](Self::record) does, unless the
+    /// Records `event` as [`record_all`](Self::record_all) does, unless the
     /// store has it already: for an event whose commit failed, which may
     /// have been made durable all the same (or, on a shared database, an
     /// event of the same id that another instance recorded).
-    pub fn record_missing(
-        &mut self,
-        id: EventId,
-        device: &Device,
-        previous: Option<&Device>,
-        json: &str,
-    ) -> Result<(), StoreError> {
-        match self.record(id, device, previous, json) {
+    pub fn record_missing(&mut self, event: &Recorded) -> Result<(), StoreError> {
+        match self.record_all(std::slice::from_ref(event)) {
             Err(e) if e.is_duplicate() => Ok(()),
             done => done,
         }
@@ -911,6 +907,9 @@ pub struct Recorded {
     /// The device's state before this event.
     pub previous: Option<Device>,
     pub json: Box<str>,
+    /// The event removes the device (`device` is its last state): its
+    /// state, history and learned report interval go.
+    pub removed: bool,
 }
 
 impl Recorded {
@@ -920,6 +919,7 @@ impl Recorded {
             device: &self.device,
             previous: self.previous.as_ref(),
             json: &self.json,
+            removed: self.removed,
         }
     }
 }
@@ -931,11 +931,14 @@ struct EventRow<'a> {
     /// The device's state before this event.
     previous: Option<&'a Device>,
     json: &'a str,
+    removed: bool,
 }
 
 /// The rows of `events`, in id order (see [`Store::record`]): each event,
 /// the last id, each device's newest state, and the readings that changed,
-/// each kind in as few statements as [`insert_rows`] takes.
+/// each kind in as few statements as [`insert_rows`] takes. A removal
+/// deletes its device's rows (limits stay: they are configuration, like
+/// the thresholds file's); a later event of the same id registers it anew.
 fn insert_events(tx: &Conn, events: &[EventRow]) -> Result<(), StoreError> {
     let Some(last) = events.last() else {
         return Ok(());
@@ -964,15 +967,39 @@ fn insert_events(tx: &Conn, events: &[EventRow]) -> Result<(), StoreError> {
         SAVE_LAST_ID,
         &[Arg::Str(LAST_EVENT_ID), Arg::I64(last.id as i64)],
     )?;
-    let mut newest: Vec<&Device> = Vec::new();
-    for e in events.iter().rev() {
-        if !newest.iter().any(|d| d.id == e.device.id) {
-            newest.push(e.device);
+    // Each device's newest event, and the index of its last removal.
+    let mut newest: Vec<&EventRow> = Vec::new();
+    let mut removed: HashMap<&DeviceId, usize> = HashMap::new();
+    for (i, e) in events.iter().enumerate().rev() {
+        if !newest.iter().any(|n| n.device.id == e.device.id) {
+            newest.push(e);
+        }
+        if e.removed {
+            removed.entry(&e.device.id).or_insert(i);
         }
     }
+    for device in removed.keys() {
+        for delete in [
+            "DELETE FROM devices WHERE id = ?1",
+            "DELETE FROM readings WHERE device = ?1",
+            "DELETE FROM readings_1m WHERE device = ?1",
+            "DELETE FROM report_intervals WHERE device = ?1",
+        ] {
+            tx.execute(delete, &[Arg::Str(device.as_str())])?;
+        }
+    }
+    let newest: Vec<&Device> = newest
+        .into_iter()
+        .filter(|e| !e.removed)
+        .map(|e| e.device)
+        .collect();
     save_devices(tx, &newest)?;
     let mut args = Vec::new();
-    for e in events {
+    for (i, e) in events.iter().enumerate() {
+        if removed.get(&e.device.id).is_some_and(|&r| i <= r) {
+            // Its history went with it.
+            continue;
+        }
         let old = e.previous.map(|d| &d.status);
         let s = &e.device.status;
         let numbers = [
@@ -1107,6 +1134,7 @@ mod tests {
             device: device.clone(),
             previous: previous.cloned(),
             json: json.into(),
+            removed: false,
         };
         let first = [event(1, &a1, None, r#"{"n":1}"#)];
         store.record_all_then(&first, || Ok(())).unwrap();
@@ -1122,11 +1150,15 @@ mod tests {
         let again = store.record_all_then(&again, || panic!("published"));
         assert!(matches!(again, Err(StoreError::Behind)), "{again:?}");
         // An unsure event: kept if missing, left as it is if there.
-        store.record_missing(1, &a2, Some(&a1), "{}").unwrap();
         store
-            .record_missing(2, &a2, Some(&a1), r#"{"n":2}"#)
+            .record_missing(&event(1, &a2, Some(&a1), "{}"))
             .unwrap();
-        store.record_missing(2, &a2, Some(&a1), "{}").unwrap();
+        store
+            .record_missing(&event(2, &a2, Some(&a1), r#"{"n":2}"#))
+            .unwrap();
+        store
+            .record_missing(&event(2, &a2, Some(&a1), "{}"))
+            .unwrap();
         let events = store.events_between(0, 2).unwrap();
         let jsons: Vec<_> = events.iter().map(|e| e.json.as_str()).collect();
         assert_eq!(jsons, [r#"{"n":1}"#, r#"{"n":2}"#]);
@@ -1150,6 +1182,7 @@ mod tests {
                 device,
                 previous,
                 json: format!(r#"{{"n":{i}}}"#).into(),
+                removed: false,
             });
         }
         store.record_all(&events).unwrap();
@@ -1177,6 +1210,61 @@ mod tests {
             assert_eq!(readings.last(), Some(&last));
             assert_eq!(store.readings(&id, "load").unwrap().len(), want.len());
         }
+    }
+
+    /// A removal deletes its device's state, history and learned
+    /// interval; in the same group, a later event registers it afresh.
+    pub(crate) fn removes_a_device_with_its_history(mut store: Store) {
+        let event = |id, device: &Device, previous: Option<&Device>, removed| Recorded {
+            id,
+            device: device.clone(),
+            previous: previous.cloned(),
+            json: "{}".into(),
+            removed,
+        };
+        let (a1, a2, a3, b) = (
+            device("a", 1.0),
+            device("a", 2.0),
+            device("a", 3.0),
+            device("b", 9.0),
+        );
+        store
+            .record_all(&[event(1, &a1, None, false), event(2, &b, None, false)])
+            .unwrap();
+        store
+            .save_report_interval(&a1.id, Duration::from_secs(5))
+            .unwrap();
+        store
+            .record_all(&[
+                event(3, &a2, Some(&a1), false),
+                event(4, &a2, Some(&a2), true),
+                event(5, &a3, None, false),
+            ])
+            .unwrap();
+        assert_eq!(temperatures(&store, &a1.id), [3.0]);
+        assert_eq!(temperatures(&store, &b.id), [9.0]);
+        let temps: Vec<_> = store
+            .devices()
+            .unwrap()
+            .iter()
+            .map(|d| d.status.temperature)
+            .collect();
+        assert_eq!(temps, [Some(3.0), Some(9.0)]);
+        assert_eq!(store.report_intervals().unwrap(), []);
+        store.record_all(&[event(6, &a3, Some(&a3), true)]).unwrap();
+        assert!(temperatures(&store, &a1.id).is_empty());
+        let devices = store.devices().unwrap();
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].id, b.id);
+        // The event log keeps the removals, for a resume.
+        assert_eq!(store.events_between(0, 6).unwrap().len(), 6);
+        assert_eq!(store.last_event_id().unwrap(), Some(6));
+    }
+
+    #[test]
+    fn a_removal_takes_the_device_and_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        removes_a_device_with_its_history(Store::open(dir.path()).unwrap());
     }
 
     #[test]
@@ -1427,7 +1515,7 @@ pub(crate) mod testing {
         use crate::server::history::Reader;
         use crate::server::store::tests::{
             device, records_a_large_group, records_only_what_was_published,
-            records_read_back_after_reopening,
+            records_read_back_after_reopening, removes_a_device_with_its_history,
         };
         use crate::server::store::{PG_MIGRATIONS, StoreError};
         use chrono::Utc;
@@ -1483,6 +1571,11 @@ pub(crate) mod testing {
         }
 
         #[test]
+        fn a_removal_takes_the_device_and_its_history() {
+            removes_a_device_with_its_history(PgSchema::new().open());
+        }
+
+        #[test]
         fn an_instance_recording_an_id_another_holds_waits_then_is_behind() {
             let db = PgSchema::new();
             let (mut one, mut two) = (db.open(), db.open());
@@ -1493,6 +1586,7 @@ pub(crate) mod testing {
                 device: device(name, 1.0),
                 previous: None,
                 json: "{}".into(),
+                removed: false,
             };
             std::thread::scope(|s| {
                 s.spawn(move || {

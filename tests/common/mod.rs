@@ -384,6 +384,17 @@ impl Server {
         send_json(request).await
     }
 
+    /// `DELETE /api/devices/{device}` with `bearer` (if any).
+    pub async fn remove(&self, device: &str, bearer: Option<&str>) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .delete(self.url(&format!("/api/devices/{device}")));
+        if let Some(token) = bearer {
+            request = request.bearer_auth(token);
+        }
+        send_json(request).await
+    }
+
     /// Signs in with the operator token; returns the session cookie as a
     /// `Cookie` header sends it back (`telltale_session=…`).
     pub async fn sign_in(&self) -> String {
