@@ -208,6 +208,8 @@ test.describe("without JavaScript", () => {
     await expect(card(page, "pump")).toHaveCount(1);
     await expect(switches(page)).toHaveCount(0);
     await expect(page.getByTestId("sign-in")).toBeVisible();
+    // Never sent as a plain form, which the server would refuse.
+    await expect(page.getByRole("button", { name: "Sign in" })).toBeDisabled();
 
     // page.request shares the page's cookies.
     const signedIn = await page.request.post("/api/session", { data: { token: server.operatorToken } });

@@ -47,7 +47,7 @@ test("an operator removes a device; every open page drops it until it reports ag
     await expect(devicePage.getByTestId("removed")).toBeVisible();
     // Its last state stays on its page; its history went.
     await expect(devicePage.getByTestId("name")).toHaveText("Old rig");
-    await expect(devicePage.getByTestId("no-data")).toBeVisible();
+    await expect(devicePage.getByTestId("no-data")).toHaveText("Its history was removed with it.");
 
     // A new report brings it back, everywhere.
     await server.post("old-rig", { temperature: 30 });

@@ -631,22 +631,32 @@ pub fn alert_text(device: &Device, metric: &str) -> Option<String> {
 /// answers with an `HttpOnly` session cookie) or, when signed in, sign-out.
 #[component]
 fn SessionControl(operator: RwSignal<bool>) -> impl IntoView {
-    let token = RwSignal::new(String::new());
+    // The field is read when the form is sent, never bound to a signal:
+    // hydration would empty what was typed before the page's code ran.
+    let token = NodeRef::<leptos::html::Input>::new();
     let busy = RwSignal::new(false);
     let error = RwSignal::new(None::<String>);
+    // Signing in takes the page's code: until it runs, the button stays
+    // disabled, so a token sent early is never posted as a plain form (which
+    // the server refuses, leaving the person on a bare JSON error).
+    let hydrated = RwSignal::new(false);
+    Effect::new(move |_| hydrated.set(true));
     let sign_in = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
+        let Some(field) = token.get_untracked() else {
+            return;
+        };
         if busy.get_untracked() {
             return;
         }
         busy.set(true);
-        let given = token.get_untracked();
+        let given = field.value();
         leptos::task::spawn_local(async move {
             let result = api::sign_in(given).await;
             busy.set(false);
             match result {
                 Ok(()) => {
-                    token.set(String::new());
+                    field.set_value("");
                     error.set(None);
                     operator.set(true);
                 }
@@ -691,10 +701,16 @@ fn SessionControl(operator: RwSignal<bool>) -> impl IntoView {
                                     placeholder="Operator token"
                                     required
                                     data-testid="operator-token"
-                                    bind:value=token
+                                    node_ref=token
                                 />
                             </label>
-                            <button type="submit" disabled=move || busy.get()>
+                            <button
+                                type="submit"
+                                disabled=move || busy.get() || !hydrated.get()
+                                title=move || {
+                                    (!hydrated.get()).then_some("Signing in needs JavaScript")
+                                }
+                            >
                                 "Sign in"
                             </button>
                         </form>

@@ -478,7 +478,13 @@ pub fn DevicePage() -> impl IntoView {
                 />
                 <Show when=move || page.series.with(Vec::is_empty)>
                     <p class="no-data" data-testid="no-data">
-                        "This device has reported no readings yet."
+                        {move || {
+                            if page.removed.get() {
+                                "Its history was removed with it."
+                            } else {
+                                "This device has reported no readings yet."
+                            }
+                        }}
                     </p>
                 </Show>
             </section>
