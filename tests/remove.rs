@@ -12,14 +12,7 @@ use serde_json::json;
 /// is left.
 async fn gone(server: &Server, device: &str, kept: &str) {
     assert_eq!(server.device(device).await, None);
-    let (_, list) = server.get_json("/api/devices").await;
-    let ids: Vec<&str> = list["devices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, [kept]);
+    assert_eq!(server.device_ids().await, [kept]);
     let (status, _) = server
         .get_json(&format!("/api/devices/{device}/history?metric=temperature"))
         .await;

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{Server, SseStream, answer_next_command, command, eventually};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 /// Reads SSE status events until one for `device` satisfies `check`.
@@ -309,6 +310,39 @@ async fn an_agent_that_disconnects_makes_its_device_offline_on_sse() {
             .get("online")
             .is_none()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_device_whose_agent_does_not_come_back_goes_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let mut server =
+        Server::start_with_simulator(&["--data-dir", path, "--agent-timeout", "3s"]).await;
+    let agent = server.agent("psu").await;
+    eventually("the agent's device to be online", || async {
+        server
+            .device("psu")
+            .await
+            .is_some_and(|d| d["online"] == true)
+    })
+    .await;
+    // Killed with its agent connected: the store says online.
+    server.restart().await;
+    drop(agent);
+    let mut sse = server.sse("?device=psu").await;
+    let start = sse.expect_start().await;
+    assert_eq!(
+        start.device("psu").unwrap()["online"],
+        true,
+        "its agent may be on its way back"
+    );
+    sse_status_where(&mut sse, "psu", |d| d["online"] == false).await;
+    // The simulator's devices came back with the server.
+    assert_eq!(server.device("freezer").await.unwrap()["online"], true);
+    // Offline, it may be removed.
+    let operator = server.operator_token.clone();
+    let (status, body) = server.remove("psu", Some(&operator)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

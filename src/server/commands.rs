@@ -25,7 +25,7 @@
 
 use super::auth::{Guesses, Session};
 use super::cluster::{Broker, Relay};
-use super::hub::Hub;
+use super::hub::{Filter, Hub};
 use crate::model::DeviceId;
 use crate::protocol::{CommandSet, Outcome};
 use std::collections::{BTreeSet, HashMap};
@@ -213,6 +213,43 @@ impl Commands {
             },
             &shutdown,
         );
+    }
+
+    /// At start: a device the store left online (its agent was connected
+    /// when the server stopped) whose agent is not back after `grace` goes
+    /// offline. Otherwise it would show online for good, with no agent to
+    /// take its commands, and could not be removed. In cluster mode one
+    /// that an agent on another instance holds stays online.
+    pub async fn offline_unless_back(
+        self: Arc<Self>,
+        grace: Duration,
+        shutdown: CancellationToken,
+    ) {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(grace) => {}
+        }
+        let snapshot = self.hub.snapshot(&Filter::default());
+        let online = snapshot.devices.iter().filter(|d| d.online == Some(true));
+        for device in online.map(|d| &d.id) {
+            // Under the agents' lock, which `register` holds while it puts
+            // its device online: an agent arriving now keeps it so.
+            let state = self.lock();
+            if state.agents.contains_key(device) {
+                continue;
+            }
+            // Held elsewhere, or not known: the sweep looks after it.
+            if let Some(Ok(Some(_)) | Err(_)) = self.on_cluster(|b, _| b.agent_of(device)) {
+                continue;
+            }
+            match self.hub.set_online(device, Some(false)) {
+                Ok(_) => tracing::info!("{device}: its agent did not come back after the restart"),
+                Err(e) => {
+                    tracing::error!("{device} is offline, but that could not be recorded: {e}")
+                }
+            }
+            drop(state);
+        }
     }
 
     /// Cluster mode: once a second, until `shutdown`, withdraws the agents

@@ -289,6 +289,11 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         commands = commands.with_cluster(broker.another(), auth.guesses.clone());
     }
     let commands = Arc::new(commands);
+    tokio::spawn(
+        commands
+            .clone()
+            .offline_unless_back(config.agent_timeout, shutdown.clone()),
+    );
     if let Some(broker) = broker {
         tokio::spawn(commands.clone().sweep(shutdown.clone()));
         let (relays, stop) = (commands.clone(), shutdown.clone());

@@ -263,6 +263,17 @@ impl Server {
         }
     }
 
+    /// The ids `GET /api/devices` lists, in its order.
+    pub async fn device_ids(&self) -> Vec<String> {
+        let (status, body) = self.get_json("/api/devices").await;
+        assert_eq!(status, StatusCode::OK, "GET /api/devices answered {body}");
+        let devices = body["devices"].as_array().expect("a devices array");
+        devices
+            .iter()
+            .map(|d| d["id"].as_str().expect("a device id").to_owned())
+            .collect()
+    }
+
     /// Opens `GET /api/events{query}` and insists on a 200. Once this returns,
     /// the server has taken the subscription: every later event is delivered.
     pub async fn sse(&self, query: &str) -> SseStream {
