@@ -218,6 +218,8 @@ test.describe("without JavaScript", () => {
     await expect(switches(page)).toHaveCount(2);
     await expect(card(page, "pump").getByTestId("power-switch")).toHaveAttribute("aria-pressed", "true");
     await expect(card(page, "lamp").getByTestId("power-switch")).toHaveAttribute("aria-pressed", "false");
+    // A click would do nothing without the page's code: they say so.
+    await expect(card(page, "lamp").getByTestId("power-switch")).toBeDisabled();
     await expect(page.getByTestId("sign-in")).toHaveCount(0);
     expect(await page.content()).not.toContain(server.operatorToken);
   });

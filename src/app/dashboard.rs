@@ -125,6 +125,11 @@ pub struct Board {
     pub feed: Feed,
     /// Whether this page has operator rights (a live session cookie).
     pub operator: RwSignal<bool>,
+    /// The page's code runs: until then its buttons are disabled (a click
+    /// would do nothing, and the sign-in form would be sent as a plain
+    /// form, which the server refuses, leaving the person on a bare JSON
+    /// error).
+    pub hydrated: RwSignal<bool>,
 }
 
 // The server renders; only the browser applies events.
@@ -191,6 +196,7 @@ impl Board {
             cards: RwSignal::new(cards),
             feed: Feed::new(now_ms),
             operator: RwSignal::new(operator),
+            hydrated: RwSignal::new(false),
         }
     }
 
@@ -412,6 +418,8 @@ pub fn Dashboard() -> impl IntoView {
     let rendered_at = initial.snapshot.event_id;
     let board = Board::new(initial);
     live::connect(board.feed, None, rendered_at, board);
+    // Effects run in the browser only, once hydrated.
+    Effect::new(move |_| board.hydrated.set(true));
     // `?q=` filters the cards: from the address on the server (a plain GET
     // form, so it works without JavaScript), live as one types after.
     let query = leptos_router::hooks::use_query_map();
@@ -452,7 +460,7 @@ pub fn Dashboard() -> impl IntoView {
         } />
         <header class="top">
             <h1>"Telltale"</h1>
-            <SessionControl operator=board.operator />
+            <SessionControl operator=board.operator hydrated=board.hydrated />
             <ConnectionIndicator feed=board.feed />
         </header>
         <Show when=move || alerting.with(|a| !a.is_empty())>
@@ -513,6 +521,7 @@ pub fn Dashboard() -> impl IntoView {
                     spark=card.spark
                     now_ms=board.feed.now_ms
                     operator=board.operator
+                    hydrated=board.hydrated
                     hidden=Signal::derive(move || !card.device.with(|d| matches(&filter.get(), d)))
                 />
             </For>
@@ -630,17 +639,12 @@ pub fn alert_text(device: &Device, metric: &str) -> Option<String> {
 /// Operator sign-in (the token is posted once, then forgotten: the server
 /// answers with an `HttpOnly` session cookie) or, when signed in, sign-out.
 #[component]
-fn SessionControl(operator: RwSignal<bool>) -> impl IntoView {
+fn SessionControl(operator: RwSignal<bool>, hydrated: RwSignal<bool>) -> impl IntoView {
     // The field is read when the form is sent, never bound to a signal:
     // hydration would empty what was typed before the page's code ran.
     let token = NodeRef::<leptos::html::Input>::new();
     let busy = RwSignal::new(false);
     let error = RwSignal::new(None::<String>);
-    // Signing in takes the page's code: until it runs, the button stays
-    // disabled, so a token sent early is never posted as a plain form (which
-    // the server refuses, leaving the person on a bare JSON error).
-    let hydrated = RwSignal::new(false);
-    Effect::new(move |_| hydrated.set(true));
     let sign_in = move |ev: leptos::ev::SubmitEvent| {
         ev.prevent_default();
         let Some(field) = token.get_untracked() else {
@@ -776,6 +780,7 @@ fn DeviceCard(
     spark: RwSignal<Spark>,
     now_ms: RwSignal<i64>,
     operator: RwSignal<bool>,
+    hydrated: RwSignal<bool>,
     /// Left out by the card filter.
     #[prop(into)]
     hidden: Signal<bool>,
@@ -876,7 +881,7 @@ fn DeviceCard(
                                 "off"
                             }
                         }
-                        disabled=move || pending.get()
+                        disabled=move || pending.get() || !hydrated.get()
                         on:click=toggle.clone()
                     >
                         <span class="switch-track" aria-hidden="true">
@@ -890,7 +895,7 @@ fn DeviceCard(
                             class="remove"
                             data-testid="remove"
                             title="Remove this device and its history"
-                            disabled=move || pending.get()
+                            disabled=move || pending.get() || !hydrated.get()
                             on:click=move |_| remove.run(())
                         >
                             "Remove"
@@ -1343,6 +1348,7 @@ mod tests {
                     spark=RwSignal::new(spark)
                     now_ms=RwSignal::new(0)
                     operator=RwSignal::new(false)
+                    hydrated=RwSignal::new(false)
                     hidden=false
                 />
             }
