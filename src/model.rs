@@ -14,6 +14,11 @@ pub type EventId = u64;
 
 /// Most extra metrics one device may carry; keeps a status small.
 pub const MAX_METRICS: usize = 32;
+/// Largest magnitude of an extra metric's value: any count a device may
+/// report (a petabyte in bytes), exact as an integer in every JSON reader,
+/// and far enough from f64's limits that the history's sums and means
+/// never overflow.
+pub const MAX_METRIC_ABS: f64 = 1e15;
 /// Longest device name, in characters.
 pub const MAX_NAME_CHARS: usize = 64;
 
@@ -322,8 +327,11 @@ impl StatusUpdate {
                 if !is_metric_name(key) {
                     return Err(FieldError::new(field, METRIC_NAME_RULE));
                 }
-                if !value.is_finite() {
-                    return Err(FieldError::new(field, "a metric must be a finite number"));
+                if !value.is_finite() || value.abs() > MAX_METRIC_ABS {
+                    return Err(FieldError::new(
+                        field,
+                        "a metric must be a number between -1e15 and 1e15",
+                    ));
                 }
             }
         }
@@ -519,6 +527,16 @@ mod tests {
         assert_eq!(field_of(m("bad key", 1.0)), "metrics.bad key");
         assert_eq!(field_of(m("", 1.0)), "metrics.");
         assert_eq!(field_of(m("ok", f64::NAN)), "metrics.ok");
+        assert_eq!(field_of(m("ok", 1.5e15)), "metrics.ok");
+        assert_eq!(field_of(m("ok", -f64::MAX)), "metrics.ok");
+        let at_the_limits = StatusUpdate {
+            metrics: Some(BTreeMap::from([
+                ("max".into(), MAX_METRIC_ABS),
+                ("min".into(), -MAX_METRIC_ABS),
+            ])),
+            ..Default::default()
+        };
+        assert_eq!(at_the_limits.validate(), Ok(()));
         let many = StatusUpdate {
             metrics: Some((0..=MAX_METRICS).map(|i| (format!("m{i}"), 1.0)).collect()),
             ..Default::default()

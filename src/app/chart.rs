@@ -32,12 +32,15 @@ impl Scale {
         Self { d0, d1, r0, r1 }
     }
 
-    /// An empty domain maps to the middle of the range.
+    /// An empty domain maps to the middle of the range. Computed on
+    /// halves, so a domain as wide as f64 allows (a metric may be any finite
+    /// number) does not overflow into NaN.
     pub fn map(&self, v: f64) -> f64 {
         if self.d1 == self.d0 {
             (self.r0 + self.r1) / 2.0
         } else {
-            self.r0 + (v - self.d0) / (self.d1 - self.d0) * (self.r1 - self.r0)
+            let (v, d0, d1) = (v / 2.0, self.d0 / 2.0, self.d1 / 2.0);
+            self.r0 + (v - d0) / (d1 - d0) * (self.r1 - self.r0)
         }
     }
 }
@@ -84,25 +87,30 @@ impl ValueAxis {
         )?;
         let (lo, hi) = if hi - lo <= f64::EPSILON * hi.abs().max(1.0) {
             let pad = if lo == 0.0 { 1.0 } else { lo.abs() * 0.05 };
-            (lo - pad, hi + pad)
+            ((lo - pad).max(f64::MIN), (hi + pad).min(f64::MAX))
         } else {
             (lo, hi)
         };
         let step = nice_step(hi - lo, target);
         let first = (lo / step).floor();
         let last = (hi / step).ceil();
-        if !(last - first).is_finite() || last - first > 100.0 {
-            // Values too far apart for round ticks (near f64's limits).
+        let ticks: Vec<f64> = if (last - first).is_finite() && last - first <= 100.0 {
+            (0..=(last - first) as i64)
+                .map(|i| clean((first + i as f64) * step, step))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if ticks.is_empty() || ticks.iter().any(|t| !t.is_finite()) {
+            // Values too far apart for round ticks, or round ticks past
+            // f64's limits.
             return Some(Self {
                 min: lo,
                 max: hi,
-                step: hi - lo,
+                step: hi / 2.0 - lo / 2.0,
                 ticks: vec![lo, hi],
             });
         }
-        let ticks: Vec<f64> = (0..=(last - first) as i64)
-            .map(|i| clean((first + i as f64) * step, step))
-            .collect();
         Some(Self {
             min: ticks[0],
             max: *ticks.last().expect("at least one tick"),
@@ -320,8 +328,10 @@ fn spark_domain(points: &[Point]) -> (f64, f64) {
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    let pad = ((hi - lo) * 0.1).max(hi.abs().max(1.0) * 1e-3);
-    (lo - pad, hi + pad)
+    // On halves, and kept finite: the values may be as far apart as f64
+    // allows.
+    let pad = ((hi / 2.0 - lo / 2.0) * 0.2).max(hi.abs().max(1.0) * 1e-3);
+    ((lo - pad).max(f64::MIN), (hi + pad).min(f64::MAX))
 }
 
 /// The time span a sparkline draws, `(from, end)`: its whole window once
@@ -673,6 +683,8 @@ mod tests {
         assert_eq!(ValueAxis::fit([], 5), None);
         let huge = ValueAxis::fit([-f64::MAX, f64::MAX], 5).unwrap();
         assert_eq!(huge.ticks.len(), 2, "no endless ticks");
+        let flat = ValueAxis::fit([f64::MAX], 5).unwrap();
+        assert!(flat.min.is_finite() && flat.max.is_finite(), "{flat:?}");
         assert_eq!(ValueAxis::fit([f64::NAN], 5), None);
     }
 
@@ -784,6 +796,29 @@ mod tests {
         // Read before the window but still in force in it: drawn from its start.
         let old = layout(&[p(now - 2 * HOUR_MS, 1.0)], now, HOUR_MS);
         assert_eq!(old.shown, 1, "the value in force at the start is drawn");
+    }
+
+    #[test]
+    fn values_as_far_apart_as_f64_allows_still_draw() {
+        let now = NOON;
+        let finite = |path: &str| {
+            assert!(!path.is_empty(), "a path");
+            assert!(!path.contains("NaN") && !path.contains("inf"), "{path}");
+        };
+        for values in [[-f64::MAX, f64::MAX], [1e308, -1e308], [f64::MAX, f64::MAX]] {
+            let points = [
+                p(now - 30 * MINUTE_MS, values[0]),
+                p(now - 10 * MINUTE_MS, values[1]),
+            ];
+            let l = layout(&points, now, HOUR_MS);
+            finite(&l.path);
+            assert!(l.y_ticks.iter().all(|(y, _)| y.is_finite()), "{values:?}");
+            // The sparkline's way.
+            let (lo, hi) = spark_domain(&points);
+            let x = Scale::new(((now - HOUR_MS) as f64, now as f64), (1.0, 119.0));
+            let y = Scale::new((lo, hi), (30.0, 2.0));
+            finite(&step_path(&points, now - HOUR_MS, now, x, y));
+        }
     }
 
     #[test]
