@@ -327,6 +327,14 @@ impl StatusUpdate {
                 if !is_metric_name(key) {
                     return Err(FieldError::new(field, METRIC_NAME_RULE));
                 }
+                if key == "temperature" || key == "humidity" {
+                    // Their history, limits and alerts would mix with the
+                    // reading's own, under the same name.
+                    return Err(FieldError::new(
+                        field,
+                        format!("{key} is a reading of its own: send it as `{key}`, not a metric"),
+                    ));
+                }
                 if !value.is_finite() || value.abs() > MAX_METRIC_ABS {
                     return Err(FieldError::new(
                         field,
@@ -528,6 +536,8 @@ mod tests {
         assert_eq!(field_of(m("", 1.0)), "metrics.");
         assert_eq!(field_of(m("ok", f64::NAN)), "metrics.ok");
         assert_eq!(field_of(m("ok", 1.5e15)), "metrics.ok");
+        assert_eq!(field_of(m("temperature", 1.0)), "metrics.temperature");
+        assert_eq!(field_of(m("humidity", 1.0)), "metrics.humidity");
         assert_eq!(field_of(m("ok", -f64::MAX)), "metrics.ok");
         let at_the_limits = StatusUpdate {
             metrics: Some(BTreeMap::from([
