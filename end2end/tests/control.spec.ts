@@ -157,6 +157,37 @@ test("a wrong token shows the server's error and no switch", async ({ page, serv
   await expect(switches(page)).toHaveCount(0);
 });
 
+test("a token typed before the page's code runs is kept, and never sent as a plain form", async ({
+  page,
+  server,
+}) => {
+  await server.post("pump", { name: "Pump", power_on: true });
+  // Hold the WebAssembly back: the page is the server's HTML only.
+  let release: () => void = () => {};
+  const held = new Promise<void>((r) => (release = r));
+  await page.route("**/pkg/*.wasm", async (route) => {
+    await held;
+    await route.continue();
+  });
+  await page.goto("/", { waitUntil: "domcontentloaded" });
+  const button = page.getByRole("button", { name: "Sign in" });
+  const field = page.getByTestId("operator-token");
+  await expect(button).toBeDisabled();
+  await expect(button).toHaveAttribute("title", "Signing in needs JavaScript");
+  await field.fill(server.operatorToken);
+  await field.press("Enter");
+  // Still the dashboard: nothing was posted as a form.
+  await expect(card(page, "pump")).toHaveCount(1);
+  expect(new URL(page.url()).pathname).toBe("/");
+
+  release();
+  await expect(button).toBeEnabled();
+  await expect(field).toHaveValue(server.operatorToken);
+  await button.click();
+  await expect(page.getByTestId("operator")).toHaveText("Operator");
+  await expect(switches(page)).toHaveCount(1);
+});
+
 test("a device whose agent left is shown offline, apart from the page's own state", async ({ page, server }) => {
   await server.post("pump", { name: "Pump", temperature: 12, power_on: true });
   await page.goto("/");
