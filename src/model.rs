@@ -207,6 +207,117 @@ pub struct Alert {
     pub limits: Limits,
 }
 
+/// What one event changed about a device besides its readings: a line of
+/// its page's "Recent changes" (`GET /api/devices/{id}/changes`). The
+/// server records them as it records the event; the page adds the ones of
+/// the events it follows with the same [`Change::between`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Change {
+    /// First report of this id.
+    Registered,
+    Renamed {
+        name: String,
+    },
+    Power {
+        on: bool,
+    },
+    /// Its agent connected (`true`) or went away (`false`).
+    Online {
+        online: bool,
+    },
+    /// Silent past its report interval (`true`), or reporting again.
+    Stale {
+        stale: bool,
+    },
+    /// A reading went outside its limits (`alert` as it first broke them).
+    Alert {
+        metric: String,
+        alert: Alert,
+    },
+    /// A reading that was outside its limits is back within them (or its
+    /// limits went).
+    AlertCleared {
+        metric: String,
+    },
+}
+
+impl Change {
+    /// Its `kind` in the JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::Registered => "registered",
+            Change::Renamed { .. } => "renamed",
+            Change::Power { .. } => "power",
+            Change::Online { .. } => "online",
+            Change::Stale { .. } => "stale",
+            Change::Alert { .. } => "alert",
+            Change::AlertCleared { .. } => "alert_cleared",
+        }
+    }
+
+    /// What changed from `before` (`None`: the device is new) to `after`,
+    /// in a fixed order. Readings that stay within their limits are not
+    /// changes here: the charts show them.
+    pub fn between(before: Option<&Device>, after: &Device) -> Vec<Change> {
+        let Some(before) = before else {
+            return vec![Change::Registered];
+        };
+        let mut changes = Vec::new();
+        if before.name != after.name {
+            changes.push(Change::Renamed {
+                name: after.name.clone(),
+            });
+        }
+        if let Some(on) = after
+            .status
+            .power_on
+            .filter(|_| before.status.power_on != after.status.power_on)
+        {
+            changes.push(Change::Power { on });
+        }
+        if let Some(online) = after.online.filter(|_| before.online != after.online) {
+            changes.push(Change::Online { online });
+        }
+        if before.stale != after.stale {
+            changes.push(Change::Stale { stale: after.stale });
+        }
+        for (metric, alert) in &after.alerts {
+            if !before.alerts.contains_key(metric) {
+                changes.push(Change::Alert {
+                    metric: metric.clone(),
+                    alert: *alert,
+                });
+            }
+        }
+        for metric in before.alerts.keys() {
+            if !after.alerts.contains_key(metric) {
+                changes.push(Change::AlertCleared {
+                    metric: metric.clone(),
+                });
+            }
+        }
+        changes
+    }
+}
+
+/// A [`Change`] with the event that made it and that event's time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Changed {
+    /// The event's id (several changes may share one).
+    pub id: EventId,
+    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+/// The body of `GET /api/devices/{id}/changes`: newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Changes {
+    pub device: DeviceId,
+    pub changes: Vec<Changed>,
+}
+
 /// One point of a metric's history. Readings are kept as changes: a value
 /// holds from its `t` until the next point. A point made from several
 /// readings (a `step` bucket, or the per-minute downsampled history) carries
@@ -404,6 +515,102 @@ mod tests {
             alerts: BTreeMap::new(),
             updated_at: DateTime::UNIX_EPOCH,
         }
+    }
+
+    #[test]
+    fn changes_are_what_moved_besides_readings() {
+        let before = device();
+        assert_eq!(Change::between(None, &before), [Change::Registered]);
+        let mut after = device();
+        after.status.temperature = Some(25.0);
+        after.status.metrics.insert("load".into(), 0.9);
+        assert!(
+            Change::between(Some(&before), &after).is_empty(),
+            "readings are the charts' business"
+        );
+        let hot = Alert {
+            value: 31.0,
+            limits: Limits {
+                min: None,
+                max: Some(30.0),
+            },
+        };
+        after.name = "Rack one".into();
+        after.status.power_on = Some(false);
+        after.online = Some(false);
+        after.stale = true;
+        after.alerts.insert("temperature".into(), hot);
+        assert_eq!(
+            Change::between(Some(&before), &after),
+            [
+                Change::Renamed {
+                    name: "Rack one".into()
+                },
+                Change::Power { on: false },
+                Change::Online { online: false },
+                Change::Stale { stale: true },
+                Change::Alert {
+                    metric: "temperature".into(),
+                    alert: hot,
+                },
+            ]
+        );
+        // Still alerting, at another value: no new change; back within
+        // limits, online and reporting: each says so.
+        let mut hotter = after.clone();
+        hotter
+            .alerts
+            .insert("temperature".into(), Alert { value: 35.0, ..hot });
+        assert!(Change::between(Some(&after), &hotter).is_empty());
+        let mut back = hotter.clone();
+        back.alerts.clear();
+        back.online = Some(true);
+        back.stale = false;
+        assert_eq!(
+            Change::between(Some(&hotter), &back),
+            [
+                Change::Online { online: true },
+                Change::Stale { stale: false },
+                Change::AlertCleared {
+                    metric: "temperature".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_change_reads_as_flat_json_and_back() {
+        let changed = Changed {
+            id: 7,
+            at: DateTime::from_timestamp_millis(1_764_000_000_000).unwrap(),
+            change: Change::Alert {
+                metric: "humidity".into(),
+                alert: Alert {
+                    value: 95.0,
+                    limits: Limits {
+                        min: Some(20.0),
+                        max: Some(80.0),
+                    },
+                },
+            },
+        };
+        let json = serde_json::to_value(&changed).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": 7,
+                "at": "2025-11-24T16:00:00Z",
+                "kind": "alert",
+                "metric": "humidity",
+                "alert": {"value": 95.0, "min": 20.0, "max": 80.0},
+            })
+        );
+        assert_eq!(json["kind"], changed.change.kind());
+        assert_eq!(serde_json::from_value::<Changed>(json).unwrap(), changed);
+        let power =
+            serde_json::json!({"id": 8, "at": "2025-11-24T16:00:01Z", "kind": "power", "on": true});
+        let power: Changed = serde_json::from_value(power).unwrap();
+        assert_eq!(power.change, Change::Power { on: true });
     }
 
     #[test]

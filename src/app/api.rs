@@ -75,8 +75,6 @@ pub async fn history(
     from_ms: i64,
     step_ms: Option<i64>,
 ) -> Result<crate::model::History, Failure> {
-    use gloo_net::http::Request;
-
     let from = chrono::DateTime::from_timestamp_millis(from_ms)
         .ok_or_else(|| Failure::new(format!("no such time: {from_ms} ms")))?
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -84,7 +82,34 @@ pub async fn history(
     if let Some(step) = step_ms {
         query.push(("step", format!("{}s", step / 1000)));
     }
-    let response = Request::get(&format!("/api/devices/{device}/history"))
+    get(
+        &format!("/api/devices/{device}/history"),
+        query,
+        "a history",
+    )
+    .await
+}
+
+/// `GET /api/devices/{id}/changes`: its last `limit` changes, newest first.
+#[cfg(feature = "hydrate")]
+pub async fn changes(device: &str, limit: usize) -> Result<crate::model::Changes, Failure> {
+    let query = [("limit", limit.to_string())];
+    get(
+        &format!("/api/devices/{device}/changes"),
+        query,
+        "a list of changes",
+    )
+    .await
+}
+
+/// `GET url?query`, read as JSON; `what` names it in the error.
+#[cfg(feature = "hydrate")]
+async fn get<T: serde::de::DeserializeOwned>(
+    url: &str,
+    query: impl IntoIterator<Item = (&'static str, String)>,
+    what: &str,
+) -> Result<T, Failure> {
+    let response = gloo_net::http::Request::get(url)
         .query(query)
         .send()
         .await
@@ -93,8 +118,7 @@ pub async fn history(
         return Err(Failure::of(response).await);
     }
     let text = response.text().await.unwrap_or_default();
-    serde_json::from_str(&text)
-        .map_err(|e| Failure::new(format!("a history that does not read: {e}")))
+    serde_json::from_str(&text).map_err(|e| Failure::new(format!("{what} that does not read: {e}")))
 }
 
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]

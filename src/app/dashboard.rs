@@ -12,7 +12,7 @@
 use super::chart::{self, HOUR_MS, Sparkline};
 use super::live::{self, Connection, Feed, Follower};
 use super::{api, device_href};
-use crate::model::{Alert, Device, DeviceId, Point, Snapshot, Status, StatusEvent};
+use crate::model::{Alert, Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent};
 use leptos::prelude::*;
 use leptos_meta::Title;
 use serde::{Deserialize, Serialize};
@@ -256,7 +256,7 @@ impl Follower for Board {
         self.reload_sparks();
     }
 
-    fn status(&self, event: StatusEvent) {
+    fn status(&self, _: EventId, event: StatusEvent) {
         self.apply_status(event);
     }
 }

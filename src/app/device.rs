@@ -8,11 +8,13 @@
 
 use super::chart::{self, DAY_MS, HOUR_MS, LineChart};
 use super::dashboard::{
-    ConnectionIndicator, LinkBadges, Value, alert_text, format_value, value_of,
+    ConnectionIndicator, LinkBadges, Value, alert_text, broken_limit, format_value, value_of,
 };
 use super::live::{self, Connection, Feed, Follower};
 use super::{NotFound, device_href};
-use crate::model::{Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent};
+use crate::model::{
+    Change, Changed, Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent,
+};
 use leptos::prelude::*;
 use leptos_meta::Title;
 use leptos_router::hooks::{use_params_map, use_query_map};
@@ -115,6 +117,32 @@ pub fn metrics_of(status: &Status) -> Vec<String> {
     names
 }
 
+/// Changes a device page lists, newest first.
+pub const PAGE_CHANGES: usize = 20;
+
+/// A change in words, for the page's "Recent changes".
+pub fn change_text(change: &Change) -> String {
+    match change {
+        Change::Registered => "First report".into(),
+        Change::Renamed { name } => format!("Renamed to “{name}”"),
+        Change::Power { on: true } => "Power on".into(),
+        Change::Power { on: false } => "Power off".into(),
+        Change::Online { online: true } => "Online: its agent connected".into(),
+        Change::Online { online: false } => "Offline: its agent went away".into(),
+        Change::Stale { stale: true } => "Stale: silent past its report interval".into(),
+        Change::Stale { stale: false } => "Reporting again".into(),
+        Change::Alert { metric, alert } => format!(
+            "{} {}, {}",
+            chart::title_of(metric),
+            format_value(metric, alert.value),
+            broken_limit(alert, chart::unit_of(metric))
+        ),
+        Change::AlertCleared { metric } => {
+            format!("{} back within its limits", chart::title_of(metric))
+        }
+    }
+}
+
 /// One chart's data.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Series {
@@ -157,6 +185,8 @@ pub(super) struct Initial {
     /// `None`: no such device.
     device: Option<Device>,
     series: Vec<Series>,
+    /// Its last [`PAGE_CHANGES`] changes, newest first.
+    changes: Vec<Changed>,
 }
 
 /// The page's data, read on a blocking thread before the render (see
@@ -210,11 +240,19 @@ pub(super) fn read(hub: &crate::server::hub::Hub, id: Option<DeviceId>, range: R
             Series { metric, points }
         })
         .collect();
+    let changes = match device {
+        Some(_) => hub.changes(&id, PAGE_CHANGES).unwrap_or_else(|e| {
+            tracing::warn!("no changes of {id}: {e}");
+            Vec::new()
+        }),
+        None => Vec::new(),
+    };
     Initial {
         event_id: snapshot.event_id,
         now_ms: now.timestamp_millis(),
         device,
         series,
+        changes,
     }
 }
 
@@ -228,6 +266,7 @@ fn initial(_: Option<DeviceId>, _: Range) -> Initial {
 struct Page {
     device: RwSignal<Device>,
     series: RwSignal<Vec<Series>>,
+    changes: RwSignal<Vec<Changed>>,
     range: Range,
     /// The device was removed: the page keeps its last state, without
     /// history, until a new report registers it again.
@@ -246,6 +285,18 @@ impl Page {
             let metrics: Vec<String> = self
                 .series
                 .with_untracked(|all| all.iter().map(|s| s.metric.clone()).collect());
+            let of = id.clone();
+            leptos::task::spawn_local(async move {
+                match super::api::changes(&of, PAGE_CHANGES).await {
+                    Ok(read) => {
+                        let _ = page.changes.try_set(read.changes);
+                    }
+                    Err(e) => leptos::logging::warn!(
+                        "the list of changes keeps what it has: {}",
+                        e.message
+                    ),
+                }
+            });
             leptos::task::spawn_local(async move {
                 let from = js_sys::Date::now() as i64 - page.range.window_ms();
                 for metric in metrics {
@@ -281,15 +332,31 @@ impl Page {
     fn removed(&self) {
         self.removed.set(true);
         self.series.set(Vec::new());
+        self.changes.set(Vec::new());
     }
 
-    fn apply(&self, device: Device) {
+    /// The device's new state; `event` names the event that brought it
+    /// (none for a snapshot: the changes in between are read again).
+    fn apply(&self, device: Device, event: Option<EventId>) {
         let before = self.device.get_untracked();
         if device.id != before.id {
             return;
         }
-        if self.removed.get_untracked() {
+        let was_removed = self.removed.get_untracked();
+        if was_removed {
             self.removed.set(false);
+        }
+        if let Some(id) = event {
+            let previous = (!was_removed).then_some(&before);
+            let new = Change::between(previous, &device);
+            if !new.is_empty() {
+                let at = now();
+                self.changes.update(|list| {
+                    let new = new.into_iter().map(|change| Changed { id, at, change });
+                    list.splice(0..0, new);
+                    list.truncate(PAGE_CHANGES);
+                });
+            }
         }
         let window = self.range.window_ms();
         self.series
@@ -302,7 +369,7 @@ impl Follower for Page {
     fn snapshot(&self, snapshot: Snapshot) {
         let id = self.device.with_untracked(|d| d.id.clone());
         match snapshot.devices.into_iter().find(|d| d.id == id) {
-            Some(device) => self.apply(device),
+            Some(device) => self.apply(device, None),
             None => self.removed(),
         }
         // The stream started afresh: events were missed (this page fell
@@ -310,13 +377,23 @@ impl Follower for Page {
         self.reload();
     }
 
-    fn status(&self, event: StatusEvent) {
+    fn status(&self, id: EventId, event: StatusEvent) {
         match event.removed {
             true if self.device.with_untracked(|d| d.id == event.device) => self.removed(),
             true => {}
-            false => self.apply(event.into_device()),
+            false => self.apply(event.into_device(), Some(id)),
         }
     }
+}
+
+/// The browser's clock: when a change the page follows was made, near
+/// enough (the server records its own).
+fn now() -> chrono::DateTime<chrono::Utc> {
+    #[cfg(feature = "hydrate")]
+    let ms = js_sys::Date::now() as i64;
+    #[cfg(not(feature = "hydrate"))]
+    let ms = chrono::Utc::now().timestamp_millis();
+    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
 #[component]
@@ -337,6 +414,7 @@ pub fn DevicePage() -> impl IntoView {
     let page = Page {
         device: RwSignal::new(device),
         series: RwSignal::new(initial.series),
+        changes: RwSignal::new(initial.changes),
         range,
         removed: RwSignal::new(false),
     };
@@ -488,9 +566,47 @@ pub fn DevicePage() -> impl IntoView {
                     </p>
                 </Show>
             </section>
+            <ChangeList changes=page.changes />
         </main>
     }
     .into_any()
+}
+
+/// The page's "Recent changes": power, link, staleness, alerts, name.
+#[component]
+fn ChangeList(changes: RwSignal<Vec<Changed>>) -> impl IntoView {
+    view! {
+        <section class="changes" data-testid="changes" aria-labelledby="changes-title">
+            <h2 id="changes-title">"Recent changes"</h2>
+            <Show
+                when=move || changes.with(|c| !c.is_empty())
+                fallback=|| {
+                    view! {
+                        <p class="no-data" data-testid="no-changes">
+                            "No change of power, link, staleness, alerts or name recorded yet."
+                        </p>
+                    }
+                }
+            >
+                <ol class="change-list">
+                    <For
+                        each=move || changes.get()
+                        key=|c| (c.id, serde_json::to_string(&c.change).unwrap_or_default())
+                        children=|c| {
+                            view! {
+                                <li data-testid="change" data-kind=c.change.kind()>
+                                    <time datetime=c.at.to_rfc3339()>
+                                        {c.at.format("%Y-%m-%d %H:%M:%S UTC").to_string()}
+                                    </time>
+                                    <span>{change_text(&c.change)}</span>
+                                </li>
+                            }
+                        }
+                    />
+                </ol>
+            </Show>
+        </section>
+    }
 }
 
 #[cfg(test)]

@@ -58,8 +58,8 @@ impl Feed {
 pub trait Follower: Clone + 'static {
     /// The full state (of the followed devices): the stream started afresh.
     fn snapshot(&self, snapshot: Snapshot);
-    /// One device changed.
-    fn status(&self, event: StatusEvent);
+    /// One device changed, in event `id`.
+    fn status(&self, id: EventId, event: StatusEvent);
 }
 
 /// Starts the stream once the page is hydrated, resuming after `rendered_at`
@@ -210,7 +210,7 @@ mod browser {
                     if let Ok(id) = e.last_event_id().parse() {
                         live.last_id.set(id);
                     }
-                    live.follower.status(status);
+                    live.follower.status(live.last_id.get(), status);
                 }
             });
             events.set_onopen(Some(on_open.as_ref().unchecked_ref()));

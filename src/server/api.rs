@@ -6,7 +6,7 @@ use super::error::ApiError;
 use super::hub::{Applied, ApplyError, Filter};
 use super::store::StoreError;
 use super::thresholds::{self, MetricLimits, ThresholdsView};
-use crate::model::{Device, DeviceId, Limits, Snapshot, StatusUpdate};
+use crate::model::{Changes, Device, DeviceId, Limits, Snapshot, StatusUpdate};
 use crate::protocol::{CommandSet, Outcome};
 use axum::Json;
 use axum::body::{Body, to_bytes};
@@ -35,6 +35,54 @@ pub async fn get_device(
         .and_then(|id| state.hub.device(&id))
         .map(Json)
         .ok_or(ApiError::UnknownDevice(id))
+}
+
+/// Changes `GET /api/devices/{id}/changes` returns unless `limit` says.
+pub const CHANGES: usize = 50;
+/// Most changes one read returns.
+pub const MAX_CHANGES: usize = 1_000;
+
+#[derive(Debug, Deserialize)]
+pub struct ChangesQuery {
+    limit: Option<String>,
+}
+
+/// `GET /api/devices/{id}/changes?limit=N`: what the device's events
+/// changed besides readings (power, link, staleness, alerts, name), newest
+/// first; [`CHANGES`] unless `limit` (1 to [`MAX_CHANGES`]) says.
+pub async fn changes(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<ChangesQuery>, QueryRejection>,
+) -> Result<Json<Changes>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid("", e.body_text()))?;
+    let device = DeviceId::parse(&id)
+        .ok()
+        .filter(|id| state.hub.device(id).is_some())
+        .ok_or(ApiError::UnknownDevice(id))?;
+    let limit = match query.limit.as_deref() {
+        None => CHANGES,
+        Some(n) => n
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_CHANGES).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "limit",
+                    format!("`limit` is a number from 1 to {MAX_CHANGES}"),
+                )
+            })?,
+    };
+    let hub = state.hub.clone();
+    let read = device.clone();
+    let changes = tokio::task::spawn_blocking(move || hub.changes(&read, limit))
+        .await
+        .map_err(|e| ApiError::StoreRead(e.to_string()))?
+        .map_err(|e| {
+            tracing::error!("{e}");
+            ApiError::StoreRead(e.to_string())
+        })?;
+    Ok(Json(Changes { device, changes }))
 }
 
 /// The query of `GET /api/devices/{id}/history`; every field is optional.

@@ -1,5 +1,6 @@
-//! History reads: one metric of one device over a time range, from the
-//! store, on a connection of their own (never under the hub's lock).
+//! History reads: one metric of one device over a time range, and a
+//! device's recorded changes, from the store, on a connection of their own
+//! (never under the hub's lock).
 //!
 //! Where the data is: raw readings (one row per change, `readings`) for the
 //! recent past, and per-minute rows (`readings_1m`: min, avg, max, count and
@@ -18,7 +19,7 @@
 
 use super::db::{Arg, Conn, Row, TxKind};
 use super::store::{Connector, FOLDED_UNTIL, StoreError};
-use crate::model::{DeviceId, History, Point};
+use crate::model::{Change, Changed, DeviceId, EventId, History, Point};
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 
@@ -220,6 +221,28 @@ impl Reader {
     #[cfg(test)]
     pub(crate) fn conn_for_tests(&self) -> &Conn {
         &self.conn
+    }
+
+    /// The last `limit` changes recorded for `device`, newest first.
+    pub fn changes(&mut self, device: &DeviceId, limit: usize) -> Result<Vec<Changed>, StoreError> {
+        let rows = self.conn.query(
+            "SELECT id, ts, json FROM changes WHERE device = ?1 ORDER BY id DESC LIMIT ?2",
+            &[Arg::Str(device.as_str()), Arg::I64(limit as i64)],
+        )?;
+        let mut all = Vec::new();
+        for row in rows {
+            let id = row.i64(0)?;
+            let at = DateTime::from_timestamp_millis(row.i64(1)?).unwrap_or_default();
+            let changes: Vec<Change> = serde_json::from_str(&row.string(2)?)
+                .map_err(|e| StoreError::Corrupt(format!("the changes of event {id}: {e}")))?;
+            all.extend(changes.into_iter().map(|change| Changed {
+                id: id as EventId,
+                at,
+                change,
+            }));
+        }
+        all.truncate(limit);
+        Ok(all)
     }
 
     /// See [`Hub::history`](super::hub::Hub::history). `now` bounds the

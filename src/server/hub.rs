@@ -47,7 +47,8 @@ use super::stale::{StalePolicy, Watch};
 use super::store::{Recorded, Store, StoreError, StoredEvent};
 use super::thresholds::{MetricLimits, Thresholds, ThresholdsFile, ThresholdsView};
 use crate::model::{
-    Device, DeviceId, EventId, FieldError, History, Online, Snapshot, StatusEvent, StatusUpdate,
+    Changed, Device, DeviceId, EventId, FieldError, History, Online, Snapshot, StatusEvent,
+    StatusUpdate,
 };
 use axum::extract::ws::Utf8Bytes;
 use axum::response::sse::Event;
@@ -1092,6 +1093,18 @@ impl Hub {
                 step_ms: step_ms.filter(|s| *s > 0),
                 points: Vec::new(),
             }),
+        }
+    }
+
+    /// The last `limit` changes recorded for `device`, newest first (see
+    /// [`Change`](crate::model::Change)); blocking, as [`history`](Self::history).
+    pub fn changes(&self, device: &DeviceId, limit: usize) -> Result<Vec<Changed>, StoreError> {
+        match &self.history {
+            Some(readers) => readers
+                .get()
+                .map_err(|e| StoreError::Busy(e.to_string()))?
+                .changes(device, limit),
+            None => Ok(Vec::new()),
         }
     }
 

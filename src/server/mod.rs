@@ -107,6 +107,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/devices/{id}", get(api::get_device))
         .route("/api/devices/{id}/history", get(api::history))
         .route("/api/devices/{id}/history.csv", get(api::history_csv))
+        .route("/api/devices/{id}/changes", get(api::changes))
         .route("/api/thresholds", get(api::get_thresholds))
         .route("/api/events", get(sse::events))
         .merge(guarded)

@@ -1,6 +1,7 @@
 //! Retention: raw readings are kept for `--retention`, then folded into
 //! per-minute rows (min, avg, max, count, last) kept for
-//! `--downsampled-retention`; events older than the raw window are pruned
+//! `--downsampled-retention`, as are the devices' recorded changes (power,
+//! link, alerts: few rows); events older than the raw window are pruned
 //! (a client that far behind resumes from a snapshot, as the hub already
 //! does for an id the store no longer holds).
 //!
@@ -31,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Policy {
     /// Raw readings and events.
     pub raw: Duration,
-    /// Per-minute rows.
+    /// Per-minute rows and recorded changes.
     pub downsampled: Duration,
     /// Most rows one transaction touches.
     pub batch: usize,
@@ -53,6 +54,8 @@ pub struct Pruned {
     pub minutes: u64,
     /// Events deleted.
     pub events: u64,
+    /// Recorded changes deleted (rows: an event's changes each).
+    pub changes: u64,
     /// The longest batch (the longest an ingest could have waited).
     pub longest_batch: Duration,
 }
@@ -123,6 +126,15 @@ impl Retention {
                 delete_prefix(tx, b, "events", "id", "ts", raw_cutoff)
             })?;
             pruned.events += n;
+            if !more {
+                break;
+            }
+        }
+        loop {
+            let (n, more) = self.batch(&mut pruned, |tx, b| {
+                delete_prefix(tx, b, "changes", "id", "ts", minute_cutoff)
+            })?;
+            pruned.changes += n;
             if !more {
                 break;
             }
@@ -288,12 +300,13 @@ pub async fn run_every(mut retention: Retention, interval: Duration, shutdown: C
         };
         retention = back;
         match result {
-            Ok(p) if p.folded + p.minutes + p.events > 0 => tracing::info!(
-                "retention: folded {} readings into minutes, pruned {} minutes and {} events \
-                 (longest batch {:?})",
+            Ok(p) if p.folded + p.minutes + p.events + p.changes > 0 => tracing::info!(
+                "retention: folded {} readings into minutes, pruned {} minutes, {} events \
+                 and {} events' changes (longest batch {:?})",
                 p.folded,
                 p.minutes,
                 p.events,
+                p.changes,
                 p.longest_batch
             ),
             Ok(_) => {}
@@ -581,6 +594,29 @@ mod tests {
     fn postgres_everything_expires_and_ids_go_on_after_a_reopen() {
         let db = PgSchema::new();
         expires_and_ids_go_on(|| db.open());
+    }
+
+    #[test]
+    fn changes_stay_as_long_as_minutes() {
+        let dir = tempfile::tempdir().unwrap();
+        changes_stay(Store::open(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn postgres_changes_stay_as_long_as_minutes() {
+        let db = PgSchema::new();
+        changes_stay(db.open());
+    }
+
+    /// Changes are timed when recorded (now): each event's `Registered`.
+    fn changes_stay(store: Store) {
+        let store = fill(store);
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut r = retention(&store, 4);
+        let pruned = r.run(now + DAY - MIN).unwrap();
+        assert_eq!((pruned.events, pruned.changes), (6, 0), "{pruned:?}");
+        let pruned = r.run(now + DAY + 2 * MIN).unwrap();
+        assert_eq!(pruned.changes, 6, "{pruned:?}");
     }
 
     fn expires_and_ids_go_on(open: impl Fn() -> Store) {

@@ -25,7 +25,7 @@
 use super::auth::Session;
 use super::db::{Arg, Conn, TxKind};
 use super::thresholds::MetricLimits;
-use crate::model::{Device, DeviceId, EventId};
+use crate::model::{Change, Device, DeviceId, EventId};
 use rusqlite::{Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -183,6 +183,8 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 4: operator sessions signed out before their end.
     SIGNED_OUT_TABLE,
+    // 5: what each event changed besides readings.
+    CHANGES_TABLE,
 ];
 
 /// Operator sessions signed out before their end (`expires`: Unix
@@ -191,6 +193,18 @@ const SIGNED_OUT_TABLE: &str = "CREATE TABLE signed_out (
          session TEXT PRIMARY KEY NOT NULL,
          expires BIGINT NOT NULL
      );";
+
+/// What each event changed besides readings (power, link, staleness,
+/// alerts, name: [`Change::between`]), one row per event that changed any
+/// of them; kept for the downsampled history's time. Events recorded before
+/// this table existed have none.
+const CHANGES_TABLE: &str = "CREATE TABLE changes (
+         id BIGINT PRIMARY KEY NOT NULL, -- the event's
+         device TEXT NOT NULL,
+         ts BIGINT NOT NULL,             -- when it was recorded, ms since the epoch
+         json TEXT NOT NULL              -- [Change, ...]
+     );
+     CREATE INDEX changes_by_device ON changes (device, id);";
 
 /// The PostgreSQL schema, in order; the `schema_version` table holds how
 /// many were applied. Its own list (the SQLite one carries the upgrades of
@@ -247,6 +261,8 @@ const PG_MIGRATIONS: &[&str] = &[
      );",
     // 2: as SQLite's 4.
     SIGNED_OUT_TABLE,
+    // 3: as SQLite's 5.
+    CHANGES_TABLE,
 ];
 
 /// The advisory lock the PostgreSQL migrations run under, so instances
@@ -984,6 +1000,7 @@ fn insert_events(tx: &Conn, events: &[EventRow]) -> Result<(), StoreError> {
             "DELETE FROM readings WHERE device = ?1",
             "DELETE FROM readings_1m WHERE device = ?1",
             "DELETE FROM report_intervals WHERE device = ?1",
+            "DELETE FROM changes WHERE device = ?1",
         ] {
             tx.execute(delete, &[Arg::Str(device.as_str())])?;
         }
@@ -1029,6 +1046,39 @@ fn insert_events(tx: &Conn, events: &[EventRow]) -> Result<(), StoreError> {
     insert_rows(
         tx,
         "INSERT INTO readings (device, metric, ts, value)",
+        "",
+        4,
+        &args,
+    )?;
+    let changed: Vec<(&EventRow, String)> = events
+        .iter()
+        .enumerate()
+        .filter(|(i, e)| !removed.get(&e.device.id).is_some_and(|r| i <= r))
+        .filter_map(|(_, e)| {
+            let changes = Change::between(e.previous, e.device);
+            (!changes.is_empty()).then(|| {
+                (
+                    e,
+                    serde_json::to_string(&changes).expect("changes serialize"),
+                )
+            })
+        })
+        .collect();
+    // A change's time is when it was recorded, not `updated_at`: a device
+    // goes stale long after its last report.
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut args = Vec::with_capacity(changed.len() * 4);
+    for (e, json) in &changed {
+        args.extend([
+            Arg::I64(e.id as i64),
+            Arg::Str(e.device.id.as_str()),
+            Arg::I64(now),
+            Arg::Str(json),
+        ]);
+    }
+    insert_rows(
+        tx,
+        "INSERT INTO changes (id, device, ts, json)",
         "",
         4,
         &args,
@@ -1214,6 +1264,42 @@ mod tests {
 
     /// A removal deletes its device's state, history and learned
     /// interval; in the same group, a later event registers it afresh.
+    /// The kinds of the changes recorded for `id`, newest first.
+    fn changes(store: &Store, id: &DeviceId, limit: usize) -> Vec<(EventId, Change)> {
+        let mut reader = crate::server::history::Reader::new(store.connect().unwrap()).unwrap();
+        let changes = reader.changes(id, limit).unwrap();
+        changes.into_iter().map(|c| (c.id, c.change)).collect()
+    }
+
+    pub(crate) fn records_changes_besides_readings(mut store: Store) {
+        let a1 = device("a", 1.0);
+        let mut a2 = device("a", 1.0);
+        a2.status.power_on = Some(false);
+        a2.name = "Aye".into();
+        let a3 = device("a", 2.0);
+        let rows = [(1, &a1, None), (2, &a2, Some(&a1)), (3, &a3, Some(&a2))];
+        for (id, device, previous) in rows {
+            store.record(id, device, previous, "{}").unwrap();
+        }
+        let b = device("b", 9.0);
+        store.record(4, &b, None, "{}").unwrap();
+        let power_on = Change::Power { on: true };
+        let renamed = |name: &str| Change::Renamed { name: name.into() };
+        let a = &a1.id;
+        assert_eq!(
+            changes(&store, a, 10),
+            [
+                (3, renamed("Device a")),
+                (3, power_on.clone()),
+                (2, renamed("Aye")),
+                (2, Change::Power { on: false }),
+                (1, Change::Registered),
+            ]
+        );
+        assert_eq!(changes(&store, a, 3).len(), 3, "a limit counts changes");
+        assert_eq!(changes(&store, &b.id, 10), [(4, Change::Registered)]);
+    }
+
     pub(crate) fn removes_a_device_with_its_history(mut store: Store) {
         let event = |id, device: &Device, previous: Option<&Device>, removed| Recorded {
             id,
@@ -1251,14 +1337,24 @@ mod tests {
             .collect();
         assert_eq!(temps, [Some(3.0), Some(9.0)]);
         assert_eq!(store.report_intervals().unwrap(), []);
+        // Its changes before the removal went too: it starts anew.
+        assert_eq!(changes(&store, &a1.id, 10), [(5, Change::Registered)]);
         store.record_all(&[event(6, &a3, Some(&a3), true)]).unwrap();
         assert!(temperatures(&store, &a1.id).is_empty());
+        assert!(changes(&store, &a1.id, 10).is_empty());
+        assert_eq!(changes(&store, &b.id, 10), [(2, Change::Registered)]);
         let devices = store.devices().unwrap();
         assert_eq!(devices.len(), 1);
         assert_eq!(devices[0].id, b.id);
         // The event log keeps the removals, for a resume.
         assert_eq!(store.events_between(0, 6).unwrap().len(), 6);
         assert_eq!(store.last_event_id().unwrap(), Some(6));
+    }
+
+    #[test]
+    fn changes_besides_readings_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        records_changes_besides_readings(Store::open(dir.path()).unwrap());
     }
 
     #[test]
@@ -1514,8 +1610,9 @@ pub(crate) mod testing {
         use crate::server::db::TxKind;
         use crate::server::history::Reader;
         use crate::server::store::tests::{
-            device, records_a_large_group, records_only_what_was_published,
-            records_read_back_after_reopening, removes_a_device_with_its_history,
+            device, records_a_large_group, records_changes_besides_readings,
+            records_only_what_was_published, records_read_back_after_reopening,
+            removes_a_device_with_its_history,
         };
         use crate::server::store::{PG_MIGRATIONS, StoreError};
         use chrono::Utc;
@@ -1573,6 +1670,11 @@ pub(crate) mod testing {
         #[test]
         fn a_removal_takes_the_device_and_its_history() {
             removes_a_device_with_its_history(PgSchema::new().open());
+        }
+
+        #[test]
+        fn changes_besides_readings_are_recorded() {
+            records_changes_besides_readings(PgSchema::new().open());
         }
 
         #[test]
