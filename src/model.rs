@@ -214,7 +214,7 @@ pub struct Alert {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
-    /// First report of this id.
+    /// First seen: its first report, or its agent's hello (again after a removal).
     Registered,
     Renamed {
         name: String,

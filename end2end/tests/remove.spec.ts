@@ -48,12 +48,15 @@ test("an operator removes a device; every open page drops it until it reports ag
     // Its last state stays on its page; its history went.
     await expect(devicePage.getByTestId("name")).toHaveText("Old rig");
     await expect(devicePage.getByTestId("no-data")).toHaveText("Its history was removed with it.");
+    await expect(devicePage.getByTestId("change")).toHaveCount(0);
+    await expect(devicePage.getByTestId("no-changes")).toBeVisible();
 
     // A new report brings it back, everywhere.
     await server.post("old-rig", { temperature: 30 });
     await expect(card(page, "old-rig")).toHaveCount(1);
     await expect(card(viewer, "old-rig").getByTestId("temperature")).toHaveText("30.0 °C");
     await expect(devicePage.getByTestId("removed")).toHaveCount(0);
+    await expect(devicePage.getByTestId("change")).toHaveText([/First seen/]);
   } finally {
     await other.close();
   }

@@ -123,7 +123,7 @@ pub const PAGE_CHANGES: usize = 20;
 /// A change in words, for the page's "Recent changes".
 pub fn change_text(change: &Change) -> String {
     match change {
-        Change::Registered => "First report".into(),
+        Change::Registered => "First seen".into(),
         Change::Renamed { name } => format!("Renamed to “{name}”"),
         Change::Power { on: true } => "Power on".into(),
         Change::Power { on: false } => "Power off".into(),

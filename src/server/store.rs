@@ -1011,10 +1011,11 @@ fn insert_events(tx: &Conn, events: &[EventRow]) -> Result<(), StoreError> {
         .map(|e| e.device)
         .collect();
     save_devices(tx, &newest)?;
+    // A device's events up to its removal: their history went with it.
+    let gone = |i: usize, e: &EventRow| removed.get(&e.device.id).is_some_and(|&r| i <= r);
     let mut args = Vec::new();
     for (i, e) in events.iter().enumerate() {
-        if removed.get(&e.device.id).is_some_and(|&r| i <= r) {
-            // Its history went with it.
+        if gone(i, e) {
             continue;
         }
         let old = e.previous.map(|d| &d.status);
@@ -1053,7 +1054,7 @@ fn insert_events(tx: &Conn, events: &[EventRow]) -> Result<(), StoreError> {
     let changed: Vec<(&EventRow, String)> = events
         .iter()
         .enumerate()
-        .filter(|(i, e)| !removed.get(&e.device.id).is_some_and(|r| i <= r))
+        .filter(|&(i, e)| !gone(i, e))
         .filter_map(|(_, e)| {
             let changes = Change::between(e.previous, e.device);
             (!changes.is_empty()).then(|| {
