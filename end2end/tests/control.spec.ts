@@ -181,7 +181,8 @@ test("a token typed before the page's code runs is kept, and never sent as a pla
   expect(new URL(page.url()).pathname).toBe("/");
 
   release();
-  await expect(button).toBeEnabled();
+  // The page's code is fetched and compiled only now: as long as waitLive allows.
+  await expect(button).toBeEnabled({ timeout: 10_000 });
   await expect(field).toHaveValue(server.operatorToken);
   await button.click();
   await expect(page.getByTestId("operator")).toHaveText("Operator");
