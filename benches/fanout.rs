@@ -44,7 +44,7 @@
 //! `GET /api/events?device=bench`), waits until each has its snapshot and
 //! `/healthz` counts them all, measures the RSS again (→ memory per idle
 //! connection), then publishes at the fixed rate. Each update carries the
-//! metric `bench_sent_us`, the send time in µs since the UNIX epoch; each
+//! metric `bench_sent_us`, the send time in µs since the bench started; each
 //! client takes receive time − `bench_sent_us` as the publish-to-receive
 //! latency, checks that ids are contiguous and counts resync snapshots.
 //! Server CPU comes from `/proc/<pid>/stat` (utime + stime) over the publish
@@ -68,7 +68,7 @@ use hdrhistogram::Histogram;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -433,10 +433,12 @@ async fn run(args: Args, pinned: Option<(String, std::ops::Range<usize>)>, place
     );
 }
 
+/// Microseconds since this bench started (publishers and clients share the
+/// process, so its clock): small enough for a metric's ±1e15 limit, which
+/// µs since the UNIX epoch (~1.8e15) are not.
 fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64 + 1
 }
 
 fn ms(us: u64) -> f64 {
