@@ -258,21 +258,22 @@ impl Change {
 
     /// What changed from `before` (`None`: the device is new) to `after`,
     /// in a fixed order. Readings that stay within their limits are not
-    /// changes here: the charts show them.
+    /// changes here: the charts show them. Nor is the first name or power
+    /// state a device reports (an agent says hello, then reports them):
+    /// a name or power state changes only from one it had.
     pub fn between(before: Option<&Device>, after: &Device) -> Vec<Change> {
         let Some(before) = before else {
             return vec![Change::Registered];
         };
         let mut changes = Vec::new();
-        if before.name != after.name {
+        // A new device is named after its id until it gives a name.
+        if before.name != after.name && before.name != before.id.as_str() {
             changes.push(Change::Renamed {
                 name: after.name.clone(),
             });
         }
-        if let Some(on) = after
-            .status
-            .power_on
-            .filter(|_| before.status.power_on != after.status.power_on)
+        if let (Some(was), Some(on)) = (before.status.power_on, after.status.power_on)
+            && was != on
         {
             changes.push(Change::Power { on });
         }
@@ -521,6 +522,13 @@ mod tests {
     fn changes_are_what_moved_besides_readings() {
         let before = device();
         assert_eq!(Change::between(None, &before), [Change::Registered]);
+        // Its first name and power state, after a hello: no change yet.
+        let hello = Device {
+            name: "rack-1".into(),
+            status: Status::default(),
+            ..device()
+        };
+        assert!(Change::between(Some(&hello), &before).is_empty());
         let mut after = device();
         after.status.temperature = Some(25.0);
         after.status.metrics.insert("load".into(), 0.9);

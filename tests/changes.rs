@@ -50,7 +50,7 @@ async fn power_link_alerts_and_name_are_listed_newest_first_and_kept() {
         let server = &server;
         async move { server.post_status("rig", &body).await }
     };
-    post(json!({"temperature": 20.0, "power_on": true})).await;
+    post(json!({"temperature": 20.0, "power_on": true, "name": "Rig"})).await;
     post(json!({"temperature": 21.0})).await;
     post(json!({"temperature": 35.0})).await;
     post(json!({"temperature": 36.0, "power_on": false, "name": "Test rig"})).await;
