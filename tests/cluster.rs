@@ -660,6 +660,11 @@ async fn a_device_removed_on_one_instance_is_gone_from_every_instance_and_a_late
     other
         .post_status("kept", &json!({ "temperature": 5.0 }))
         .await;
+    // Each instance records the changes it follows in its own store.
+    eventually("the other instance recorded the registration", || async {
+        change_kinds(other, "old-rig").await == ["registered"]
+    })
+    .await;
     let (mut streams, _) = streams_from_one_start(&servers).await;
     let (status, body) = removed_on
         .remove("old-rig", Some(&removed_on.operator_token))
@@ -670,6 +675,8 @@ async fn a_device_removed_on_one_instance_is_gone_from_every_instance_and_a_late
         assert_eq!(record.id(), body["id"].as_u64().unwrap());
         assert_eq!(record.json()["removed"], true);
         assert_eq!(server.device("old-rig").await, None);
+        let (status, _) = server.get_json("/api/devices/old-rig/changes").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
     }
     // The cluster's shared state forgot it: a new instance never sees it.
     let late = Server::start_in_cluster(&redis.url(), &[]).await;
@@ -758,6 +765,16 @@ async fn send_json_put(server: &Server, path: &str, body: &Value) -> (StatusCode
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// The kinds of `device`'s recorded changes on `server`, newest first.
+async fn change_kinds(server: &Server, device: &str) -> Vec<String> {
+    let (_, body) = server
+        .get_json(&format!("/api/devices/{device}/changes"))
+        .await;
+    let list = body["changes"].as_array().cloned().unwrap_or_default();
+    let kinds = list.iter().map(|c| c["kind"].as_str().unwrap().to_owned());
+    kinds.collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn instances_on_one_postgresql_share_one_history_that_outlives_them() {
     let redis = Redis::start().await;
@@ -775,6 +792,13 @@ async fn instances_on_one_postgresql_share_one_history_that_outlives_them() {
             .await;
         ids.push(posted.id);
     }
+    // And a power switch, known on one instance, changed on another.
+    servers[1]
+        .post_status("shared", &json!({ "power_on": true }))
+        .await;
+    servers[2]
+        .post_status("shared", &json!({ "power_on": false }))
+        .await;
     let history = |server: &Server| {
         let url = server.url("/api/devices/shared/history?metric=temperature");
         let client = server.client.clone();
@@ -794,6 +818,10 @@ async fn instances_on_one_postgresql_share_one_history_that_outlives_them() {
             history(server).await == all
         })
         .await;
+        eventually("the same changes on every instance", || async {
+            change_kinds(server, "shared").await == ["power", "registered"]
+        })
+        .await;
     }
     // Every instance gone, Redis too: a new one has the whole history, and
     // ids go on from the last.
@@ -802,6 +830,10 @@ async fn instances_on_one_postgresql_share_one_history_that_outlives_them() {
     let redis = Redis::start().await;
     let reborn = Server::start_in_cluster(&redis.url(), &args).await;
     assert_eq!(history(&reborn).await, all);
+    assert_eq!(
+        change_kinds(&reborn, "shared").await,
+        ["power", "registered"]
+    );
     let next = reborn
         .post_status("shared", &json!({ "temperature": 16.0 }))
         .await;
