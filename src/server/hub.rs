@@ -50,8 +50,8 @@ use crate::model::{
     Changed, Device, DeviceId, EventId, FieldError, History, Online, Snapshot, StatusEvent,
     StatusUpdate,
 };
+use axum::body::Bytes;
 use axum::extract::ws::Utf8Bytes;
-use axum::response::sse::Event;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -68,7 +68,7 @@ pub struct Published {
     /// The JSON of a [`StatusEvent`].
     pub json: Box<str>,
     /// The complete SSE frame (`event: status`, `id`, `data`).
-    pub sse: Event,
+    pub sse: Bytes,
     /// The complete WebSocket text frame, a `ServerMessage::Status`.
     pub ws: Utf8Bytes,
 }
@@ -77,10 +77,7 @@ impl Published {
     fn new(id: EventId, device: DeviceId, json: Box<str>) -> Self {
         Self {
             id,
-            sse: Event::default()
-                .event("status")
-                .id(id.to_string())
-                .data(&*json),
+            sse: super::sse::frame("status", Some(id), &json),
             ws: ws_frame("status", id, &json),
             device,
             json,

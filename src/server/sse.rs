@@ -4,23 +4,45 @@
 //! the replay of exactly the events the client missed (`Last-Event-ID` header
 //! or `?last_event_id=`), then every change as a `status` event. A client
 //! that falls too far behind gets a fresh snapshot instead of a silent gap.
+//!
+//! Frames are written out here rather than with axum's `Sse`: a status
+//! frame is made once, as `Bytes`, and every client's body sends that same
+//! buffer (an axum `Event` is copied for each client it is cloned for), and
+//! the heartbeat is a fixed interval, not a timer moved at every event.
 
 use super::AppState;
 use super::error::ApiError;
 use super::hub::{Filter, Hub, Start, Subscription};
 use crate::model::{DeviceId, EventId, Health, Snapshot};
+use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::IntoResponse;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
 use std::convert::Infallible;
+use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::time::{Instant, MissedTickBehavior};
 
-/// How long a browser waits before reconnecting a dropped stream.
-const RETRY: Duration = Duration::from_secs(1);
+/// How long a browser waits before reconnecting a dropped stream (1 s).
+const RETRY: &[u8] = b"retry: 1000\n\n";
+/// A comment: keeps proxies from closing a quiet stream.
+const HEARTBEAT: &[u8] = b":\n\n";
+
+/// One SSE frame: `event: kind`, `id: id` when given, and `data` (one line
+/// of JSON: serde_json writes no raw newline).
+pub fn frame(kind: &str, id: Option<EventId>, data: &str) -> Bytes {
+    debug_assert!(!data.contains(['\n', '\r']), "SSE data on one line");
+    let mut frame = String::with_capacity(data.len() + 48);
+    let _ = writeln!(frame, "event: {kind}");
+    if let Some(id) = id {
+        let _ = writeln!(frame, "id: {id}");
+    }
+    let _ = write!(frame, "data: {data}\n\n");
+    frame.into()
+}
 
 pub async fn events(
     State(state): State<AppState>,
@@ -44,14 +66,21 @@ pub async fn events(
     }
     let filter = Filter::new(devices);
     let subscription = state.hub.subscribe(last_seen, &filter);
-    let stream = stream(state.hub.clone(), subscription, filter)
+    let stream = stream(state.hub.clone(), subscription, filter, state.heartbeat)
         .take_until(state.shutdown.clone().cancelled_owned());
     Ok((
-        [(
-            HeaderName::from_static("x-accel-buffering"),
-            HeaderValue::from_static("no"),
-        )],
-        Sse::new(stream).keep_alive(KeepAlive::new().interval(state.heartbeat)),
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        Body::from_stream(stream),
     ))
 }
 
@@ -59,9 +88,12 @@ fn stream(
     hub: Arc<Hub>,
     subscription: Subscription,
     filter: Filter,
-) -> impl Stream<Item = Result<Event, Infallible>> {
+    heartbeat: Duration,
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
     async_stream::stream! {
-        yield Ok(Event::default().retry(RETRY));
+        yield Ok(Bytes::from_static(RETRY));
+        let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut health = hub.health();
         let degraded = health.borrow_and_update().clone();
         if degraded.is_some() {
@@ -86,6 +118,10 @@ fn stream(
                         yield Ok(health_event(degraded));
                         continue;
                     }
+                    _ = beat.tick() => {
+                        yield Ok(Bytes::from_static(HEARTBEAT));
+                        continue;
+                    }
                 };
                 match received {
                     Ok(event) if filter.matches(&event.device) => yield Ok(event.sse.clone()),
@@ -102,16 +138,30 @@ fn stream(
     }
 }
 
-fn health_event(degraded: Option<String>) -> Event {
+fn health_event(degraded: Option<String>) -> Bytes {
     let health = Health { degraded };
-    Event::default()
-        .event("health")
-        .data(serde_json::to_string(&health).expect("health serializes"))
+    let json = serde_json::to_string(&health).expect("health serializes");
+    frame("health", None, &json)
 }
 
-pub fn snapshot_event(snapshot: &Snapshot) -> Event {
-    Event::default()
-        .event("snapshot")
-        .id(snapshot.event_id.to_string())
-        .data(serde_json::to_string(snapshot).expect("a snapshot always serializes"))
+pub fn snapshot_event(snapshot: &Snapshot) -> Bytes {
+    let json = serde_json::to_string(snapshot).expect("a snapshot always serializes");
+    frame("snapshot", Some(snapshot.event_id), &json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_is_its_lines_then_a_blank_one() {
+        assert_eq!(
+            frame("status", Some(7), r#"{"a":"b\nc"}"#),
+            "event: status\nid: 7\ndata: {\"a\":\"b\\nc\"}\n\n"
+        );
+        assert_eq!(frame("health", None, "{}"), "event: health\ndata: {}\n\n");
+        // serde_json keeps any text on one line.
+        let json = serde_json::to_string("two\nlines\r").unwrap();
+        assert!(!json.contains(['\n', '\r']));
+    }
 }
