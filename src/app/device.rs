@@ -143,6 +143,21 @@ pub fn change_text(change: &Change) -> String {
     }
 }
 
+/// The changes read again from the server (newest first), and the ones
+/// the page added meanwhile from events the read did not see yet.
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+pub fn reread(read: Vec<Changed>, shown: &[Changed]) -> Vec<Changed> {
+    let seen = read.first().map(|c| c.id);
+    let mut list: Vec<Changed> = shown
+        .iter()
+        .filter(|c| seen.is_none_or(|seen| c.id > seen))
+        .cloned()
+        .collect();
+    list.extend(read);
+    list.truncate(PAGE_CHANGES);
+    list
+}
+
 /// One chart's data.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Series {
@@ -289,7 +304,9 @@ impl Page {
             leptos::task::spawn_local(async move {
                 match super::api::changes(&of, PAGE_CHANGES).await {
                     Ok(read) => {
-                        let _ = page.changes.try_set(read.changes);
+                        let _ = page
+                            .changes
+                            .try_update(|list| *list = reread(read.changes, list));
                     }
                     Err(e) => leptos::logging::warn!(
                         "the list of changes keeps what it has: {}",
@@ -625,6 +642,23 @@ mod tests {
             alerts: BTreeMap::new(),
             updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
         }
+    }
+
+    #[test]
+    fn changes_read_again_keep_the_ones_of_later_events() {
+        let at = DateTime::from_timestamp_millis(0).unwrap();
+        let power = |id, on| Changed {
+            id,
+            at,
+            change: Change::Power { on },
+        };
+        let shown = [power(9, true), power(7, false)];
+        let read = vec![power(8, true), power(7, false), power(5, true)];
+        let ids = |list: Vec<Changed>| list.iter().map(|c| c.id).collect::<Vec<_>>();
+        assert_eq!(ids(reread(read.clone(), &shown)), [9, 8, 7, 5]);
+        assert_eq!(ids(reread(Vec::new(), &shown)), [9, 7]);
+        let many: Vec<_> = (0..30).rev().map(|id| power(id, true)).collect();
+        assert_eq!(reread(many, &shown).len(), PAGE_CHANGES);
     }
 
     #[test]
