@@ -96,6 +96,25 @@ async fn a_silent_device_goes_stale_and_its_next_report_brings_it_back() {
     let event = event.json();
     assert_eq!(event.get("stale"), None, "{event}");
     assert_eq!(event["updated_at"], registered["updated_at"]);
+    // Its recent changes say so, timed when it went stale (not at its last
+    // report, as `updated_at` is).
+    let (_, body) = server.get_json("/api/devices/quiet/changes").await;
+    let changes = body["changes"].as_array().unwrap();
+    let kinds: Vec<_> = changes
+        .iter()
+        .map(|c| (c["kind"].as_str().unwrap(), c.get("stale").cloned()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("stale", Some(json!(false))),
+            ("stale", Some(json!(true))),
+            ("registered", None)
+        ]
+    );
+    let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    let silent = time(&changes[1]["at"]) - time(&registered["updated_at"]);
+    assert!(silent.num_milliseconds() >= 300, "stale after {silent}");
 }
 
 #[tokio::test]
