@@ -105,41 +105,34 @@ impl Retention {
         // Only whole minutes are folded, so a minute is never split between
         // raw and folded for longer than one run.
         let fold_cutoff = minute_of(raw_cutoff);
-        loop {
-            let (n, more) = self.batch(&mut pruned, |tx, b| fold(tx, b, fold_cutoff))?;
-            pruned.folded += n;
-            if !more {
-                break;
-            }
-        }
-        loop {
-            let (n, more) = self.batch(&mut pruned, |tx, b| {
-                delete_prefix(tx, b, "readings_1m", "rowid", "minute", minute_cutoff)
-            })?;
-            pruned.minutes += n;
-            if !more {
-                break;
-            }
-        }
-        loop {
-            let (n, more) = self.batch(&mut pruned, |tx, b| {
-                delete_prefix(tx, b, "events", "id", "ts", raw_cutoff)
-            })?;
-            pruned.events += n;
-            if !more {
-                break;
-            }
-        }
-        loop {
-            let (n, more) = self.batch(&mut pruned, |tx, b| {
-                delete_prefix(tx, b, "changes", "id", "ts", minute_cutoff)
-            })?;
-            pruned.changes += n;
-            if !more {
-                break;
-            }
-        }
+        pruned.folded = self.all_batches(&mut pruned, |tx, b| fold(tx, b, fold_cutoff))?;
+        pruned.minutes = self.all_batches(&mut pruned, |tx, b| {
+            delete_prefix(tx, b, "readings_1m", "rowid", "minute", minute_cutoff)
+        })?;
+        pruned.events = self.all_batches(&mut pruned, |tx, b| {
+            delete_prefix(tx, b, "events", "id", "ts", raw_cutoff)
+        })?;
+        pruned.changes = self.all_batches(&mut pruned, |tx, b| {
+            delete_prefix(tx, b, "changes", "id", "ts", minute_cutoff)
+        })?;
         Ok(pruned)
+    }
+
+    /// Runs `work` batch after batch (see [`batch`](Self::batch)) until it
+    /// has no more to do; returns how many rows it did.
+    fn all_batches(
+        &mut self,
+        pruned: &mut Pruned,
+        mut work: impl FnMut(&Conn, usize) -> Result<(u64, bool), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let mut rows = 0;
+        loop {
+            let (n, more) = self.batch(pruned, &mut work)?;
+            rows += n;
+            if !more {
+                return Ok(rows);
+            }
+        }
     }
 
     /// Runs `work` in one transaction under the write gate; returns what it
