@@ -208,9 +208,10 @@ pub struct Alert {
 }
 
 /// What one event changed about a device besides its readings: a line of
-/// its page's "Recent changes" (`GET /api/devices/{id}/changes`). The
-/// server records them as it records the event; the page adds the ones of
-/// the events it follows with the same [`Change::between`].
+/// "Recent changes", on its page (`GET /api/devices/{id}/changes`) and on
+/// the dashboard (`GET /api/changes`). The server records them as it
+/// records the event; a page adds the ones of the events it follows with
+/// the same [`Change::between`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
@@ -302,20 +303,23 @@ impl Change {
     }
 }
 
-/// A [`Change`] with the event that made it and that event's time.
+/// A [`Change`] with the event that made it, its device and its time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Changed {
     /// The event's id (several changes may share one).
     pub id: EventId,
+    pub device: DeviceId,
     pub at: DateTime<Utc>,
     #[serde(flatten)]
     pub change: Change,
 }
 
-/// The body of `GET /api/devices/{id}/changes`: newest first.
+/// The body of `GET /api/changes` (every device's) and of
+/// `GET /api/devices/{id}/changes` (one device's, named): newest first.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Changes {
-    pub device: DeviceId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceId>,
     pub changes: Vec<Changed>,
 }
 
@@ -590,6 +594,7 @@ mod tests {
     fn a_change_reads_as_flat_json_and_back() {
         let changed = Changed {
             id: 7,
+            device: DeviceId::parse("rack-1").unwrap(),
             at: DateTime::from_timestamp_millis(1_764_000_000_000).unwrap(),
             change: Change::Alert {
                 metric: "humidity".into(),
@@ -607,6 +612,7 @@ mod tests {
             json,
             serde_json::json!({
                 "id": 7,
+                "device": "rack-1",
                 "at": "2025-11-24T16:00:00Z",
                 "kind": "alert",
                 "metric": "humidity",
@@ -615,8 +621,7 @@ mod tests {
         );
         assert_eq!(json["kind"], changed.change.kind());
         assert_eq!(serde_json::from_value::<Changed>(json).unwrap(), changed);
-        let power =
-            serde_json::json!({"id": 8, "at": "2025-11-24T16:00:01Z", "kind": "power", "on": true});
+        let power = serde_json::json!({"id": 8, "device": "a", "at": "2025-11-24T16:00:01Z", "kind": "power", "on": true});
         let power: Changed = serde_json::from_value(power).unwrap();
         assert_eq!(power.change, Change::Power { on: true });
     }

@@ -1,6 +1,7 @@
 #![cfg(feature = "ssr")]
-//! `GET /api/devices/{id}/changes`: what a device's events changed besides
-//! readings, newest first, kept across a restart, and on its page.
+//! `GET /api/devices/{id}/changes` and `GET /api/changes`: what a device's
+//! (every device's) events changed besides readings, newest first, kept
+//! across a restart, and on its page (the dashboard).
 
 mod common;
 
@@ -123,6 +124,9 @@ async fn bad_reads_are_refused_with_a_reason() {
         assert_eq!(body["field"], "limit");
         assert_eq!(body["error"], "`limit` is a number from 1 to 1000");
     }
+    let (status, body) = server.get_json("/api/changes?limit=0").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["field"], "limit");
     for device in ["nope", "Not-An-Id"] {
         let (status, body) = server
             .get_json(&format!("/api/devices/{device}/changes"))
@@ -133,5 +137,70 @@ async fn bad_reads_are_refused_with_a_reason() {
     assert_eq!(
         changes(&server, "rig", "?limit=1000").await,
         [change("registered", Value::Null)]
+    );
+}
+
+#[tokio::test]
+async fn every_devices_changes_name_their_device_and_go_with_it() {
+    let server = Server::start().await;
+    server
+        .post_status("fridge", &json!({"power_on": true, "name": "Fridge"}))
+        .await;
+    server
+        .post_status("oven", &json!({"power_on": true, "name": "Oven"}))
+        .await;
+    server
+        .post_status("fridge", &json!({"power_on": false}))
+        .await;
+    server.post_status("oven", &json!({"name": "Big oven"})).await;
+    let all = |query: &'static str| {
+        let server = &server;
+        async move {
+            let (status, body) = server.get_json(&format!("/api/changes{query}")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert!(body.get("device").is_none(), "{body}");
+            body["changes"]
+                .as_array()
+                .expect("a list of changes")
+                .iter()
+                .map(|c| {
+                    let device = c["device"].as_str().expect("its device").to_owned();
+                    (device, c["kind"].as_str().expect("a kind").to_owned())
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let pair = |device: &str, kind: &str| (device.to_owned(), kind.to_owned());
+    let expected = [
+        pair("oven", "renamed"),
+        pair("fridge", "power"),
+        pair("oven", "registered"),
+        pair("fridge", "registered"),
+    ];
+    assert_eq!(all("").await, expected);
+    assert_eq!(all("?limit=3").await, expected[..3]);
+
+    // The dashboard lists them, each naming its device by its name.
+    let html = server
+        .client
+        .get(server.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains("Recent changes"), "{html}");
+    assert_eq!(html.matches(r#"data-testid="change""#).count(), 4);
+    assert_eq!(html.matches(r#"data-testid="change-device""#).count(), 4);
+    assert!(html.contains(r#"href="/devices/oven""#));
+    assert!(html.contains("Renamed to “Big oven”"));
+    assert!(html.contains(">Big oven</a>"), "named by its name");
+
+    let (status, body) = server.remove("oven", Some(&server.operator_token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        all("").await,
+        [pair("fridge", "power"), pair("fridge", "registered")]
     );
 }

@@ -29,3 +29,40 @@ test("a device page lists its changes, newest first, and adds new ones live", as
   await waitLive(page);
   await expect(words).toHaveText(texts);
 });
+
+test("the dashboard lists every device's changes, each naming its device, live", async ({
+  page,
+  server,
+}) => {
+  await server.post("fridge", { name: "Fridge", power_on: true });
+  await server.post("oven", { name: "Oven", power_on: true });
+  await page.goto("/");
+  await waitLive(page);
+  const list = page.getByTestId("changes");
+  const changes = list.getByTestId("change");
+  const names = list.getByTestId("change-device");
+  await expect(changes).toHaveCount(2);
+  await expect(names).toHaveText(["Oven", "Fridge"]);
+
+  await server.post("fridge", { power_on: false });
+  await expect(changes.first()).toHaveAttribute("data-kind", "power");
+  await expect(changes.first()).toContainText("Power off");
+  await expect(names).toHaveText(["Fridge", "Oven", "Fridge"]);
+  await expect(names.first()).toHaveAttribute("href", "/devices/fridge");
+
+  // A new name shows on every line of its device, as on its card.
+  await server.post("oven", { name: "Big oven" });
+  await expect(names).toHaveText(["Big oven", "Fridge", "Big oven", "Fridge"]);
+  await expect(changes.first()).toContainText("Renamed to “Big oven”");
+
+  // What the server recorded reads the same after a reload.
+  await page.reload();
+  await waitLive(page);
+  await expect(names).toHaveText(["Big oven", "Fridge", "Big oven", "Fridge"]);
+  await expect(list.locator("[data-testid=change] > span")).toHaveText([
+    "Renamed to “Big oven”",
+    "Power off",
+    "First seen",
+    "First seen",
+  ]);
+});

@@ -90,16 +90,18 @@ pub async fn history(
     .await
 }
 
-/// `GET /api/devices/{id}/changes`: its last `limit` changes, newest first.
+/// The last `limit` changes, newest first: `device`'s
+/// (`GET /api/devices/{id}/changes`), or every device's (`GET /api/changes`).
 #[cfg(feature = "hydrate")]
-pub async fn changes(device: &str, limit: usize) -> Result<crate::model::Changes, Failure> {
-    let query = [("limit", limit.to_string())];
-    get(
-        &format!("/api/devices/{device}/changes"),
-        query,
-        "a list of changes",
-    )
-    .await
+pub async fn changes(
+    device: Option<&crate::model::DeviceId>,
+    limit: usize,
+) -> Result<crate::model::Changes, Failure> {
+    let url = match device {
+        Some(device) => format!("/api/devices/{device}/changes"),
+        None => "/api/changes".to_owned(),
+    };
+    get(&url, [("limit", limit.to_string())], "a list of changes").await
 }
 
 /// `GET url?query`, read as JSON; `what` names it in the error.

@@ -9,10 +9,13 @@
 //! power switch. The switch only ever shows the device's confirmed state, as
 //! the status events report it; a click only makes it pending.
 
+use super::changes::{ChangeList, Recent};
 use super::chart::{self, HOUR_MS, Sparkline};
 use super::live::{self, Connection, Feed, Follower};
 use super::{api, device_href};
-use crate::model::{Alert, Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent};
+use crate::model::{
+    Alert, Changed, Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent,
+};
 use leptos::prelude::*;
 use leptos_meta::Title;
 use serde::{Deserialize, Serialize};
@@ -130,6 +133,8 @@ pub struct Board {
     /// form, which the server refuses, leaving the person on a bare JSON
     /// error).
     pub hydrated: RwSignal<bool>,
+    /// Every device's recent changes.
+    pub changes: Recent,
 }
 
 // The server renders; only the browser applies events.
@@ -183,6 +188,7 @@ impl Board {
             mut sparks,
             now_ms,
             operator,
+            changes,
         } = initial;
         let cards = snapshot
             .devices
@@ -197,6 +203,7 @@ impl Board {
             feed: Feed::new(now_ms),
             operator: RwSignal::new(operator),
             hydrated: RwSignal::new(false),
+            changes: Recent::new(changes, BOARD_CHANGES),
         }
     }
 
@@ -222,9 +229,10 @@ impl Board {
     }
 
     /// Updates one card, adds it (in id order) for a new device, or drops
-    /// it for a removed one.
-    pub fn apply_status(&self, event: StatusEvent) {
+    /// it for a removed one; what event `id` changed heads the recent changes.
+    pub fn apply_status(&self, id: EventId, event: StatusEvent) {
         if event.removed {
+            self.changes.forget(&event.device);
             let known = self
                 .cards
                 .with_untracked(|cards| cards.iter().any(|c| c.id == event.device));
@@ -238,6 +246,8 @@ impl Board {
         let existing = self
             .cards
             .with_untracked(|cards| cards.iter().find(|c| c.id == device.id).cloned());
+        let before = existing.as_ref().map(|c| c.device.get_untracked());
+        self.changes.follow(id, before.as_ref(), &device);
         match existing {
             Some(card) => card.set(device),
             None => self.cards.update(|cards| {
@@ -252,12 +262,13 @@ impl Follower for Board {
     fn snapshot(&self, snapshot: Snapshot) {
         self.apply_snapshot(snapshot);
         // The stream started afresh: events were missed, and with them
-        // points of the sparklines.
+        // points of the sparklines and changes.
         self.reload_sparks();
+        self.changes.reload(None);
     }
 
-    fn status(&self, _: EventId, event: StatusEvent) {
-        self.apply_status(event);
+    fn status(&self, id: EventId, event: StatusEvent) {
+        self.apply_status(id, event);
     }
 }
 
@@ -271,7 +282,12 @@ pub(super) struct Initial {
     now_ms: i64,
     /// The request's cookie is a live operator session: render the controls.
     operator: bool,
+    /// Every device's last [`BOARD_CHANGES`] changes, newest first.
+    changes: Vec<Changed>,
 }
+
+/// Changes the dashboard lists, newest first.
+const BOARD_CHANGES: usize = 10;
 
 /// The sparklines the server rendered, kept for the next renders: each is
 /// read from the store at most once a minute and, in between, follows its
@@ -398,11 +414,16 @@ pub(super) fn read(hub: &crate::server::hub::Hub, cache: &SparkCache, operator: 
         .map(|d| (d.id.clone(), cache.spark(hub, d, now)))
         .collect();
     cache.keep_only(&snapshot.devices);
+    let changes = hub.changes(None, BOARD_CHANGES).unwrap_or_else(|e| {
+        tracing::warn!("no recent changes: {e}");
+        Vec::new()
+    });
     Initial {
         snapshot,
         sparks,
         now_ms: now.timestamp_millis(),
         operator,
+        changes,
     }
 }
 
@@ -449,6 +470,16 @@ pub fn Dashboard() -> impl IntoView {
                     })
                 })
                 .collect::<Vec<_>>()
+        })
+    });
+
+    // A change names its device as the device's card does now.
+    let name_of = Callback::new(move |id: DeviceId| {
+        board.cards.with(|cards| {
+            cards
+                .iter()
+                .find(|c| c.id == id)
+                .map_or_else(|| id.to_string(), |c| c.device.with(|d| d.name.clone()))
         })
     });
 
@@ -534,6 +565,7 @@ pub fn Dashboard() -> impl IntoView {
                 </p>
             </Show>
         </main>
+        <ChangeList recent=board.changes name_of />
     }
     .into_any()
 }
@@ -1259,7 +1291,7 @@ mod tests {
                 .alerts
                 .insert("temperature".into(), alert(21.0, None, Some(20.5)));
             event.stale = true;
-            board.apply_status(event);
+            board.apply_status(2, event);
             let card = board.cards.with_untracked(|c| c[0].clone());
             assert!(
                 card.device
@@ -1278,7 +1310,23 @@ mod tests {
                 },
             );
             other.id = DeviceId::parse("a-first").unwrap();
-            board.apply_status(StatusEvent::from(&other));
+            board.apply_status(3, StatusEvent::from(&other));
+            // What each event changed, newest first.
+            let changes = || {
+                board.changes.list.with_untracked(|l| {
+                    l.iter()
+                        .map(|c| (c.id, c.device.to_string(), c.change.kind()))
+                        .collect::<Vec<_>>()
+                })
+            };
+            assert_eq!(
+                changes(),
+                [
+                    (3, "a-first".into(), "registered"),
+                    (2, "rack-1".into(), "stale"),
+                    (2, "rack-1".into(), "alert"),
+                ]
+            );
             let ids: Vec<_> = board
                 .cards
                 .with_untracked(|c| c.iter().map(|c| c.id.to_string()).collect());
@@ -1291,12 +1339,15 @@ mod tests {
                 removed: true,
                 ..StatusEvent::from(&other)
             };
-            board.apply_status(removal.clone());
-            board.apply_status(removal);
+            board.apply_status(4, removal.clone());
+            board.apply_status(5, removal);
             let ids: Vec<_> = board
                 .cards
                 .with_untracked(|c| c.iter().map(|c| c.id.to_string()).collect());
             assert_eq!(ids, ["rack-1"]);
+            // Its changes went with it (as the server deletes them).
+            assert_eq!(changes().len(), 2);
+            assert!(changes().iter().all(|(_, device, _)| device == "rack-1"));
         });
     }
 

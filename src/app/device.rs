@@ -6,15 +6,14 @@
 //! the page follows the device's own event stream (`/api/events?device=`)
 //! and each changed value extends its chart.
 
+use super::changes::{ChangeList, Recent};
 use super::chart::{self, DAY_MS, HOUR_MS, LineChart};
 use super::dashboard::{
-    ConnectionIndicator, LinkBadges, Value, alert_text, broken_limit, format_value, value_of,
+    ConnectionIndicator, LinkBadges, Value, alert_text, format_value, value_of,
 };
 use super::live::{self, Connection, Feed, Follower};
 use super::{NotFound, device_href};
-use crate::model::{
-    Change, Changed, Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent,
-};
+use crate::model::{Changed, Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent};
 use leptos::prelude::*;
 use leptos_meta::Title;
 use leptos_router::hooks::{use_params_map, use_query_map};
@@ -118,45 +117,7 @@ pub fn metrics_of(status: &Status) -> Vec<String> {
 }
 
 /// Changes a device page lists, newest first.
-pub const PAGE_CHANGES: usize = 20;
-
-/// A change in words, for the page's "Recent changes".
-pub fn change_text(change: &Change) -> String {
-    match change {
-        Change::Registered => "First seen".into(),
-        Change::Renamed { name } => format!("Renamed to “{name}”"),
-        Change::Power { on: true } => "Power on".into(),
-        Change::Power { on: false } => "Power off".into(),
-        Change::Online { online: true } => "Online: its agent connected".into(),
-        Change::Online { online: false } => "Offline: its agent went away".into(),
-        Change::Stale { stale: true } => "Stale: silent past its report interval".into(),
-        Change::Stale { stale: false } => "Reporting again".into(),
-        Change::Alert { metric, alert } => format!(
-            "{} {}, {}",
-            chart::title_of(metric),
-            format_value(metric, alert.value),
-            broken_limit(alert, chart::unit_of(metric))
-        ),
-        Change::AlertCleared { metric } => {
-            format!("{} back within its limits", chart::title_of(metric))
-        }
-    }
-}
-
-/// The changes read again from the server (newest first), and the ones
-/// the page added meanwhile from events the read did not see yet.
-#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
-pub fn reread(read: Vec<Changed>, shown: &[Changed]) -> Vec<Changed> {
-    let seen = read.first().map(|c| c.id);
-    let mut list: Vec<Changed> = shown
-        .iter()
-        .filter(|c| seen.is_none_or(|seen| c.id > seen))
-        .cloned()
-        .collect();
-    list.extend(read);
-    list.truncate(PAGE_CHANGES);
-    list
-}
+const PAGE_CHANGES: usize = 20;
 
 /// One chart's data.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -256,7 +217,7 @@ pub(super) fn read(hub: &crate::server::hub::Hub, id: Option<DeviceId>, range: R
         })
         .collect();
     let changes = match device {
-        Some(_) => hub.changes(&id, PAGE_CHANGES).unwrap_or_else(|e| {
+        Some(_) => hub.changes(Some(&id), PAGE_CHANGES).unwrap_or_else(|e| {
             tracing::warn!("no changes of {id}: {e}");
             Vec::new()
         }),
@@ -281,7 +242,7 @@ fn initial(_: Option<DeviceId>, _: Range) -> Initial {
 struct Page {
     device: RwSignal<Device>,
     series: RwSignal<Vec<Series>>,
-    changes: RwSignal<Vec<Changed>>,
+    changes: Recent,
     range: Range,
     /// The device was removed: the page keeps its last state, without
     /// history, until a new report registers it again.
@@ -300,20 +261,8 @@ impl Page {
             let metrics: Vec<String> = self
                 .series
                 .with_untracked(|all| all.iter().map(|s| s.metric.clone()).collect());
-            let of = id.clone();
-            leptos::task::spawn_local(async move {
-                match super::api::changes(&of, PAGE_CHANGES).await {
-                    Ok(read) => {
-                        let _ = page
-                            .changes
-                            .try_update(|list| *list = reread(read.changes, list));
-                    }
-                    Err(e) => leptos::logging::warn!(
-                        "the list of changes keeps what it has: {}",
-                        e.message
-                    ),
-                }
-            });
+            self.changes
+                .reload(self.device.with_untracked(|d| Some(d.id.clone())));
             leptos::task::spawn_local(async move {
                 let from = js_sys::Date::now() as i64 - page.range.window_ms();
                 for metric in metrics {
@@ -349,7 +298,7 @@ impl Page {
     fn removed(&self) {
         self.removed.set(true);
         self.series.set(Vec::new());
-        self.changes.set(Vec::new());
+        self.changes.list.set(Vec::new());
     }
 
     /// The device's new state; `event` names the event that brought it
@@ -365,15 +314,7 @@ impl Page {
         }
         if let Some(id) = event {
             let previous = (!was_removed).then_some(&before);
-            let new = Change::between(previous, &device);
-            if !new.is_empty() {
-                let at = now();
-                self.changes.update(|list| {
-                    let new = new.into_iter().map(|change| Changed { id, at, change });
-                    list.splice(0..0, new);
-                    list.truncate(PAGE_CHANGES);
-                });
-            }
+            self.changes.follow(id, previous, &device);
         }
         let window = self.range.window_ms();
         self.series
@@ -403,16 +344,6 @@ impl Follower for Page {
     }
 }
 
-/// The browser's clock: when a change the page follows was made, near
-/// enough (the server records its own).
-fn now() -> chrono::DateTime<chrono::Utc> {
-    #[cfg(feature = "hydrate")]
-    let ms = js_sys::Date::now() as i64;
-    #[cfg(not(feature = "hydrate"))]
-    let ms = chrono::Utc::now().timestamp_millis();
-    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
-}
-
 #[component]
 pub fn DevicePage() -> impl IntoView {
     let params = use_params_map();
@@ -431,7 +362,7 @@ pub fn DevicePage() -> impl IntoView {
     let page = Page {
         device: RwSignal::new(device),
         series: RwSignal::new(initial.series),
-        changes: RwSignal::new(initial.changes),
+        changes: Recent::new(initial.changes, PAGE_CHANGES),
         range,
         removed: RwSignal::new(false),
     };
@@ -583,47 +514,10 @@ pub fn DevicePage() -> impl IntoView {
                     </p>
                 </Show>
             </section>
-            <ChangeList changes=page.changes />
+            <ChangeList recent=page.changes />
         </main>
     }
     .into_any()
-}
-
-/// The page's "Recent changes": power, link, staleness, alerts, name.
-#[component]
-fn ChangeList(changes: RwSignal<Vec<Changed>>) -> impl IntoView {
-    view! {
-        <section class="changes" data-testid="changes" aria-labelledby="changes-title">
-            <h2 id="changes-title">"Recent changes"</h2>
-            <Show
-                when=move || changes.with(|c| !c.is_empty())
-                fallback=|| {
-                    view! {
-                        <p class="no-data" data-testid="no-changes">
-                            "No change of power, link, staleness, alerts or name recorded yet."
-                        </p>
-                    }
-                }
-            >
-                <ol class="change-list">
-                    <For
-                        each=move || changes.get()
-                        key=|c| (c.id, serde_json::to_string(&c.change).unwrap_or_default())
-                        children=|c| {
-                            view! {
-                                <li data-testid="change" data-kind=c.change.kind()>
-                                    <time datetime=c.at.to_rfc3339()>
-                                        {c.at.format("%Y-%m-%d %H:%M:%S UTC").to_string()}
-                                    </time>
-                                    <span>{change_text(&c.change)}</span>
-                                </li>
-                            }
-                        }
-                    />
-                </ol>
-            </Show>
-        </section>
-    }
 }
 
 #[cfg(test)]
@@ -642,23 +536,6 @@ mod tests {
             alerts: BTreeMap::new(),
             updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
         }
-    }
-
-    #[test]
-    fn changes_read_again_keep_the_ones_of_later_events() {
-        let at = DateTime::from_timestamp_millis(0).unwrap();
-        let power = |id, on| Changed {
-            id,
-            at,
-            change: Change::Power { on },
-        };
-        let shown = [power(9, true), power(7, false)];
-        let read = vec![power(8, true), power(7, false), power(5, true)];
-        let ids = |list: Vec<Changed>| list.iter().map(|c| c.id).collect::<Vec<_>>();
-        assert_eq!(ids(reread(read.clone(), &shown)), [9, 8, 7, 5]);
-        assert_eq!(ids(reread(Vec::new(), &shown)), [9, 7]);
-        let many: Vec<_> = (0..30).rev().map(|id| power(id, true)).collect();
-        assert_eq!(reread(many, &shown).len(), PAGE_CHANGES);
     }
 
     #[test]

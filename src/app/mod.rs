@@ -7,6 +7,7 @@
 //! its own event stream once hydrated.
 
 mod api;
+mod changes;
 mod chart;
 mod dashboard;
 mod device;

@@ -37,7 +37,8 @@ pub async fn get_device(
         .ok_or(ApiError::UnknownDevice(id))
 }
 
-/// Changes `GET /api/devices/{id}/changes` returns unless `limit` says.
+/// Changes `GET /api/changes` and `GET /api/devices/{id}/changes` return
+/// unless `limit` says.
 pub const CHANGES: usize = 50;
 /// Most changes one read returns.
 pub const MAX_CHANGES: usize = 1_000;
@@ -47,19 +48,36 @@ pub struct ChangesQuery {
     limit: Option<String>,
 }
 
+/// `GET /api/changes?limit=N`: what every device's events changed besides
+/// readings, newest first (see [`device_changes`]).
+pub async fn changes(
+    State(state): State<AppState>,
+    query: Result<Query<ChangesQuery>, QueryRejection>,
+) -> Result<Json<Changes>, ApiError> {
+    read_changes(state, None, query).await
+}
+
 /// `GET /api/devices/{id}/changes?limit=N`: what the device's events
 /// changed besides readings (power, link, staleness, alerts, name), newest
 /// first; [`CHANGES`] unless `limit` (1 to [`MAX_CHANGES`]) says.
-pub async fn changes(
+pub async fn device_changes(
     State(state): State<AppState>,
     Path(id): Path<String>,
     query: Result<Query<ChangesQuery>, QueryRejection>,
 ) -> Result<Json<Changes>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::invalid("", e.body_text()))?;
     let device = DeviceId::parse(&id)
         .ok()
         .filter(|id| state.hub.device(id).is_some())
         .ok_or(ApiError::UnknownDevice(id))?;
+    read_changes(state, Some(device), query).await
+}
+
+async fn read_changes(
+    state: AppState,
+    device: Option<DeviceId>,
+    query: Result<Query<ChangesQuery>, QueryRejection>,
+) -> Result<Json<Changes>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid("", e.body_text()))?;
     let limit = match query.limit.as_deref() {
         None => CHANGES,
         Some(n) => n
@@ -75,7 +93,7 @@ pub async fn changes(
     };
     let hub = state.hub.clone();
     let read = device.clone();
-    let changes = tokio::task::spawn_blocking(move || hub.changes(&read, limit))
+    let changes = tokio::task::spawn_blocking(move || hub.changes(read.as_ref(), limit))
         .await
         .map_err(|e| ApiError::StoreRead(e.to_string()))?
         .map_err(|e| {

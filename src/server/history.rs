@@ -223,20 +223,37 @@ impl Reader {
         &self.conn
     }
 
-    /// The last `limit` changes recorded for `device`, newest first.
-    pub fn changes(&mut self, device: &DeviceId, limit: usize) -> Result<Vec<Changed>, StoreError> {
-        let rows = self.conn.query(
-            "SELECT id, ts, json FROM changes WHERE device = ?1 ORDER BY id DESC LIMIT ?2",
-            &[Arg::Str(device.as_str()), Arg::I64(limit as i64)],
-        )?;
+    /// The last `limit` changes recorded for `device`, or for every
+    /// device, newest first.
+    pub fn changes(
+        &mut self,
+        device: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<Changed>, StoreError> {
+        let limit_arg = Arg::I64(limit as i64);
+        let rows = match device {
+            Some(device) => self.conn.query(
+                "SELECT id, device, ts, json FROM changes WHERE device = ?1
+                 ORDER BY id DESC LIMIT ?2",
+                &[Arg::Str(device.as_str()), limit_arg],
+            )?,
+            None => self.conn.query(
+                "SELECT id, device, ts, json FROM changes ORDER BY id DESC LIMIT ?1",
+                &[limit_arg],
+            )?,
+        };
         let mut all = Vec::new();
         for row in rows {
             let id = row.i64(0)?;
-            let at = DateTime::from_timestamp_millis(row.i64(1)?).unwrap_or_default();
-            let changes: Vec<Change> = serde_json::from_str(&row.string(2)?)
-                .map_err(|e| StoreError::Corrupt(format!("the changes of event {id}: {e}")))?;
+            let corrupt =
+                |e: String| StoreError::Corrupt(format!("the changes of event {id}: {e}"));
+            let device = DeviceId::parse(&row.string(1)?).map_err(|e| corrupt(e.to_string()))?;
+            let at = DateTime::from_timestamp_millis(row.i64(2)?).unwrap_or_default();
+            let changes: Vec<Change> =
+                serde_json::from_str(&row.string(3)?).map_err(|e| corrupt(e.to_string()))?;
             all.extend(changes.into_iter().map(|change| Changed {
                 id: id as EventId,
+                device: device.clone(),
                 at,
                 change,
             }));

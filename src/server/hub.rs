@@ -1093,9 +1093,14 @@ impl Hub {
         }
     }
 
-    /// The last `limit` changes recorded for `device`, newest first (see
-    /// [`Change`](crate::model::Change)); blocking, as [`history`](Self::history).
-    pub fn changes(&self, device: &DeviceId, limit: usize) -> Result<Vec<Changed>, StoreError> {
+    /// The last `limit` changes recorded for `device`, or for every device,
+    /// newest first (see [`Change`](crate::model::Change)); blocking, as
+    /// [`history`](Self::history).
+    pub fn changes(
+        &self,
+        device: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<Changed>, StoreError> {
         match &self.history {
             Some(readers) => readers
                 .get()

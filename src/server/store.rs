@@ -1263,12 +1263,11 @@ mod tests {
         }
     }
 
-    /// A removal deletes its device's state, history and learned
-    /// interval; in the same group, a later event registers it afresh.
-    /// The kinds of the changes recorded for `id`, newest first.
+    /// The changes recorded for `id`, newest first.
     fn changes(store: &Store, id: &DeviceId, limit: usize) -> Vec<(EventId, Change)> {
         let mut reader = crate::server::history::Reader::new(store.connect().unwrap()).unwrap();
-        let changes = reader.changes(id, limit).unwrap();
+        let changes = reader.changes(Some(id), limit).unwrap();
+        assert!(changes.iter().all(|c| &c.device == id));
         changes.into_iter().map(|c| (c.id, c.change)).collect()
     }
 
@@ -1299,8 +1298,27 @@ mod tests {
         );
         assert_eq!(changes(&store, a, 3).len(), 3, "a limit counts changes");
         assert_eq!(changes(&store, &b.id, 10), [(4, Change::Registered)]);
+        // Every device's, newest first.
+        let mut reader = crate::server::history::Reader::new(store.connect().unwrap()).unwrap();
+        let all: Vec<_> = reader
+            .changes(None, 4)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.id, c.device.to_string(), c.change))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                (4, "b".into(), Change::Registered),
+                (3, "a".into(), renamed("Device a")),
+                (3, "a".into(), power_on),
+                (2, "a".into(), renamed("Aye")),
+            ]
+        );
     }
 
+    /// A removal deletes its device's state, history and learned
+    /// interval; in the same group, a later event registers it afresh.
     pub(crate) fn removes_a_device_with_its_history(mut store: Store) {
         let event = |id, device: &Device, previous: Option<&Device>, removed| Recorded {
             id,
