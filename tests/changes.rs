@@ -152,7 +152,9 @@ async fn every_devices_changes_name_their_device_and_go_with_it() {
     server
         .post_status("fridge", &json!({"power_on": false}))
         .await;
-    server.post_status("oven", &json!({"name": "Big oven"})).await;
+    server
+        .post_status("oven", &json!({"name": "Big oven"}))
+        .await;
     let all = |query: &'static str| {
         let server = &server;
         async move {
