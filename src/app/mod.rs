@@ -14,6 +14,7 @@ mod device;
 mod live;
 
 use crate::model::DeviceId;
+pub use changes::change_text;
 use dashboard::Dashboard;
 #[cfg(feature = "ssr")]
 pub use dashboard::SparkCache;

@@ -50,6 +50,13 @@ pub struct Config {
           value_delimiter = ',', value_parser = parse_device_token)]
     pub device_tokens: Vec<(DeviceId, String)>,
 
+    /// POST every recorded change (power, link, staleness, alerts, name) to
+    /// this http(s) URL as JSON, in order, retried until it answers 2xx
+    /// (repeatable; the env var takes a comma-separated list). In a cluster,
+    /// give it to one instance.
+    #[arg(long = "webhook", env = "TELLTALE_WEBHOOKS", value_delimiter = ',')]
+    pub webhooks: Vec<String>,
+
     /// Mark the operator session cookie `Secure`, so browsers only send it
     /// over https. Set it when the page is served over https (e.g. behind a
     /// TLS-terminating proxy); leave it off for plain http such as

@@ -203,6 +203,27 @@ pub fn readers(connector: Connector) -> Result<Readers, StoreError> {
         .map_err(|e| StoreError::Busy(e.to_string()))
 }
 
+/// The changes of rows of the `changes` table (`id, device, ts, json`), in
+/// the rows' order.
+pub(crate) fn changes_of(rows: Vec<Row>) -> Result<Vec<Changed>, StoreError> {
+    let mut all = Vec::new();
+    for row in rows {
+        let id = row.i64(0)?;
+        let corrupt = |e: String| StoreError::Corrupt(format!("the changes of event {id}: {e}"));
+        let device = DeviceId::parse(&row.string(1)?).map_err(|e| corrupt(e.to_string()))?;
+        let at = DateTime::from_timestamp_millis(row.i64(2)?).unwrap_or_default();
+        let changes: Vec<Change> =
+            serde_json::from_str(&row.string(3)?).map_err(|e| corrupt(e.to_string()))?;
+        all.extend(changes.into_iter().map(|change| Changed {
+            id: id as EventId,
+            device: device.clone(),
+            at,
+            change,
+        }));
+    }
+    Ok(all)
+}
+
 /// The read side of the store: its own connection.
 pub struct Reader {
     conn: Conn,
@@ -242,22 +263,7 @@ impl Reader {
                 &[limit_arg],
             )?,
         };
-        let mut all = Vec::new();
-        for row in rows {
-            let id = row.i64(0)?;
-            let corrupt =
-                |e: String| StoreError::Corrupt(format!("the changes of event {id}: {e}"));
-            let device = DeviceId::parse(&row.string(1)?).map_err(|e| corrupt(e.to_string()))?;
-            let at = DateTime::from_timestamp_millis(row.i64(2)?).unwrap_or_default();
-            let changes: Vec<Change> =
-                serde_json::from_str(&row.string(3)?).map_err(|e| corrupt(e.to_string()))?;
-            all.extend(changes.into_iter().map(|change| Changed {
-                id: id as EventId,
-                device: device.clone(),
-                at,
-                change,
-            }));
-        }
+        let mut all = changes_of(rows)?;
         all.truncate(limit);
         Ok(all)
     }

@@ -16,6 +16,7 @@ mod sse;
 pub mod stale;
 pub mod store;
 pub mod thresholds;
+pub mod webhooks;
 pub mod ws;
 
 use crate::app::{App, read_ahead, shell};
@@ -207,14 +208,16 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         (None, Some(m)) => m.path().display().to_string(),
         (None, None) => config.data_dir.display().to_string(),
     };
-    let (hub, retention, described) = opened
+    let (hub, retention, described, webhooks) = opened
         .and_then(|s| {
             let described = s.describe();
             let retention = retention::Retention::new(&s, policy)?;
+            let webhooks = webhooks::prepare(&config.webhooks, &s);
             let hub = Hub::with_store(s, config.replay_capacity, config.client_queue as usize)?;
-            Ok((hub, retention, described))
+            Ok((hub, retention, described, webhooks))
         })
         .map_err(|e| std::io::Error::other(format!("{where_}: {e}")))?;
+    let webhooks = webhooks.map_err(std::io::Error::other)?;
     match (&config.database_url, &memory_dir) {
         (Some(_), _) => tracing::info!("store in PostgreSQL, {described}"),
         (None, None) => tracing::info!("data directory {}", config.data_dir.display()),
@@ -271,6 +274,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         e => Err(std::io::Error::other(format!("{where_}: {e}"))),
     })?;
     tokio::spawn(stale::run(hub.clone(), shutdown.clone()));
+    webhooks::start(webhooks, &hub, &shutdown);
     #[cfg(unix)]
     if let Some(path) = &config.thresholds {
         // Taken before listening: SIGHUP's default would end the process.

@@ -1,0 +1,275 @@
+//! Webhooks (`--webhook URL`): every change the store records (power, link,
+//! staleness, alerts, name; see [`Change`](crate::model::Change)) is POSTed
+//! to each URL, oldest first, a batch at a time:
+//!
+//! ```json
+//! {"text": "Lab freezer: Power off",
+//!  "changes": [{"id": 41, "device": "freezer", "name": "Lab freezer",
+//!               "at": "2026-12-01T03:52:15.120Z", "kind": "power", "on": false}]}
+//! ```
+//!
+//! (`text`, a line per change, is what chat webhooks show.) The changes
+//! table is the outbox: each URL's place in it is kept in the store, moved
+//! on only by a 2xx answer, so a URL that is down, slow or refusing gets
+//! the same batch again (after 1 s, then 2 s, … up to a minute) and a
+//! restart goes on where it stopped. Nothing is skipped; a change comes
+//! twice only when an answer was lost. A URL seen for the first time
+//! starts with the changes made from then on.
+
+use super::db::{Arg, Conn, TxKind};
+use super::history::changes_of;
+use super::hub::{Filter, Hub};
+use super::store::{Store, StoreError, WriteGate};
+use crate::app::change_text;
+use crate::model::{Changed, EventId};
+use serde::Serialize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+/// Changes one request carries at most.
+const BATCH: usize = 100;
+/// How long a URL has to answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait between two tries of a failing URL.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// A change as a webhook receives it: with its device's name.
+#[derive(Serialize)]
+struct Named<'a> {
+    #[serde(flatten)]
+    changed: &'a Changed,
+    name: String,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    text: String,
+    changes: Vec<Named<'a>>,
+}
+
+/// One URL's delivery: its place in the changes, on a connection of its own.
+pub struct Webhook {
+    url: reqwest::Url,
+    /// Its place's key in the `meta` table.
+    key: String,
+    /// The last event whose changes the URL took.
+    place: EventId,
+    conn: Mutex<Conn>,
+    gate: WriteGate,
+    client: reqwest::Client,
+}
+
+/// One delivery for each URL (each an http or https URL); `Err` says
+/// which URL is unusable, and why, before anything is sent.
+pub fn prepare(urls: &[String], store: &Store) -> Result<Vec<Webhook>, String> {
+    urls.iter()
+        .map(|url| Webhook::new(url, store).map_err(|e| format!("--webhook {url}: {e}")))
+        .collect()
+}
+
+/// Starts each delivery, following `hub`'s events.
+pub fn start(webhooks: Vec<Webhook>, hub: &Arc<Hub>, shutdown: &CancellationToken) {
+    for webhook in webhooks {
+        tokio::spawn(webhook.run(hub.clone(), shutdown.clone()));
+    }
+}
+
+impl Webhook {
+    fn new(url: &str, store: &Store) -> Result<Self, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err("not an http:// or https:// URL".into());
+        }
+        let mut client = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .user_agent(concat!("telltale/", env!("CARGO_PKG_VERSION")));
+        if url.scheme() == "https" {
+            let host = url.host_str().unwrap_or_default();
+            client = client.use_preconfigured_tls((*crate::tls::client_config(host)?).clone());
+        }
+        let client = client.build().map_err(|e| e.to_string())?;
+        let key = format!("webhook {url}");
+        let conn = store.connect().map_err(|e| e.to_string())?;
+        let place = conn
+            .query_opt("SELECT value FROM meta WHERE key = ?1", &[Arg::Str(&key)])
+            .and_then(|row| row.map(|r| r.i64(0)).transpose())
+            .map_err(|e| e.to_string())?;
+        let mut webhook = Self {
+            url,
+            key,
+            place: place.unwrap_or(0) as EventId,
+            conn: Mutex::new(conn),
+            gate: store.write_gate(),
+            client,
+        };
+        // First seen: from the changes made from now on.
+        if place.is_none() {
+            let last = webhook
+                .conn
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .query_opt("SELECT MAX(id) FROM changes", &[])
+                .and_then(|r| r.map(|r| r.opt_i64(0)).transpose())
+                .map_err(|e| e.to_string())?
+                .flatten()
+                .unwrap_or(0);
+            webhook.place = last as EventId;
+            webhook
+                .save_place(webhook.place)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(webhook)
+    }
+
+    fn save_place(&self, id: EventId) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        conn.transaction(TxKind::Write, |tx| {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[Arg::Str(&self.key), Arg::I64(id as i64)],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The changes after `place`, oldest first: whole events, [`BATCH`]
+    /// changes or a little more.
+    fn after(&self, place: EventId) -> Result<Vec<Changed>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let rows = conn.query(
+            "SELECT id, device, ts, json FROM changes WHERE id > ?1 ORDER BY id LIMIT ?2",
+            &[Arg::I64(place as i64), Arg::I64(BATCH as i64)],
+        )?;
+        let mut changes = changes_of(rows)?;
+        // Whole events: cut after the event the BATCH-th change is of.
+        if let Some(last) = changes.get(BATCH.saturating_sub(1)).map(|c| c.id) {
+            changes.retain(|c| c.id <= last);
+        }
+        Ok(changes)
+    }
+
+    async fn run(self, hub: Arc<Hub>, shutdown: CancellationToken) {
+        let mut place = self.place;
+        let this = Arc::new(self);
+        let mut events = hub.subscribe(None, &Filter::default()).events;
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let read = {
+                let this = this.clone();
+                tokio::task::spawn_blocking(move || this.after(place))
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Busy(e.to_string())))
+            };
+            let delivered = match read {
+                Ok(changes) if changes.is_empty() => {
+                    // Level: wait for the next event (its changes are
+                    // recorded before it is sent).
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        got = events.recv() => if let Err(RecvError::Closed) = got {
+                            // The hub took the cluster's state: a new channel.
+                            events = hub.subscribe(None, &Filter::default()).events;
+                        },
+                    }
+                    continue;
+                }
+                Ok(changes) => match this.post(&hub, &changes).await {
+                    Ok(()) => {
+                        let last = changes.last().map_or(0, |c| c.id);
+                        let saved = {
+                            let this = this.clone();
+                            tokio::task::spawn_blocking(move || this.save_place(last)).await
+                        };
+                        // Taken, whether or not its place is kept.
+                        place = last;
+                        match saved {
+                            Ok(Ok(())) => true,
+                            Ok(Err(e)) => {
+                                tracing::warn!("webhook {}: its place is not kept: {e}", this.url);
+                                false
+                            }
+                            Err(e) => {
+                                tracing::warn!("webhook {}: {e}", this.url);
+                                false
+                            }
+                        }
+                    }
+                    Err(why) => {
+                        tracing::warn!(
+                            "webhook {}: {why}; {} changes sent again in {backoff:?}",
+                            this.url,
+                            changes.len()
+                        );
+                        false
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("webhook {}: reading the changes: {e}", this.url);
+                    false
+                }
+            };
+            if delivered {
+                backoff = Duration::from_secs(1);
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Sends `changes`; `Err` says why the URL did not take them.
+    async fn post(&self, hub: &Hub, changes: &[Changed]) -> Result<(), String> {
+        let named: Vec<Named> = changes
+            .iter()
+            .map(|c| Named {
+                changed: c,
+                // A removed device's changes went with it; its name too.
+                name: hub
+                    .device(&c.device)
+                    .map_or_else(|| c.device.to_string(), |d| d.name),
+            })
+            .collect();
+        let text = named
+            .iter()
+            .map(|n| format!("{}: {}", n.name, change_text(&n.changed.change)))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let body = Body {
+            text,
+            changes: named,
+        };
+        let response = self
+            .client
+            .post(self.url.clone())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("no answer ({})", error_chain(&e)))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let said = response.text().await.unwrap_or_default();
+        let said: String = said.chars().take(200).collect();
+        Err(format!("answered {status} {}", said.trim()))
+    }
+}
+
+/// An error and its causes, in one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut words = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        words.push_str(": ");
+        words.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    words
+}

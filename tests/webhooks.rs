@@ -1,0 +1,171 @@
+#![cfg(feature = "ssr")]
+//! `--webhook URL`: every recorded change POSTed to the URL, in order,
+//! sent again until it answers 2xx, and not lost across a restart.
+
+mod common;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use common::Server;
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A webhook receiver on a free port: what it took, and whether it takes.
+#[derive(Clone, Default)]
+struct Receiver {
+    /// The bodies it answered 200.
+    taken: Arc<Mutex<Vec<Value>>>,
+    /// Refused while set (503).
+    down: Arc<AtomicBool>,
+    refused: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    /// Listens; returns its URL.
+    async fn start(&self) -> String {
+        async fn hook(State(r): State<Receiver>, Json(body): Json<Value>) -> StatusCode {
+            if r.down.load(Ordering::SeqCst) {
+                r.refused.fetch_add(1, Ordering::SeqCst);
+                return StatusCode::SERVICE_UNAVAILABLE;
+            }
+            r.taken.lock().unwrap().push(body);
+            StatusCode::OK
+        }
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(hook))
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/hook")
+    }
+
+    /// `(device, name, kind)` of every change taken, in order.
+    fn changes(&self) -> Vec<(String, String, String)> {
+        let taken = self.taken.lock().unwrap();
+        taken
+            .iter()
+            .flat_map(|body| body["changes"].as_array().cloned().unwrap_or_default())
+            .map(|c| {
+                let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                (s("device"), s("name"), s("kind"))
+            })
+            .collect()
+    }
+
+    fn texts(&self) -> Vec<String> {
+        let taken = self.taken.lock().unwrap();
+        taken
+            .iter()
+            .map(|b| b["text"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+fn change(device: &str, name: &str, kind: &str) -> (String, String, String) {
+    (device.into(), name.into(), kind.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_are_posted_in_order_and_sent_again_until_taken() {
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    // (Not stale between two posts: that would be a change too.)
+    let server = Server::start_with(&["--webhook", &url, "--stale-after", "1h"]).await;
+    server
+        .post_status("fridge", &json!({"name": "Fridge", "power_on": true}))
+        .await;
+    common::eventually("the first change is taken", || async {
+        receiver.changes() == [change("fridge", "Fridge", "registered")]
+    })
+    .await;
+    // A reading is no change: nothing is posted for it.
+    server
+        .post_status("fridge", &json!({"temperature": 4.0}))
+        .await;
+
+    receiver.down.store(true, Ordering::SeqCst);
+    server
+        .post_status("fridge", &json!({"power_on": false}))
+        .await;
+    common::eventually("the refused change is sent again", || async {
+        receiver.refused.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    receiver.down.store(false, Ordering::SeqCst);
+    common::eventually("the refused change is taken", || async {
+        receiver.changes().len() >= 2
+    })
+    .await;
+    assert_eq!(
+        receiver.changes(),
+        [
+            change("fridge", "Fridge", "registered"),
+            change("fridge", "Fridge", "power"),
+        ],
+        "each once, in order"
+    );
+    assert_eq!(
+        receiver.texts(),
+        ["Fridge: First seen", "Fridge: Power off"]
+    );
+    let taken = receiver.taken.lock().unwrap().clone();
+    let power = &taken[1]["changes"][0];
+    assert_eq!(power["on"], false, "{power}");
+    assert!(power["id"].is_u64() && power["at"].is_string(), "{power}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_goes_on_where_it_stopped() {
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let args = ["--data-dir", data, "--webhook", &url, "--stale-after", "1h"];
+    let mut server = Server::start_with(&args).await;
+    server
+        .post_status("oven", &json!({"name": "Oven", "power_on": true}))
+        .await;
+    common::eventually("the first change is taken", || async {
+        receiver.changes().len() == 1
+    })
+    .await;
+    receiver.down.store(true, Ordering::SeqCst);
+    server
+        .post_status("oven", &json!({"power_on": false}))
+        .await;
+    server
+        .post_status("oven", &json!({"name": "Big oven"}))
+        .await;
+    common::eventually("a try was refused", || async {
+        receiver.refused.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    server.restart().await;
+    receiver.down.store(false, Ordering::SeqCst);
+    common::eventually("the changes made before the restart are taken", || async {
+        receiver.changes().len() >= 3
+    })
+    .await;
+    assert_eq!(
+        receiver.changes(),
+        [
+            change("oven", "Oven", "registered"),
+            change("oven", "Big oven", "power"),
+            change("oven", "Big oven", "renamed"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_url_that_is_not_http_stops_the_start() {
+    let text = common::refused_start(&["--memory", "--webhook", "ftp://example.org/x"], &[]).await;
+    assert!(
+        text.contains("--webhook ftp://example.org/x: not an http:// or https:// URL"),
+        "{text}"
+    );
+    let text = common::refused_start(&["--memory", "--webhook", "no url"], &[]).await;
+    assert!(text.contains("--webhook no url: not a URL"), "{text}");
+}
