@@ -63,12 +63,15 @@ pub fn cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls:
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+        // An I/O error's `source` skips the error it wraps (which may
+        // itself be an I/O error wrapping the TLS error: reqwest's).
+        source = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
         {
-            return Some(tls);
-        }
-        source = e.source();
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
     None
 }

@@ -7,8 +7,9 @@ mod common;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use common::Server;
+use common::{Nginx, SelfSigned, Server};
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,8 +24,8 @@ struct Receiver {
 }
 
 impl Receiver {
-    /// Listens; returns its URL.
-    async fn start(&self) -> String {
+    /// Listens; returns its address (its URL is `http://{addr}/hook`).
+    async fn listen(&self) -> SocketAddr {
         async fn hook(State(r): State<Receiver>, Json(body): Json<Value>) -> StatusCode {
             if r.down.load(Ordering::SeqCst) {
                 r.refused.fetch_add(1, Ordering::SeqCst);
@@ -39,7 +40,12 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
-        format!("http://{addr}/hook")
+        addr
+    }
+
+    /// Listens; returns its URL.
+    async fn start(&self) -> String {
+        format!("http://{}/hook", self.listen().await)
     }
 
     /// `(device, name, kind)` of every change taken, in order.
@@ -168,4 +174,47 @@ async fn a_url_that_is_not_http_stops_the_start() {
     );
     let text = common::refused_start(&["--memory", "--webhook", "no url"], &[]).await;
     assert!(text.contains("--webhook no url: not a URL"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_url_must_show_a_trusted_certificate() {
+    let receiver = Receiver::default();
+    let certificate = SelfSigned::new();
+    let nginx = Nginx::start_tls(&[receiver.listen().await], &certificate).await;
+    let url = format!("https://localhost:{}/hook", nginx.addr.port());
+    let args = ["--webhook", &url, "--stale-after", "1h"];
+    let trusted = certificate.cert.to_str().unwrap();
+    let server = Server::start_with_env(&args, &[("SSL_CERT_FILE", trusted)]).await;
+    server
+        .post_status("kettle", &json!({"power_on": true}))
+        .await;
+    common::eventually("the change is taken over https", || async {
+        receiver.changes() == [change("kettle", "kettle", "registered")]
+    })
+    .await;
+
+    // A server that trusts another certificate sends nothing, and says why.
+    let other = SelfSigned::new();
+    let untrusting =
+        Server::start_with_env(&args, &[("SSL_CERT_FILE", other.cert.to_str().unwrap())]).await;
+    untrusting
+        .post_status("teapot", &json!({"power_on": true}))
+        .await;
+    common::eventually("the refusal is logged", || async {
+        untrusting.output().contains("invalid peer certificate")
+    })
+    .await;
+    let output = untrusting.output();
+    assert!(
+        output.contains("is not signed by a CA this machine trusts"),
+        "{output}"
+    );
+    assert!(
+        receiver
+            .changes()
+            .iter()
+            .all(|(device, ..)| device != "teapot"),
+        "{:?}",
+        receiver.changes()
+    );
 }

@@ -251,7 +251,10 @@ impl Webhook {
             .json(&body)
             .send()
             .await
-            .map_err(|e| format!("no answer ({})", error_chain(&e)))?;
+            .map_err(|e| match crate::tls::cause(&e) {
+                Some(tls) => format!("no answer: {}", crate::tls::explain(tls)),
+                None => format!("no answer ({})", error_chain(&e)),
+            })?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
