@@ -209,6 +209,13 @@ async fn an_https_url_must_show_a_trusted_certificate() {
         output.contains("is not signed by a CA this machine trusts"),
         "{output}"
     );
+    // The URL's path (a chat webhook's secret) stays out of the log.
+    let origin = format!(
+        "webhook https://localhost:{}/…: no answer",
+        nginx.addr.port()
+    );
+    assert!(output.contains(&origin), "{output}");
+    assert!(!output.contains("/hook"), "{output}");
     assert!(
         receiver
             .changes()

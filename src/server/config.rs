@@ -54,7 +54,13 @@ pub struct Config {
     /// this http(s) URL as JSON, in order, retried until it answers 2xx
     /// (repeatable; the env var takes a comma-separated list). In a cluster,
     /// give it to one instance.
-    #[arg(long = "webhook", env = "TELLTALE_WEBHOOKS", value_delimiter = ',')]
+    /// Logs show a URL's origin only (a chat webhook's secret is in its path).
+    #[arg(
+        long = "webhook",
+        env = "TELLTALE_WEBHOOKS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
     pub webhooks: Vec<String>,
 
     /// Mark the operator session cookie `Secure`, so browsers only send it

@@ -52,6 +52,9 @@ struct Body<'a> {
 /// One URL's delivery: its place in the changes, on a connection of its own.
 pub struct Webhook {
     url: reqwest::Url,
+    /// The URL as logs show it: its origin only, as chat webhooks keep
+    /// their secret in the path.
+    shown: String,
     /// Its place's key in the `meta` table.
     key: String,
     /// The last event whose changes the URL took.
@@ -91,6 +94,10 @@ impl Webhook {
         }
         let client = client.build().map_err(|e| e.to_string())?;
         let key = format!("webhook {url}");
+        let shown = match url.path() {
+            "/" if url.query().is_none() => url.origin().ascii_serialization(),
+            _ => format!("{}/…", url.origin().ascii_serialization()),
+        };
         let conn = store.connect().map_err(|e| e.to_string())?;
         let place = conn
             .query_opt("SELECT value FROM meta WHERE key = ?1", &[Arg::Str(&key)])
@@ -98,6 +105,7 @@ impl Webhook {
             .map_err(|e| e.to_string())?;
         let mut webhook = Self {
             url,
+            shown,
             key,
             place: place.unwrap_or(0) as EventId,
             conn: Mutex::new(conn),
@@ -189,11 +197,14 @@ impl Webhook {
                         match saved {
                             Ok(Ok(())) => true,
                             Ok(Err(e)) => {
-                                tracing::warn!("webhook {}: its place is not kept: {e}", this.url);
+                                tracing::warn!(
+                                    "webhook {}: its place is not kept: {e}",
+                                    this.shown
+                                );
                                 false
                             }
                             Err(e) => {
-                                tracing::warn!("webhook {}: {e}", this.url);
+                                tracing::warn!("webhook {}: {e}", this.shown);
                                 false
                             }
                         }
@@ -201,14 +212,14 @@ impl Webhook {
                     Err(why) => {
                         tracing::warn!(
                             "webhook {}: {why}; {} changes sent again in {backoff:?}",
-                            this.url,
+                            this.shown,
                             changes.len()
                         );
                         false
                     }
                 },
                 Err(e) => {
-                    tracing::warn!("webhook {}: reading the changes: {e}", this.url);
+                    tracing::warn!("webhook {}: reading the changes: {e}", this.shown);
                     false
                 }
             };
