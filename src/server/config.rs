@@ -435,6 +435,32 @@ mod tests {
         assert!(Config::try_parse_from(["telltale", "--device-token", "a"]).is_err());
     }
 
+    #[test]
+    fn webhook_options() {
+        assert!(
+            Config::try_parse_from(["telltale"])
+                .unwrap()
+                .webhooks
+                .is_empty()
+        );
+        let c = Config::try_parse_from([
+            "telltale",
+            "--webhook",
+            "https://a.example/x,http://b.example/",
+            "--webhook",
+            "http://c.example/",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.webhooks,
+            [
+                "https://a.example/x",
+                "http://b.example/",
+                "http://c.example/"
+            ]
+        );
+    }
+
     fn agent(args: &[&str]) -> Result<AgentOptions, clap::Error> {
         let c = Config::try_parse_from(["telltale", "agent"].iter().chain(args))?;
         match c.command {
