@@ -117,6 +117,10 @@ async fn changes_are_posted_in_order_and_sent_again_until_taken() {
         receiver.texts(),
         ["Fridge: First seen", "Fridge: Power off"]
     );
+    common::eventually("the log says the URL takes changes again", || async {
+        server.output().contains("/…: takes changes again")
+    })
+    .await;
     let taken = receiver.taken.lock().unwrap().clone();
     let power = &taken[1]["changes"][0];
     assert_eq!(power["on"], false, "{power}");

@@ -164,6 +164,10 @@ impl Webhook {
         let mut place = self.place;
         let this = Arc::new(self);
         let mut events = hub.subscribe(None, &Filter::default()).events;
+        tracing::info!(
+            "webhook {}: sending the changes recorded after event {place}",
+            this.shown
+        );
         let mut backoff = Duration::from_secs(1);
         loop {
             let read = {
@@ -224,6 +228,9 @@ impl Webhook {
                 }
             };
             if delivered {
+                if backoff > Duration::from_secs(1) {
+                    tracing::info!("webhook {}: takes changes again", this.shown);
+                }
                 backoff = Duration::from_secs(1);
                 continue;
             }
