@@ -129,11 +129,23 @@ async fn changes_are_posted_in_order_and_sent_again_until_taken() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_goes_on_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    goes_on_after_a_restart(&["--data-dir", dir.path().to_str().unwrap()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_goes_on_where_it_stopped_in_postgresql() {
+    let db = common::Schema::new();
+    goes_on_after_a_restart(&["--database-url", &db.url]).await;
+}
+
+/// With the store `store` gives: changes made while the URL refuses are
+/// taken once it takes them again, after a restart.
+async fn goes_on_after_a_restart(store: &[&str]) {
     let receiver = Receiver::default();
     let url = receiver.start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().to_str().unwrap();
-    let args = ["--data-dir", data, "--webhook", &url, "--stale-after", "1h"];
+    let mut args = store.to_vec();
+    args.extend(["--webhook", &url, "--stale-after", "1h"]);
     let mut server = Server::start_with(&args).await;
     server
         .post_status("oven", &json!({"name": "Oven", "power_on": true}))
