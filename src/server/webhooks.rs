@@ -99,34 +99,31 @@ impl Webhook {
             _ => format!("{}/…", url.origin().ascii_serialization()),
         };
         let conn = store.connect().map_err(|e| e.to_string())?;
-        let place = conn
-            .query_opt("SELECT value FROM meta WHERE key = ?1", &[Arg::Str(&key)])
-            .and_then(|row| row.map(|r| r.i64(0)).transpose())
-            .map_err(|e| e.to_string())?;
-        let mut webhook = Self {
+        let read = |sql: &str, args: &[Arg]| -> Result<Option<i64>, String> {
+            let row = conn.query_opt(sql, args).map_err(|e| e.to_string())?;
+            Ok(row
+                .map(|r| r.opt_i64(0))
+                .transpose()
+                .map_err(|e| e.to_string())?
+                .flatten())
+        };
+        let kept = read("SELECT value FROM meta WHERE key = ?1", &[Arg::Str(&key)])?;
+        // First seen: from the changes made from now on.
+        let place = match kept {
+            Some(place) => place,
+            None => read("SELECT MAX(id) FROM changes", &[])?.unwrap_or(0),
+        } as EventId;
+        let webhook = Self {
             url,
             shown,
             key,
-            place: place.unwrap_or(0) as EventId,
+            place,
             conn: Mutex::new(conn),
             gate: store.write_gate(),
             client,
         };
-        // First seen: from the changes made from now on.
-        if place.is_none() {
-            let last = webhook
-                .conn
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .query_opt("SELECT MAX(id) FROM changes", &[])
-                .and_then(|r| r.map(|r| r.opt_i64(0)).transpose())
-                .map_err(|e| e.to_string())?
-                .flatten()
-                .unwrap_or(0);
-            webhook.place = last as EventId;
-            webhook
-                .save_place(webhook.place)
-                .map_err(|e| e.to_string())?;
+        if kept.is_none() {
+            webhook.save_place(place).map_err(|e| e.to_string())?;
         }
         Ok(webhook)
     }
@@ -170,76 +167,64 @@ impl Webhook {
         );
         let mut backoff = Duration::from_secs(1);
         loop {
-            let read = {
-                let this = this.clone();
-                tokio::task::spawn_blocking(move || this.after(place))
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError::Busy(e.to_string())))
-            };
-            let delivered = match read {
-                Ok(changes) if changes.is_empty() => {
-                    // Level: wait for the next event (its changes are
-                    // recorded before it is sent).
+            match this.clone().deliver(&hub, place).await {
+                // Level: wait for the next event (its changes are recorded
+                // before it is sent).
+                Ok(None) => tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    got = events.recv() => if let Err(RecvError::Closed) = got {
+                        // The hub took the cluster's state: a new channel.
+                        events = hub.subscribe(None, &Filter::default()).events;
+                    },
+                },
+                Ok(Some(last)) => {
+                    place = last;
+                    if backoff > Duration::from_secs(1) {
+                        tracing::info!("webhook {}: takes changes again", this.shown);
+                    }
+                    backoff = Duration::from_secs(1);
+                }
+                Err(why) => {
+                    tracing::warn!("webhook {}: {why}; sent again in {backoff:?}", this.shown);
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        got = events.recv() => if let Err(RecvError::Closed) = got {
-                            // The hub took the cluster's state: a new channel.
-                            events = hub.subscribe(None, &Filter::default()).events;
-                        },
+                        _ = tokio::time::sleep(backoff) => {}
                     }
-                    continue;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-                Ok(changes) => match this.post(&hub, &changes).await {
-                    Ok(()) => {
-                        let last = changes.last().map_or(0, |c| c.id);
-                        let saved = {
-                            let this = this.clone();
-                            tokio::task::spawn_blocking(move || this.save_place(last)).await
-                        };
-                        // Taken, whether or not its place is kept.
-                        place = last;
-                        match saved {
-                            Ok(Ok(())) => true,
-                            Ok(Err(e)) => {
-                                tracing::warn!(
-                                    "webhook {}: its place is not kept: {e}",
-                                    this.shown
-                                );
-                                false
-                            }
-                            Err(e) => {
-                                tracing::warn!("webhook {}: {e}", this.shown);
-                                false
-                            }
-                        }
-                    }
-                    Err(why) => {
-                        tracing::warn!(
-                            "webhook {}: {why}; {} changes sent again in {backoff:?}",
-                            this.shown,
-                            changes.len()
-                        );
-                        false
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!("webhook {}: reading the changes: {e}", this.shown);
-                    false
-                }
-            };
-            if delivered {
-                if backoff > Duration::from_secs(1) {
-                    tracing::info!("webhook {}: takes changes again", this.shown);
-                }
-                backoff = Duration::from_secs(1);
-                continue;
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    /// Sends the changes after `place`, if any, and keeps the new place:
+    /// `Ok(None)` when there were none, `Ok(Some(last))` once taken (a
+    /// place that could not be kept is logged: a restart sends them again).
+    async fn deliver(
+        self: Arc<Self>,
+        hub: &Hub,
+        place: EventId,
+    ) -> Result<Option<EventId>, String> {
+        let this = self.clone();
+        let changes = tokio::task::spawn_blocking(move || this.after(place))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading the changes: {e}"))?;
+        let Some(last) = changes.last().map(|c| c.id) else {
+            return Ok(None);
+        };
+        self.post(hub, &changes)
+            .await
+            .map_err(|why| format!("{why}; {} changes", changes.len()))?;
+        let this = self.clone();
+        let saved = tokio::task::spawn_blocking(move || this.save_place(last)).await;
+        if let Some(e) = saved
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .err()
+        {
+            tracing::warn!("webhook {}: its place is not kept: {e}", self.shown);
+        }
+        Ok(Some(last))
     }
 
     /// Sends `changes`; `Err` says why the URL did not take them.
