@@ -63,6 +63,21 @@ pub struct Config {
     )]
     pub webhooks: Vec<String>,
 
+    /// Take devices' reports, links and command answers from this MQTT
+    /// broker, and send them their commands (topics under --mqtt-topic; see
+    /// README.md), e.g. `mqtt://user:secret@broker.lan:1883` or `mqtts://`
+    /// for TLS (verified as for PostgreSQL); `?client_id=` names the
+    /// broker session (default `telltale`). In a cluster, give it to one
+    /// instance.
+    #[arg(long, env = "TELLTALE_MQTT", hide_env_values = true)]
+    pub mqtt: Option<String>,
+
+    /// The topic prefix of --mqtt: devices publish on PREFIX/ID/status,
+    /// PREFIX/ID/online and PREFIX/ID/result, and get PREFIX/ID/set and
+    /// PREFIX/ID/error.
+    #[arg(long, env = "TELLTALE_MQTT_TOPIC", default_value = "telltale")]
+    pub mqtt_topic: String,
+
     /// Mark the operator session cookie `Secure`, so browsers only send it
     /// over https. Set it when the page is served over https (e.g. behind a
     /// TLS-terminating proxy); leave it off for plain http such as

@@ -8,7 +8,7 @@ use crate::model::FieldError;
 use axum::Json;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -139,14 +139,21 @@ impl From<Refused> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = match &self {
+impl ApiError {
+    /// `{"error": "...", "field": "..."}`: what an HTTP answer carries, and
+    /// what an MQTT device is told.
+    pub fn body(&self) -> Value {
+        match self {
             Self::Invalid(e) => json!({ "error": self.to_string(), "field": e.field }),
             Self::CommandRefused(_) => json!({ "error": self.to_string(), "field": "id" }),
             _ => json!({ "error": self.to_string() }),
-        };
-        let mut response = (self.status(), Json(body)).into_response();
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(self.body())).into_response();
         if let Self::TooManyGuesses(wait) = &self {
             response.headers_mut().insert(
                 header::RETRY_AFTER,

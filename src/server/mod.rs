@@ -10,6 +10,7 @@ pub mod db;
 mod error;
 pub mod history;
 pub mod hub;
+pub mod mqtt;
 pub mod retention;
 mod simulator;
 mod sse;
@@ -180,6 +181,12 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         downsampled: config.downsampled_retention,
         batch: retention::BATCH,
     };
+    let mqtt = config
+        .mqtt
+        .as_deref()
+        .map(|url| mqtt::prepare(url, &config.mqtt_topic))
+        .transpose()
+        .map_err(std::io::Error::other)?;
     // `--memory` is a store too, in a temporary directory removed when
     // this function returns, that promises nothing across restarts.
     // `--database-url` puts it in PostgreSQL instead of either.
@@ -318,6 +325,9 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             config.simulator_interval,
             shutdown.clone(),
         ));
+    }
+    if let Some(bridge) = mqtt {
+        mqtt::start(bridge, &hub, &commands, &shutdown);
     }
     let state = AppState {
         leptos_options,
