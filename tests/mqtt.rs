@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Server, eventually, within};
+use common::{SelfSigned, Server, eventually, within};
 use reqwest::StatusCode;
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
@@ -13,26 +13,52 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// A `mosquitto` on a free port of its own, killed when dropped.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A `mosquitto` on a free port of its own, killed when dropped; with
+/// [`start_tls`](Self::start_tls), also a TLS listener.
 struct Mosquitto {
     _child: Child,
     _dir: tempfile::TempDir,
     port: u16,
+    tls_port: Option<u16>,
 }
 
 impl Mosquitto {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        Self::start_as(None).await
+    }
+
+    /// Plain on `port` (for the test's devices), TLS with `cert` on `tls_port`.
+    async fn start_tls(cert: &SelfSigned) -> Self {
+        Self::start_as(Some(cert)).await
+    }
+
+    async fn start_as(cert: Option<&SelfSigned>) -> Self {
+        let port = free_port();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .expect("the config is written");
+        // Run by root, mosquitto would become the user `mosquitto`, which
+        // cannot read the key in this test's private directory.
+        let mut text = format!(
+            "user root\nper_listener_settings false\nallow_anonymous true\npersistence false\n\
+             listener {port} 127.0.0.1\n"
+        );
+        let tls_port = cert.map(|cert| {
+            let tls_port = free_port();
+            text += &format!(
+                "listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+                cert.cert.display(),
+                cert.key.display()
+            );
+            tls_port
+        });
+        std::fs::write(&conf, text).expect("the config is written");
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
@@ -41,16 +67,19 @@ impl Mosquitto {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("mosquitto starts (Debian's package mosquitto; .ci/setup installs it)");
-        eventually("mosquitto listens", || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await;
+        for port in std::iter::once(port).chain(tls_port) {
+            eventually("mosquitto listens", || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            })
+            .await;
+        }
         Mosquitto {
             _child: child,
             _dir: dir,
             port,
+            tls_port,
         }
     }
 
@@ -476,4 +505,43 @@ async fn reports_the_store_cannot_take_come_again_until_it_can() {
         .map(|p| p["v"].as_f64().unwrap())
         .collect();
     assert_eq!(values, [60.0, 61.0, 62.0], "in order, each once");
+}
+
+#[tokio::test]
+async fn mqtts_checks_the_brokers_certificate() {
+    let certificate = SelfSigned::new();
+    let broker = Mosquitto::start_tls(&certificate).await;
+    let url = format!("mqtts://localhost:{}", broker.tls_port.unwrap());
+    let trusted = certificate.cert.to_str().unwrap();
+    let server = Server::start_with_env(&["--mqtt", &url], &[("SSL_CERT_FILE", trusted)]).await;
+    eventually("the connection over TLS", || async {
+        server.output().contains("MQTT: connected")
+    })
+    .await;
+    let device = Device::connect(&broker, "vault").await;
+    device
+        .publish("telltale/vault/status", r#"{"humidity": 35}"#, false)
+        .await;
+    eventually("the report over TLS", || async {
+        server
+            .device("vault")
+            .await
+            .is_some_and(|d| d["status"]["humidity"] == 35.0)
+    })
+    .await;
+
+    // Trusting another certificate, it takes nothing, and says why.
+    let other = SelfSigned::new();
+    let untrusting = Server::start_with_env(
+        &["--mqtt", &url],
+        &[("SSL_CERT_FILE", other.cert.to_str().unwrap())],
+    )
+    .await;
+    eventually("the refusal is logged", || async {
+        untrusting
+            .output()
+            .contains("not signed by a CA this machine trusts")
+    })
+    .await;
+    assert!(!untrusting.output().contains("MQTT: connected"));
 }

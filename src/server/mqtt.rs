@@ -218,7 +218,10 @@ impl Bridge {
                     }
                 }
                 Ok(_) => None,
-                Err(e) => Some(e.to_string()),
+                Err(e) => Some(match crate::tls::cause(&e) {
+                    Some(tls) => crate::tls::explain(tls),
+                    None => e.to_string(),
+                }),
             };
             if let Some(why) = failed {
                 if connected {
