@@ -14,7 +14,11 @@
 //! - `--redis` cluster mode (one instance on a private `redis-server`):
 //!   each update is also published through Redis before its 200;
 //! - `--database-url URL` the store in PostgreSQL instead (in its own
-//!   fresh schema, dropped at the end; its size is not measured).
+//!   fresh schema, dropped at the end; its size is not measured);
+//! - `--mqtt` the clients are MQTT devices on a private `mosquitto`
+//!   (`--mqtt` of the server), each publishing its next update at QoS 1
+//!   once the previous one is on the server's event stream; the latency is
+//!   then from the publish to the event, read by one SSE client.
 //!
 //! It starts the real `telltale` binary (`--simulator off`, a fresh
 //! temporary `--data-dir`: durable, `synchronous=FULL`, as deployed). Each
@@ -62,6 +66,9 @@ struct Args {
     /// Keep the store in this PostgreSQL database (a fresh schema of it).
     #[arg(long)]
     database_url: Option<String>,
+    /// The clients report over MQTT, through a private mosquitto.
+    #[arg(long)]
+    mqtt: bool,
 }
 
 /// A fresh schema in a PostgreSQL database, dropped with this.
@@ -150,9 +157,35 @@ async fn main() {
     if let Some(redis) = &redis {
         command.args(["--redis-url", &redis.url()]);
     }
+    let mosquitto = match args.mqtt {
+        true => Some(support::Mosquitto::start().await),
+        false => None,
+    };
+    if let Some(mosquitto) = &mosquitto {
+        command.args(["--mqtt", &mosquitto.url()]);
+    }
     let sqlite = schema.is_none() && !args.memory;
     let (mut server, addr) = support::start_server(command).await;
     let base = format!("http://{addr}");
+    if let Some(mosquitto) = &mosquitto {
+        let (latencies, updates, elapsed) = mqtt::run(mosquitto.port, &base, &args).await;
+        println!(
+            "ingest over MQTT: {} devices for {elapsed:.1} s, {}",
+            args.clients,
+            if args.memory {
+                "--memory (no fsync)"
+            } else {
+                "durable"
+            }
+        );
+        println!(
+            "updates: {updates} on the event stream ({:.0}/s)",
+            updates as f64 / elapsed
+        );
+        println!("publish → event: {}", support::quantiles(&latencies));
+        let _ = server.kill().await;
+        return;
+    }
 
     // Register every device first, so the run measures updates only.
     let clients: Vec<reqwest::Client> = (0..args.clients).map(|_| reqwest::Client::new()).collect();
@@ -263,5 +296,123 @@ async fn main() {
             per_million(checkpointed.saturating_sub(before)),
             before as f64 / 1e6
         );
+    }
+}
+
+/// The clients as MQTT devices: each publishes an update, waits for it on
+/// the server's event stream, and publishes the next.
+mod mqtt {
+    use super::Args;
+    use futures::StreamExt;
+    use hdrhistogram::Histogram;
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    use serde_json::{Value, json};
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+    use tokio::sync::mpsc;
+
+    /// The latencies, the updates seen, and the seconds it took.
+    pub async fn run(port: u16, base: &str, args: &Args) -> (Histogram<u64>, u64, f64) {
+        let mut seen = HashMap::new();
+        let mut receivers = Vec::new();
+        for i in 0..args.clients {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            seen.insert(format!("mqtt-{i}"), sender);
+            receivers.push(receiver);
+        }
+        tokio::spawn(follow(format!("{base}/api/events"), seen));
+        let duration = Duration::from_secs_f64(args.duration);
+        let mut tasks = Vec::new();
+        let mut started = None;
+        for (i, mut seen) in receivers.into_iter().enumerate() {
+            let device = format!("mqtt-{i}");
+            let mut options = MqttOptions::new(&device, "127.0.0.1", port);
+            options.set_inflight(1);
+            let (client, mut events) = AsyncClient::new(options, 16);
+            tokio::spawn(async move { while events.poll().await.is_ok() {} });
+            let topic = format!("telltale/{device}/status");
+            let publish = move |x: f64| {
+                let client = client.clone();
+                let topic = topic.clone();
+                async move {
+                    let body = json!({ "temperature": x, "metrics": { "load": x } });
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, body.to_string())
+                        .await
+                        .expect("published");
+                }
+            };
+            // The first update registers the device; until the server is
+            // subscribed, it is sent again.
+            loop {
+                publish(0.0).await;
+                if let Ok(Some(_)) =
+                    tokio::time::timeout(Duration::from_millis(500), seen.recv()).await
+                {
+                    break;
+                }
+            }
+            let deadline = *started
+                .get_or_insert_with(|| Instant::now() + Duration::from_millis(200))
+                + duration;
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Histogram::<u64>::new(3).expect("a histogram");
+                let mut n = 1u64;
+                while Instant::now() < deadline {
+                    let x = (n % 1000) as f64 + 1.0;
+                    let sent = Instant::now();
+                    publish(x).await;
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(10), seen.recv()).await {
+                            Ok(Some(t)) if t == x => break,
+                            Ok(Some(_)) => continue,
+                            _ => panic!("update {n} of {i} never reached the event stream"),
+                        }
+                    }
+                    let us = sent.elapsed().as_micros() as u64;
+                    latencies.record(us.max(1)).expect("in range");
+                    n += 1;
+                }
+                latencies
+            }));
+        }
+        let start = started.expect("some clients");
+        tokio::time::sleep_until(start.into()).await;
+        let mut latencies = Histogram::<u64>::new(3).expect("a histogram");
+        for task in tasks {
+            latencies
+                .add(task.await.expect("a client"))
+                .expect("histograms add");
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let updates = latencies.len();
+        (latencies, updates, elapsed)
+    }
+
+    /// Reads the event stream, passing each device's temperature on.
+    async fn follow(url: String, seen: HashMap<String, mpsc::UnboundedSender<f64>>) {
+        let response = reqwest::get(&url).await.expect("the event stream");
+        let mut body = response.bytes_stream();
+        let mut buffer = Vec::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                let record: Vec<u8> = buffer.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&record);
+                if !text.lines().any(|l| l == "event: status") {
+                    continue;
+                }
+                let Some(data) = text.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                    continue;
+                };
+                let event: Value = serde_json::from_str(data).expect("JSON data");
+                let device = event["device"].as_str().unwrap_or_default();
+                if let (Some(sender), Some(t)) =
+                    (seen.get(device), event["status"]["temperature"].as_f64())
+                {
+                    let _ = sender.send(t);
+                }
+            }
+        }
     }
 }

@@ -107,3 +107,54 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 }
+
+/// A private `mosquitto` (plain, anonymous, in memory), killed when dropped.
+#[allow(dead_code)] // only the ingest bench speaks MQTT
+pub struct Mosquitto {
+    _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+#[allow(dead_code)]
+impl Mosquitto {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .expect("mosquitto.conf is written");
+        let child = tokio::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto starts");
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self {
+            _child: child,
+            _dir: dir,
+            port,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}

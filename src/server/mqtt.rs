@@ -18,6 +18,8 @@
 //! `telltale`, or `?client_id=` in the URL) and acknowledges a message only
 //! once what it says is stored, so an update published while Telltale was
 //! away, or refused because the store could not take it, comes again.
+//! Reports of different devices are stored side by side, a device's own in
+//! the order they came; acknowledgements go out in that order too.
 //! Whoever may publish under `P/` speaks for its devices: the broker's ACL
 //! decides who may.
 
@@ -29,13 +31,15 @@ use crate::model::{DeviceId, StatusUpdate};
 use crate::protocol::{CommandSet, Outcome};
 use percent_encoding::percent_decode_str;
 use rumqttc::{
-    AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
-    TlsConfiguration, Transport,
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS, SubscribeFilter,
+    SubscribeReasonCode, TlsConfiguration, Transport,
 };
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The longest wait between two tries to reach the broker.
@@ -162,162 +166,275 @@ enum Handled {
     Again(String),
 }
 
+/// A message taken, not acknowledged yet.
+struct InFlight {
+    message: Publish,
+    /// Its topic's device level: a device's messages are handled in order.
+    device: String,
+    handled: JoinHandle<Handled>,
+}
+
+/// Messages in flight at most (the broker's window is usually smaller).
+const WINDOW: usize = 64;
+
 struct Running {
-    prefix: String,
-    client: AsyncClient,
+    out: Outbox,
+    /// The broker as logs show it.
+    shown: String,
     hub: Arc<Hub>,
     commands: Arc<Commands>,
     links: HashMap<DeviceId, Linked>,
+    /// Oldest first: acknowledged in the order they came, as MQTT wants.
+    in_flight: VecDeque<InFlight>,
+    /// A message could not be stored: the ones after it are left for the
+    /// broker to bring again, until the connection is new.
+    resetting: bool,
+    reset: mpsc::UnboundedSender<String>,
+}
+
+/// What the bridge publishes, from wherever it is.
+#[derive(Clone)]
+struct Outbox {
+    client: AsyncClient,
+    prefix: String,
 }
 
 impl Bridge {
     async fn run(self, hub: Arc<Hub>, commands: Arc<Commands>, shutdown: CancellationToken) {
-        let (client, mut events) = AsyncClient::new(self.options, QUEUE);
+        let (client, events) = AsyncClient::new(self.options, QUEUE);
+        let (heard, mut hearing) = mpsc::channel(WINDOW);
+        let (reset, resets) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(drive(
+            events,
+            self.shown.clone(),
+            heard,
+            resets,
+            shutdown.clone(),
+        ));
         let mut running = Running {
-            prefix: self.prefix,
-            client,
+            out: Outbox {
+                client,
+                prefix: self.prefix,
+            },
+            shown: self.shown,
             hub,
             commands,
             links: HashMap::new(),
+            in_flight: VecDeque::new(),
+            resetting: false,
+            reset,
         };
-        let shown = self.shown;
-        let mut backoff = Duration::from_secs(1);
-        let mut connected = false;
         loop {
-            let event = tokio::select! {
-                event = events.poll() => event,
+            tokio::select! {
+                biased;
+                handled = running.oldest(), if !running.in_flight.is_empty() => {
+                    running.settle_oldest(handled);
+                }
+                event = hearing.recv(), if running.in_flight.len() < WINDOW => match event {
+                    Some(event) => running.heard(event).await,
+                    None => break,
+                },
                 () = shutdown.cancelled() => break,
-            };
-            let failed = match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    connected = true;
-                    backoff = Duration::from_secs(1);
-                    running.subscribe().err()
-                }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let topics = format!("{}/+/status, online and result", running.prefix);
-                    if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
-                        tracing::error!(
-                            "MQTT: {shown} refused some of {topics} (see its ACL): \
-                             their messages are not taken"
-                        );
-                    } else {
-                        tracing::info!("MQTT: connected to {shown}, following {topics}");
-                    }
-                    None
-                }
-                Ok(Event::Incoming(Packet::Publish(message))) => {
-                    match running.handle(&message) {
-                        Handled::Done => running.ack(&message),
-                        Handled::Again(why) => {
-                            // Nothing after it is taken either: the broker
-                            // brings them again, in order.
-                            events.clean();
-                            Some(why)
-                        }
-                    }
-                }
-                Ok(_) => None,
-                Err(e) => Some(match crate::tls::cause(&e) {
-                    Some(tls) => crate::tls::explain(tls),
-                    None => e.to_string(),
-                }),
-            };
-            if let Some(why) = failed {
-                if connected {
-                    tracing::warn!("MQTT: {shown}: {why}; connecting again");
-                } else {
-                    tracing::warn!(
-                        "MQTT: {shown}: {why}; trying again in {}",
-                        humantime::format_duration(backoff)
-                    );
-                }
-                connected = false;
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.cancelled() => break,
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
         // Its devices go offline with it.
         for linked in running.links.values() {
             linked.gone.cancel();
         }
-        let _ = running.client.try_disconnect();
+        let _ = running.out.client.try_disconnect();
+        driver.abort();
+    }
+}
+
+/// Polls the connection to the broker, reconnecting with backoff, and
+/// passes what it hears on; a reset drops the connection and reconnects.
+async fn drive(
+    mut events: EventLoop,
+    shown: String,
+    heard: mpsc::Sender<Event>,
+    mut resets: mpsc::UnboundedReceiver<String>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_secs(1);
+    let mut connected = false;
+    loop {
+        let failed = tokio::select! {
+            event = events.poll() => match event {
+                Ok(event) => {
+                    if let Event::Incoming(Packet::ConnAck(_)) = event {
+                        connected = true;
+                        backoff = Duration::from_secs(1);
+                    }
+                    if heard.send(event).await.is_err() {
+                        return;
+                    }
+                    None
+                }
+                Err(e) => Some(match crate::tls::cause(&e) {
+                    Some(tls) => crate::tls::explain(tls),
+                    None => e.to_string(),
+                }),
+            },
+            // Dropping a half-read packet is fine here: the connection goes.
+            Some(why) = resets.recv() => {
+                events.clean();
+                Some(why)
+            }
+            () = shutdown.cancelled() => return,
+        };
+        let Some(why) = failed else { continue };
+        if connected {
+            tracing::warn!("MQTT: {shown}: {why}; connecting again");
+        } else {
+            tracing::warn!(
+                "MQTT: {shown}: {why}; trying again in {}",
+                humantime::format_duration(backoff)
+            );
+        }
+        connected = false;
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
 impl Running {
+    async fn heard(&mut self, event: Event) {
+        match event {
+            Event::Incoming(Packet::ConnAck(_)) => {
+                self.resetting = false;
+                if let Err(e) = self.subscribe() {
+                    let _ = self.reset.send(e);
+                }
+            }
+            Event::Incoming(Packet::SubAck(ack)) => {
+                let topics = format!("{}/+/status, online and result", self.out.prefix);
+                if ack.return_codes.contains(&SubscribeReasonCode::Failure) {
+                    tracing::error!(
+                        "MQTT: {} refused some of {topics} (see its ACL): \
+                         their messages are not taken",
+                        self.shown
+                    );
+                } else {
+                    tracing::info!("MQTT: connected to {}, following {topics}", self.shown);
+                }
+            }
+            Event::Incoming(Packet::Publish(message)) if !self.resetting => {
+                self.take(message).await;
+            }
+            _ => {}
+        }
+    }
+
     /// One SUBSCRIBE for the three topics devices publish on.
     fn subscribe(&self) -> Result<(), String> {
         let filters = ["status", "online", "result"].map(|level| {
-            SubscribeFilter::new(format!("{}/+/{level}", self.prefix), QoS::AtLeastOnce)
+            SubscribeFilter::new(format!("{}/+/{level}", self.out.prefix), QoS::AtLeastOnce)
         });
-        self.client
+        self.out
+            .client
             .try_subscribe_many(filters)
             .map_err(|e| e.to_string())
     }
 
-    fn ack(&self, message: &Publish) -> Option<String> {
-        self.client.try_ack(message).err().map(|e| e.to_string())
+    /// How the oldest message in flight ended.
+    async fn oldest(&mut self) -> Handled {
+        let oldest = self.in_flight.front_mut().expect("a message in flight");
+        (&mut oldest.handled).await.unwrap_or_else(|e| {
+            tracing::error!("MQTT: {} was dropped: {e}", oldest.message.topic);
+            Handled::Done
+        })
     }
 
-    /// Tells the device (on `P/ID/error`) why its message changed nothing.
-    fn refuse(&self, device: &str, topic: &str, error: ApiError) -> Handled {
-        tracing::info!("MQTT: {topic} refused: {error}");
-        let body = error.body().to_string();
-        let error_topic = format!("{}/{device}/error", self.prefix);
-        if let Err(e) = self
-            .client
-            .try_publish(error_topic, QoS::AtLeastOnce, false, body)
-        {
-            tracing::warn!("MQTT: could not tell {device} why: {e}");
+    /// Acknowledges the oldest message, or, if it could not be stored,
+    /// leaves it and every later one for the broker to bring again.
+    fn settle_oldest(&mut self, handled: Handled) {
+        let Some(oldest) = self.in_flight.pop_front() else {
+            return;
+        };
+        match handled {
+            Handled::Done => {
+                if let Err(e) = self.out.client.try_ack(&oldest.message) {
+                    let _ = self.reset.send(format!("could not acknowledge: {e}"));
+                }
+            }
+            Handled::Again(why) => {
+                self.in_flight.clear();
+                self.resetting = true;
+                let _ = self.reset.send(why);
+            }
         }
-        Handled::Done
     }
 
-    fn handle(&mut self, message: &Publish) -> Handled {
+    /// Starts on a message once its device's earlier ones are done.
+    async fn take(&mut self, message: Publish) {
+        let device = self
+            .out
+            .device_of(&message.topic)
+            .unwrap_or_default()
+            .to_owned();
+        while self.in_flight.iter().any(|f| f.device == device) {
+            let handled = self.oldest().await;
+            self.settle_oldest(handled);
+            if self.resetting {
+                return;
+            }
+        }
+        let handled = match self.handle(&message) {
+            Work::Now(handled) => tokio::spawn(std::future::ready(handled)),
+            // Stored on a worker, as an HTTP post is: reports of several
+            // devices share their fsyncs (the store's group commit).
+            Work::Store(id, update) => {
+                let (hub, out, topic) = (self.hub.clone(), self.out.clone(), message.topic.clone());
+                tokio::spawn(async move {
+                    match hub.apply(&id, &update) {
+                        Ok(_) => Handled::Done,
+                        Err(ApplyError::Invalid(e)) => out.refuse(id.as_str(), &topic, e.into()),
+                        Err(ApplyError::Store(e)) => Handled::Again(e.to_string()),
+                    }
+                })
+            }
+        };
+        self.in_flight.push_back(InFlight {
+            message,
+            device,
+            handled,
+        });
+    }
+
+    fn handle(&mut self, message: &Publish) -> Work {
         let topic = &message.topic;
-        let Some((device, kind)) = topic
-            .strip_prefix(&self.prefix)
-            .and_then(|rest| rest.strip_prefix('/'))
-            .and_then(|rest| rest.split_once('/'))
-        else {
-            return Handled::Done;
+        let Some((device, kind)) = self.out.split(topic) else {
+            return Work::Now(Handled::Done);
         };
         let kind = match kind {
             "status" => Topic::Status,
             "online" => Topic::Online,
             "result" => Topic::Result,
-            _ => return Handled::Done,
+            _ => return Work::Now(Handled::Done),
         };
+        let refuse = |e| Work::Now(self.out.refuse(device, topic, e));
         let id = match DeviceId::parse(device) {
             Ok(id) => id,
-            Err(e) => return self.refuse(device, topic, ApiError::invalid("id", e)),
+            Err(e) => return refuse(ApiError::invalid("id", e)),
         };
         if message.payload.len() > MAX_BODY {
-            return self.refuse(device, topic, ApiError::PayloadTooLarge { limit: MAX_BODY });
+            return refuse(ApiError::PayloadTooLarge { limit: MAX_BODY });
         }
         let done = match kind {
-            Topic::Status => self.status(&id, &message.payload),
+            Topic::Status => match status(&message.payload) {
+                Ok(update) => return Work::Store(id, update),
+                Err(e) => Err(e),
+            },
             Topic::Online => self.online(&id, &message.payload),
             Topic::Result => self.result(&id, &message.payload),
         };
         match done {
-            Ok(()) => Handled::Done,
-            Err(ApiError::Unavailable(why)) => Handled::Again(why),
-            Err(e) => self.refuse(device, topic, e),
-        }
-    }
-
-    fn status(&self, id: &DeviceId, payload: &[u8]) -> Result<(), ApiError> {
-        let update: StatusUpdate = parse_object(payload)?;
-        update.validate()?;
-        match self.hub.apply(id, &update) {
-            Ok(_) => Ok(()),
-            Err(ApplyError::Invalid(e)) => Err(e.into()),
-            Err(ApplyError::Store(e)) => Err(ApiError::Unavailable(e.to_string())),
+            Ok(()) => Work::Now(Handled::Done),
+            Err(ApiError::Unavailable(why)) => Work::Now(Handled::Again(why)),
+            Err(e) => Work::Now(self.out.refuse(device, topic, e)),
         }
     }
 
@@ -349,11 +466,11 @@ impl Running {
                         gone: gone.clone(),
                     },
                 );
-                let topic = format!("{}/{id}/set", self.prefix);
+                let topic = format!("{}/{id}/set", self.out.prefix);
                 tokio::spawn(forward(
                     link,
                     topic,
-                    self.client.clone(),
+                    self.out.client.clone(),
                     self.commands.clone(),
                     gone,
                 ));
@@ -392,6 +509,49 @@ impl Running {
         self.commands
             .settle(id, generation, &answer.request_id, settled)
             .map_err(|why| ApiError::invalid("request_id", why))
+    }
+}
+
+/// What a message asks for.
+enum Work {
+    /// Nothing more: it was handled at once.
+    Now(Handled),
+    /// A report to store.
+    Store(DeviceId, StatusUpdate),
+}
+
+/// A report, checked as `POST /api/devices/{id}/status` checks its body.
+fn status(payload: &[u8]) -> Result<StatusUpdate, ApiError> {
+    let update: StatusUpdate = parse_object(payload)?;
+    update.validate()?;
+    Ok(update)
+}
+
+impl Outbox {
+    /// `P/ID/LEVEL` as (`ID`, `LEVEL`).
+    fn split<'a>(&self, topic: &'a str) -> Option<(&'a str, &'a str)> {
+        topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix('/')?
+            .split_once('/')
+    }
+
+    fn device_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        self.split(topic).map(|(device, _)| device)
+    }
+
+    /// Tells the device (on `P/ID/error`) why its message changed nothing.
+    fn refuse(&self, device: &str, topic: &str, error: ApiError) -> Handled {
+        tracing::info!("MQTT: {topic} refused: {error}");
+        let body = error.body().to_string();
+        let error_topic = format!("{}/{device}/error", self.prefix);
+        if let Err(e) = self
+            .client
+            .try_publish(error_topic, QoS::AtLeastOnce, false, body)
+        {
+            tracing::warn!("MQTT: could not tell {device} why: {e}");
+        }
+        Handled::Done
     }
 }
 
