@@ -1,8 +1,7 @@
 // Cluster mode on the page: an instance whose Redis goes away says so.
 
 import { spawn, type ChildProcess } from "node:child_process";
-import net from "node:net";
-import { card, expect, test as base, waitLive } from "./server";
+import { accepts, card, expect, freePort, test as base, waitLive } from "./server";
 
 /** A private redis-server on a free port, keeping nothing on disk. */
 class Redis {
@@ -40,28 +39,6 @@ class Redis {
       await new Promise((r) => setTimeout(r, 50));
     }
   }
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-function accepts(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = net.connect(port, "127.0.0.1");
-    socket.once("connect", () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.once("error", () => resolve(false));
-  });
 }
 
 const test = base.extend<{ redis: Redis }>({

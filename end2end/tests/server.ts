@@ -15,6 +15,7 @@ import { test as base, expect, type Locator, type Page } from "@playwright/test"
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import * as http from "node:http";
+import net from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
 
@@ -394,4 +395,28 @@ export function chart(page: Page, metric: string) {
 /** How many points the chart (or sparkline) `svg` draws. */
 export async function pointsOf(svg: Locator): Promise<number> {
   return Number(await svg.getAttribute("data-points"));
+}
+
+/** A port that was free a moment ago, for a helper server of a test. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** Whether something accepts TCP connections on 127.0.0.1:`port`. */
+export function accepts(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, "127.0.0.1");
+    socket.once("connect", () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once("error", () => resolve(false));
+  });
 }
