@@ -415,17 +415,11 @@ async fn reports_published_while_telltale_is_away_are_taken_when_it_is_back() {
             .is_some_and(|d| d["status"]["metrics"]["level"] == 5.0)
     })
     .await;
-    let (status, history) = second
-        .get_json("/api/devices/well/history?metric=level")
-        .await;
-    assert_eq!(status, StatusCode::OK, "{history}");
-    let levels: Vec<f64> = history["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["v"].as_f64().unwrap())
-        .collect();
-    assert_eq!(levels, [1.0, 2.0, 3.0, 4.0, 5.0], "in order, each once");
+    assert_eq!(
+        second.history_values("well", "level").await,
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+        "in order, each once"
+    );
 }
 
 #[tokio::test]
@@ -494,17 +488,11 @@ async fn reports_the_store_cannot_take_come_again_until_it_can() {
 
     redis.resume().await;
     eventually("the kept reports are taken", temperature_is(62.0)).await;
-    let (status, history) = server
-        .get_json("/api/devices/boiler/history?metric=temperature")
-        .await;
-    assert_eq!(status, StatusCode::OK, "{history}");
-    let values: Vec<f64> = history["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["v"].as_f64().unwrap())
-        .collect();
-    assert_eq!(values, [60.0, 61.0, 62.0], "in order, each once");
+    assert_eq!(
+        server.history_values("boiler", "temperature").await,
+        [60.0, 61.0, 62.0],
+        "in order, each once"
+    );
 }
 
 #[tokio::test]

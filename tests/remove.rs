@@ -88,17 +88,10 @@ async fn a_removal_reaches_every_stream_takes_the_history_and_outlives_a_restart
         .await;
     let device = server.device("old-rig").await.expect("registered again");
     assert_eq!(device["name"], "old-rig");
-    let (status, history) = server
-        .get_json("/api/devices/old-rig/history?metric=temperature&from=1h")
-        .await;
-    assert_eq!(status, StatusCode::OK, "{history}");
-    let values: Vec<f64> = history["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["v"].as_f64().unwrap())
-        .collect();
-    assert_eq!(values, [30.0]);
+    assert_eq!(
+        server.history_values("old-rig", "temperature").await,
+        [30.0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

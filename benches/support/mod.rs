@@ -87,15 +87,7 @@ impl Redis {
             .spawn()
             .expect("redis-server starts");
         let pid = child.id().expect("redis-server pid");
-        for _ in 0..500 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        listens(port).await;
         Self {
             _child: child,
             pid,
@@ -138,15 +130,7 @@ impl Mosquitto {
             .kill_on_drop(true)
             .spawn()
             .expect("mosquitto starts");
-        for _ in 0..500 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        listens(port).await;
         Self {
             _child: child,
             _dir: dir,
@@ -156,5 +140,19 @@ impl Mosquitto {
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Waits (up to 5 s) until something accepts connections on 127.0.0.1:`port`.
+#[allow(dead_code)] // not every bench runs a helper server
+async fn listens(port: u16) {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -263,6 +263,20 @@ impl Server {
         }
     }
 
+    /// The values of `metric`'s history points of `device` (the last hour).
+    pub async fn history_values(&self, device: &str, metric: &str) -> Vec<f64> {
+        let (status, history) = self
+            .get_json(&format!("/api/devices/{device}/history?metric={metric}"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{history}");
+        history["points"]
+            .as_array()
+            .expect("points")
+            .iter()
+            .map(|p| p["v"].as_f64().expect("a value"))
+            .collect()
+    }
+
     /// The ids `GET /api/devices` lists, in its order.
     pub async fn device_ids(&self) -> Vec<String> {
         let (status, body) = self.get_json("/api/devices").await;
