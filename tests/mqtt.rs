@@ -92,6 +92,7 @@ impl Mosquitto {
 /// of `received` as (topic, JSON). Dropping it cuts the connection without
 /// a goodbye, so the broker publishes its Last Will.
 struct Device {
+    id: String,
     client: AsyncClient,
     received: mpsc::UnboundedReceiver<(String, Value)>,
     task: JoinHandle<()>,
@@ -138,6 +139,7 @@ impl Device {
             within("the device's subscriptions", acks.recv()).await;
         }
         Device {
+            id: id.to_owned(),
             client,
             received,
             task,
@@ -149,6 +151,12 @@ impl Device {
             .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await
             .expect("published");
+    }
+
+    /// Publishes `json` on its own topic `level` (not retained).
+    async fn send(&self, level: &str, json: Value) {
+        let topic = format!("telltale/{}/{level}", self.id);
+        self.publish(&topic, json.to_string(), false).await;
     }
 
     /// The next message on one of its topics.
@@ -296,13 +304,8 @@ async fn an_online_device_takes_commands_and_its_last_will_takes_it_offline() {
         device
             .publish("telltale/pump/status", r#"{"power_on": false}"#, true)
             .await;
-        device
-            .publish(
-                "telltale/pump/result",
-                json!({"request_id": request_id, "outcome": "applied"}).to_string(),
-                false,
-            )
-            .await;
+        let answer = json!({"request_id": request_id, "outcome": "applied"});
+        device.send("result", answer).await;
         request_id
     };
     let ((status, body), request_id) = tokio::join!(command, device_side);
@@ -320,15 +323,9 @@ async fn an_online_device_takes_commands_and_its_last_will_takes_it_offline() {
     let command = server.post_command("pump", Some(&server.operator_token), &on);
     let device_side = async {
         let (_, command) = device.next().await;
-        device
-            .publish(
-                "telltale/pump/result",
-                json!({"request_id": command["request_id"], "outcome": "failed",
-                       "reason": "the pressure is too low"})
-                .to_string(),
-                false,
-            )
-            .await;
+        let answer = json!({"request_id": command["request_id"], "outcome": "failed",
+                            "reason": "the pressure is too low"});
+        device.send("result", answer).await;
     };
     let ((status, body), ()) = tokio::join!(command, device_side);
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
@@ -340,13 +337,8 @@ async fn an_online_device_takes_commands_and_its_last_will_takes_it_offline() {
     );
 
     // An answer to no waiting command is refused, by name.
-    device
-        .publish(
-            "telltale/pump/result",
-            json!({"request_id": request_id, "outcome": "applied"}).to_string(),
-            false,
-        )
-        .await;
+    let answer = json!({"request_id": request_id, "outcome": "applied"});
+    device.send("result", answer).await;
     let (topic, error) = device.next().await;
     assert_eq!(topic, "telltale/pump/error");
     assert_eq!(error["field"], "request_id");
