@@ -398,6 +398,31 @@ async fn reports_published_while_telltale_is_away_are_taken_when_it_is_back() {
 }
 
 #[tokio::test]
+async fn retained_reports_and_links_are_taken_by_a_new_session() {
+    let broker = Mosquitto::start().await;
+    let device = Device::connect(&broker, "gate").await;
+    device
+        .publish(
+            "telltale/gate/status",
+            r#"{"name": "Gate", "power_on": true}"#,
+            true,
+        )
+        .await;
+    device.publish("telltale/gate/online", "true", true).await;
+
+    // A Telltale the broker has never seen: it learns the device's state
+    // and link from the retained messages.
+    let server = server_on(&broker, &[]).await;
+    eventually("the gate, online", || async {
+        server
+            .device("gate")
+            .await
+            .is_some_and(|d| d["online"] == true && d["name"] == "Gate")
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_bad_mqtt_url_stops_the_start() {
     for (args, says) in [
         (

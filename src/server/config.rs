@@ -69,13 +69,23 @@ pub struct Config {
     /// for TLS (verified as for PostgreSQL); `?client_id=` names the
     /// broker session (default `telltale`). In a cluster, give it to one
     /// instance.
-    #[arg(long, env = "TELLTALE_MQTT", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TELLTALE_MQTT",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
     pub mqtt: Option<String>,
 
     /// The topic prefix of --mqtt: devices publish on PREFIX/ID/status,
     /// PREFIX/ID/online and PREFIX/ID/result, and get PREFIX/ID/set and
     /// PREFIX/ID/error.
-    #[arg(long, env = "TELLTALE_MQTT_TOPIC", default_value = "telltale")]
+    #[arg(
+        long,
+        env = "TELLTALE_MQTT_TOPIC",
+        default_value = "telltale",
+        value_name = "PREFIX"
+    )]
     pub mqtt_topic: String,
 
     /// Mark the operator session cookie `Secure`, so browsers only send it
