@@ -533,3 +533,43 @@ async fn mqtts_checks_the_brokers_certificate() {
     .await;
     assert!(!untrusting.output().contains("MQTT: connected"));
 }
+
+#[tokio::test]
+async fn in_a_cluster_one_instance_takes_the_messages_and_another_takes_over() {
+    let broker = Mosquitto::start().await;
+    let redis = common::Redis::start().await;
+    let url = broker.url();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        instances.push(Server::start_in_cluster(&redis.url(), &["--mqtt", &url]).await);
+    }
+    let connected = |s: &Server| s.output().contains("MQTT: connected");
+    eventually("one instance takes the messages", || async {
+        instances.iter().any(connected)
+    })
+    .await;
+    let leader = instances.iter().position(connected).unwrap();
+    let other = instances.remove(1 - leader);
+    let leader = instances.remove(0);
+    assert!(!connected(&other), "{}", other.output());
+
+    let mut sse = other.sse("").await;
+    sse.expect_start().await;
+    let device = Device::connect(&broker, "silo").await;
+    let level = |l: f64| json!({ "metrics": { "level": l } });
+    device.send("status", level(1.0)).await;
+    let event = sse.expect_status().await.json();
+    assert_eq!(event["status"]["metrics"]["level"], 1.0);
+
+    // The leader dies holding the lease; what is published meanwhile waits
+    // in the broker for the next one.
+    drop(leader);
+    for l in [2.0, 3.0] {
+        device.send("status", level(l)).await;
+    }
+    for l in [2.0, 3.0] {
+        let event = sse.expect_status().await.json();
+        assert_eq!(event["status"]["metrics"]["level"], l, "{event}");
+    }
+    assert!(connected(&other));
+}

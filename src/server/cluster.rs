@@ -144,6 +144,21 @@ return 0
 ";
 static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
 
+/// Holds the lease `KEYS[1]` for instance `ARGV[1]` for `ARGV[2]` ms more:
+/// renews it when this instance holds it, takes it when nobody does;
+/// returns whether this instance holds it now.
+const LEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+";
+static LEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE));
+
 /// How long connecting, or any one command, may take before Redis counts
 /// as unreachable.
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -565,6 +580,20 @@ fn parse_id(s: &str) -> Result<EventId, StoreError> {
 }
 
 impl Broker {
+    /// Holds `work`'s lease (`telltale:lease:<work>`) for `ttl` more, if no
+    /// other instance holds it: whether this instance may do that work now.
+    pub fn lease(&mut self, work: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let key = format!("telltale:lease:{work}");
+        let instance = self.instance.clone();
+        self.with(TIMEOUT, |c| {
+            LEASE_SCRIPT
+                .key(&key)
+                .arg(&instance)
+                .arg(ttl.as_millis() as u64)
+                .invoke(c)
+        })
+    }
+
     /// Notes that `device`'s agent is connected to `instance`; returns the
     /// instance it was connected to before, if any.
     pub fn claim_agent(

@@ -67,8 +67,8 @@ pub struct Config {
     /// broker, and send them their commands (topics under --mqtt-topic; see
     /// README.md), e.g. `mqtt://user:secret@broker.lan:1883` or `mqtts://`
     /// for TLS (verified as for PostgreSQL); `?client_id=` names the
-    /// broker session (default `telltale`). In a cluster, give it to one
-    /// instance.
+    /// broker session (default `telltale`). In a cluster, the instances
+    /// given it take turns (one at a time, by a lease in Redis).
     #[arg(
         long,
         env = "TELLTALE_MQTT",

@@ -307,6 +307,8 @@ pub async fn run(config: Config) -> std::io::Result<()> {
             .clone()
             .offline_unless_back(config.agent_timeout, shutdown.clone()),
     );
+    // In a cluster, the instances with --mqtt take turns (a lease in Redis).
+    let mqtt_lease = broker.as_ref().map(|b| b.another());
     if let Some(broker) = broker {
         tokio::spawn(commands.clone().sweep(shutdown.clone()));
         let (relays, stop) = (commands.clone(), shutdown.clone());
@@ -327,7 +329,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         ));
     }
     if let Some(bridge) = mqtt {
-        mqtt::start(bridge, &hub, &commands, &shutdown);
+        mqtt::start(bridge, &hub, &commands, mqtt_lease, &shutdown);
     }
     let state = AppState {
         leptos_options,

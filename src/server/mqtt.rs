@@ -22,8 +22,12 @@
 //! the order they came; acknowledgements go out in that order too.
 //! Whoever may publish under `P/` speaks for its devices: the broker's ACL
 //! decides who may.
+//!
+//! In a cluster, the instances given `--mqtt` take turns: the one holding
+//! a lease in Redis runs the bridge (see [`Bridge::lead`]).
 
 use super::api::{MAX_BODY, parse_object};
+use super::cluster::Broker;
 use super::commands::{AgentCommand, AgentLink, Commands, Settled};
 use super::error::ApiError;
 use super::hub::{ApplyError, Hub};
@@ -36,8 +40,8 @@ use rumqttc::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +52,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const QUEUE: usize = 1024;
 
 /// The bridge's settings, checked at start.
+#[derive(Clone)]
 pub struct Bridge {
     options: MqttOptions,
     prefix: String,
@@ -116,15 +121,27 @@ pub fn prepare(url: &str, prefix: &str) -> Result<Bridge, String> {
     })
 }
 
-/// Starts the bridge: it connects, and reconnects, until `shutdown`.
+/// Starts the bridge: it connects, and reconnects, until `shutdown`. In a
+/// cluster (`lease`), only while this instance holds the MQTT lease.
 pub fn start(
     bridge: Bridge,
     hub: &Arc<Hub>,
     commands: &Arc<Commands>,
+    lease: Option<Broker>,
     shutdown: &CancellationToken,
 ) {
-    tokio::spawn(bridge.run(hub.clone(), commands.clone(), shutdown.clone()));
+    let (hub, commands, shutdown) = (hub.clone(), commands.clone(), shutdown.clone());
+    match lease {
+        None => tokio::spawn(bridge.run(hub, commands, shutdown)),
+        Some(lease) => tokio::spawn(bridge.lead(lease, hub, commands, shutdown)),
+    };
 }
+
+/// How long the MQTT lease lasts unless renewed; an instance that dies
+/// holding it is followed by another within about this long.
+const LEASE: Duration = Duration::from_secs(5);
+/// How often the lease is renewed, or sought.
+const RENEW: Duration = Duration::from_secs(1);
 
 /// A message from a device, by its topic's last level.
 enum Topic {
@@ -200,6 +217,69 @@ struct Outbox {
 }
 
 impl Bridge {
+    /// Cluster mode: every instance given --mqtt seeks the lease
+    /// `telltale:lease:mqtt`, and the one holding it runs the bridge, in
+    /// the one broker session they share (same client id): the messages
+    /// its predecessor left unacknowledged come to it.
+    async fn lead(
+        self,
+        lease: Broker,
+        hub: Arc<Hub>,
+        commands: Arc<Commands>,
+        shutdown: CancellationToken,
+    ) {
+        let lease = Arc::new(Mutex::new(lease));
+        let mut running: Option<(CancellationToken, JoinHandle<()>)> = None;
+        let mut renewed = Instant::now();
+        let mut tick = tokio::time::interval(RENEW);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            let lease = lease.clone();
+            let held = tokio::task::spawn_blocking(move || {
+                lease
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .lease("mqtt", LEASE)
+            })
+            .await;
+            let held = match held {
+                Ok(Ok(held)) => held,
+                // Redis away: held until it would have run out.
+                Ok(Err(e)) => {
+                    tracing::debug!("MQTT lease: {e}");
+                    running.is_some() && renewed.elapsed() < LEASE - RENEW
+                }
+                Err(_) => false,
+            };
+            if held {
+                renewed = Instant::now();
+            }
+            match (held, running.take()) {
+                (true, None) => {
+                    tracing::info!("MQTT: this instance takes the devices' messages");
+                    let stop = shutdown.child_token();
+                    let bridge = self.clone();
+                    let task =
+                        tokio::spawn(bridge.run(hub.clone(), commands.clone(), stop.clone()));
+                    running = Some((stop, task));
+                }
+                (false, Some((stop, task))) => {
+                    tracing::warn!("MQTT: the lease is lost; another instance takes the messages");
+                    stop.cancel();
+                    let _ = task.await;
+                }
+                (_, still) => running = still,
+            }
+        }
+        if let Some((stop, task)) = running {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+
     async fn run(self, hub: Arc<Hub>, commands: Arc<Commands>, shutdown: CancellationToken) {
         let (client, events) = AsyncClient::new(self.options, QUEUE);
         let (heard, mut hearing) = mpsc::channel(WINDOW);
