@@ -241,3 +241,63 @@ async fn an_https_url_must_show_a_trusted_certificate() {
         receiver.changes()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_on_postgresql_the_instances_take_turns() {
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    let db = common::Schema::new();
+    let redis = common::Redis::start().await;
+    let args = [
+        "--database-url",
+        &db.url,
+        "--webhook",
+        &url,
+        "--stale-after",
+        "1h",
+    ];
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        instances.push(Server::start_in_cluster(&redis.url(), &args).await);
+    }
+    let sends = |s: &Server| s.output().contains("takes the webhooks work");
+    common::eventually("one instance sends", || async {
+        instances.iter().any(sends)
+    })
+    .await;
+    let leader = instances.iter().position(sends).unwrap();
+    let other = instances.remove(1 - leader);
+    let leader = instances.remove(0);
+    assert!(!sends(&other), "{}", other.output());
+
+    other
+        .post_status("kettle", &json!({"power_on": true}))
+        .await;
+    common::eventually("the first change, sent by the one", || async {
+        receiver.changes() == [change("kettle", "kettle", "registered")]
+    })
+    .await;
+
+    // It dies: the other goes on from the place it kept, losing nothing
+    // (a batch it had sent but not yet marked may come twice).
+    drop(leader);
+    other
+        .post_status("teapot", &json!({"power_on": true}))
+        .await;
+    other
+        .post_status("kettle", &json!({"power_on": false}))
+        .await;
+    let expected = [
+        change("kettle", "kettle", "registered"),
+        change("teapot", "teapot", "registered"),
+        change("kettle", "kettle", "power"),
+    ];
+    common::eventually("the later changes, sent by the other", || async {
+        let mut firsts = receiver.changes();
+        let mut seen = std::collections::HashSet::new();
+        firsts.retain(|c| seen.insert(c.clone()));
+        firsts == expected
+    })
+    .await;
+    assert!(sends(&other));
+}

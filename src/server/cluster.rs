@@ -51,8 +51,9 @@ use crate::protocol::{CommandSet, Outcome};
 use redis::{Client, Connection, Script, Value};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
-use std::sync::LazyLock;
-use std::time::Duration;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const LAST_ID: &str = "telltale:last_id";
@@ -147,7 +148,7 @@ static RELEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE))
 /// Holds the lease `KEYS[1]` for instance `ARGV[1]` for `ARGV[2]` ms more:
 /// renews it when this instance holds it, takes it when nobody does;
 /// returns whether this instance holds it now.
-const LEASE: &str = r"
+const HOLD: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
@@ -157,7 +158,7 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return 0
 ";
-static LEASE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE));
+static HOLD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(HOLD));
 
 /// How long connecting, or any one command, may take before Redis counts
 /// as unreachable.
@@ -586,7 +587,7 @@ impl Broker {
         let key = format!("telltale:lease:{work}");
         let instance = self.instance.clone();
         self.with(TIMEOUT, |c| {
-            LEASE_SCRIPT
+            HOLD_SCRIPT
                 .key(&key)
                 .arg(&instance)
                 .arg(ttl.as_millis() as u64)
@@ -761,4 +762,71 @@ fn parse_entry((id, fields): (String, Vec<String>)) -> Result<StoredEvent, Store
         device: device.ok_or_else(corrupt)?,
         json: json.ok_or_else(corrupt)?,
     })
+}
+
+/// How long a lease lasts unless renewed: an instance that dies holding one
+/// is followed by another within about this long.
+const LEASE: Duration = Duration::from_secs(5);
+/// How often a lease is renewed, or sought.
+const RENEW: Duration = Duration::from_secs(1);
+
+/// Runs some work on one instance of the cluster at a time: the one
+/// holding the lease `telltale:lease:<work>`. `start` is called each time
+/// this instance takes the lease, with a token that is cancelled when it
+/// loses it (or at shutdown); its task is awaited before the lease is
+/// sought again. While Redis is away, a lease counts as held until it would
+/// have run out.
+pub async fn take_turns(
+    lease: Broker,
+    work: &'static str,
+    shutdown: CancellationToken,
+    mut start: impl FnMut(CancellationToken) -> JoinHandle<()>,
+) {
+    let lease = Arc::new(Mutex::new(lease));
+    let mut running: Option<(CancellationToken, JoinHandle<()>)> = None;
+    let mut renewed = Instant::now();
+    let mut tick = tokio::time::interval(RENEW);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => break,
+        }
+        let broker = lease.clone();
+        let held = tokio::task::spawn_blocking(move || {
+            broker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lease(work, LEASE)
+        })
+        .await;
+        let held = match held {
+            Ok(Ok(held)) => held,
+            Ok(Err(e)) => {
+                tracing::debug!("the {work} lease: {e}");
+                running.is_some() && renewed.elapsed() < LEASE - RENEW
+            }
+            Err(_) => false,
+        };
+        if held {
+            renewed = Instant::now();
+        }
+        running = match (held, running.take()) {
+            (true, None) => {
+                tracing::info!("this instance takes the {work} work (its lease is free)");
+                let stop = shutdown.child_token();
+                Some((stop.clone(), start(stop)))
+            }
+            (false, Some((stop, task))) => {
+                tracing::warn!("the {work} lease is lost: another instance takes the work");
+                stop.cancel();
+                let _ = task.await;
+                None
+            }
+            (_, still) => still,
+        };
+    }
+    if let Some((stop, task)) = running {
+        stop.cancel();
+        let _ = task.await;
+    }
 }

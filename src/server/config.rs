@@ -52,8 +52,9 @@ pub struct Config {
 
     /// POST every recorded change (power, link, staleness, alerts, name) to
     /// this http(s) URL as JSON, in order, retried until it answers 2xx
-    /// (repeatable; the env var takes a comma-separated list). In a cluster,
-    /// give it to one instance.
+    /// (repeatable; the env var takes a comma-separated list). In a cluster
+    /// on one PostgreSQL, the instances given it take turns; with a store
+    /// per instance, give it to one.
     /// Logs show a URL's origin only (a chat webhook's secret is in its path).
     #[arg(
         long = "webhook",

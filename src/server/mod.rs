@@ -281,7 +281,13 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         e => Err(std::io::Error::other(format!("{where_}: {e}"))),
     })?;
     tokio::spawn(stale::run(hub.clone(), shutdown.clone()));
-    webhooks::start(webhooks, &hub, &shutdown);
+    // In a cluster on one PostgreSQL, where the webhooks' places are
+    // shared, the instances given them take turns (a lease in Redis).
+    let webhooks_lease = broker
+        .as_ref()
+        .filter(|_| config.database_url.is_some())
+        .map(|b| b.another());
+    webhooks::start(webhooks, &hub, webhooks_lease, &shutdown);
     #[cfg(unix)]
     if let Some(path) = &config.thresholds {
         // Taken before listening: SIGHUP's default would end the process.

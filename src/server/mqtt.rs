@@ -24,10 +24,10 @@
 //! decides who may.
 //!
 //! In a cluster, the instances given `--mqtt` take turns: the one holding
-//! a lease in Redis runs the bridge (see [`Bridge::lead`]).
+//! a lease in Redis runs the bridge (see [`take_turns`]).
 
 use super::api::{MAX_BODY, parse_object};
-use super::cluster::Broker;
+use super::cluster::{Broker, take_turns};
 use super::commands::{AgentCommand, AgentLink, Commands, Settled};
 use super::error::ApiError;
 use super::hub::{ApplyError, Hub};
@@ -40,8 +40,8 @@ use rumqttc::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -133,15 +133,13 @@ pub fn start(
     let (hub, commands, shutdown) = (hub.clone(), commands.clone(), shutdown.clone());
     match lease {
         None => tokio::spawn(bridge.run(hub, commands, shutdown)),
-        Some(lease) => tokio::spawn(bridge.lead(lease, hub, commands, shutdown)),
+        // The instances share the broker session (same client id): the
+        // messages one left unacknowledged come to the next.
+        Some(lease) => tokio::spawn(take_turns(lease, "mqtt", shutdown, move |stop| {
+            tokio::spawn(bridge.clone().run(hub.clone(), commands.clone(), stop))
+        })),
     };
 }
-
-/// How long the MQTT lease lasts unless renewed; an instance that dies
-/// holding it is followed by another within about this long.
-const LEASE: Duration = Duration::from_secs(5);
-/// How often the lease is renewed, or sought.
-const RENEW: Duration = Duration::from_secs(1);
 
 /// A message from a device, by its topic's last level.
 enum Topic {
@@ -217,69 +215,6 @@ struct Outbox {
 }
 
 impl Bridge {
-    /// Cluster mode: every instance given --mqtt seeks the lease
-    /// `telltale:lease:mqtt`, and the one holding it runs the bridge, in
-    /// the one broker session they share (same client id): the messages
-    /// its predecessor left unacknowledged come to it.
-    async fn lead(
-        self,
-        lease: Broker,
-        hub: Arc<Hub>,
-        commands: Arc<Commands>,
-        shutdown: CancellationToken,
-    ) {
-        let lease = Arc::new(Mutex::new(lease));
-        let mut running: Option<(CancellationToken, JoinHandle<()>)> = None;
-        let mut renewed = Instant::now();
-        let mut tick = tokio::time::interval(RENEW);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = shutdown.cancelled() => break,
-            }
-            let lease = lease.clone();
-            let held = tokio::task::spawn_blocking(move || {
-                lease
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .lease("mqtt", LEASE)
-            })
-            .await;
-            let held = match held {
-                Ok(Ok(held)) => held,
-                // Redis away: held until it would have run out.
-                Ok(Err(e)) => {
-                    tracing::debug!("MQTT lease: {e}");
-                    running.is_some() && renewed.elapsed() < LEASE - RENEW
-                }
-                Err(_) => false,
-            };
-            if held {
-                renewed = Instant::now();
-            }
-            match (held, running.take()) {
-                (true, None) => {
-                    tracing::info!("MQTT: this instance takes the devices' messages");
-                    let stop = shutdown.child_token();
-                    let bridge = self.clone();
-                    let task =
-                        tokio::spawn(bridge.run(hub.clone(), commands.clone(), stop.clone()));
-                    running = Some((stop, task));
-                }
-                (false, Some((stop, task))) => {
-                    tracing::warn!("MQTT: the lease is lost; another instance takes the messages");
-                    stop.cancel();
-                    let _ = task.await;
-                }
-                (_, still) => running = still,
-            }
-        }
-        if let Some((stop, task)) = running {
-            stop.cancel();
-            let _ = task.await;
-        }
-    }
-
     async fn run(self, hub: Arc<Hub>, commands: Arc<Commands>, shutdown: CancellationToken) {
         let (client, events) = AsyncClient::new(self.options, QUEUE);
         let (heard, mut hearing) = mpsc::channel(WINDOW);

@@ -15,7 +15,11 @@
 //! restart goes on where it stopped. Nothing is skipped; a change comes
 //! twice only when an answer was lost. A URL seen for the first time
 //! starts with the changes made from then on.
+//!
+//! In a cluster on one store, the instances given webhooks take turns (see
+//! [`take_turns`]), each reading the places the one before kept.
 
+use super::cluster::{Broker, take_turns};
 use super::db::{Arg, Conn, TxKind};
 use super::history::changes_of;
 use super::hub::{Filter, Hub};
@@ -55,10 +59,9 @@ pub struct Webhook {
     /// The URL as logs show it: its origin only, as chat webhooks keep
     /// their secret in the path.
     shown: String,
-    /// Its place's key in the `meta` table.
+    /// Its place's key in the `meta` table: the last event whose changes
+    /// the URL took.
     key: String,
-    /// The last event whose changes the URL took.
-    place: EventId,
     conn: Mutex<Conn>,
     gate: WriteGate,
     client: reqwest::Client,
@@ -72,10 +75,40 @@ pub fn prepare(urls: &[String], store: &Store) -> Result<Vec<Webhook>, String> {
         .collect()
 }
 
-/// Starts each delivery, following `hub`'s events.
-pub fn start(webhooks: Vec<Webhook>, hub: &Arc<Hub>, shutdown: &CancellationToken) {
-    for webhook in webhooks {
-        tokio::spawn(webhook.run(hub.clone(), shutdown.clone()));
+/// Starts each delivery, following `hub`'s events. With `lease` (a
+/// cluster on one shared store), only while this instance holds the
+/// webhooks' lease: the instances given them take turns, each going on
+/// from the places the one before kept.
+pub fn start(
+    webhooks: Vec<Webhook>,
+    hub: &Arc<Hub>,
+    lease: Option<Broker>,
+    shutdown: &CancellationToken,
+) {
+    if webhooks.is_empty() {
+        return;
+    }
+    let webhooks: Vec<Arc<Webhook>> = webhooks.into_iter().map(Arc::new).collect();
+    let hub = hub.clone();
+    let start = move |stop: CancellationToken| {
+        let tasks: Vec<_> = webhooks
+            .iter()
+            .map(|w| tokio::spawn(w.clone().run(hub.clone(), stop.clone())))
+            .collect();
+        tokio::spawn(async move {
+            for task in tasks {
+                let _ = task.await;
+            }
+        })
+    };
+    match lease {
+        None => drop(start(shutdown.clone())),
+        Some(lease) => drop(tokio::spawn(take_turns(
+            lease,
+            "webhooks",
+            shutdown.clone(),
+            start,
+        ))),
     }
 }
 
@@ -99,33 +132,43 @@ impl Webhook {
             _ => format!("{}/…", url.origin().ascii_serialization()),
         };
         let conn = store.connect().map_err(|e| e.to_string())?;
-        let read = |sql: &str, args: &[Arg]| -> Result<Option<i64>, String> {
-            let row = conn.query_opt(sql, args).map_err(|e| e.to_string())?;
-            Ok(row
-                .map(|r| r.opt_i64(0))
-                .transpose()
-                .map_err(|e| e.to_string())?
-                .flatten())
-        };
-        let kept = read("SELECT value FROM meta WHERE key = ?1", &[Arg::Str(&key)])?;
-        // First seen: from the changes made from now on.
-        let place = match kept {
-            Some(place) => place,
-            None => read("SELECT MAX(id) FROM changes", &[])?.unwrap_or(0),
-        } as EventId;
         let webhook = Self {
             url,
             shown,
             key,
-            place,
             conn: Mutex::new(conn),
             gate: store.write_gate(),
             client,
         };
-        if kept.is_none() {
-            webhook.save_place(place).map_err(|e| e.to_string())?;
+        // First seen: from the changes made from now on.
+        if webhook.kept_place().map_err(|e| e.to_string())?.is_none() {
+            let now = webhook
+                .read_i64("SELECT MAX(id) FROM changes", &[])
+                .map_err(|e| e.to_string())?;
+            webhook
+                .save_place(now.unwrap_or(0) as EventId)
+                .map_err(|e| e.to_string())?;
         }
         Ok(webhook)
+    }
+
+    /// One integer (or none) that `sql` reads.
+    fn read_i64(&self, sql: &str, args: &[Arg]) -> Result<Option<i64>, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(conn
+            .query_opt(sql, args)?
+            .map(|r| r.opt_i64(0))
+            .transpose()?
+            .flatten())
+    }
+
+    /// The place kept in the store, if any.
+    fn kept_place(&self) -> Result<Option<EventId>, StoreError> {
+        let place = self.read_i64(
+            "SELECT value FROM meta WHERE key = ?1",
+            &[Arg::Str(&self.key)],
+        )?;
+        Ok(place.map(|p| p as EventId))
     }
 
     fn save_place(&self, id: EventId) -> Result<(), StoreError> {
@@ -157,15 +200,29 @@ impl Webhook {
         Ok(changes)
     }
 
-    async fn run(self, hub: Arc<Hub>, shutdown: CancellationToken) {
-        let mut place = self.place;
-        let this = Arc::new(self);
+    async fn run(self: Arc<Self>, hub: Arc<Hub>, shutdown: CancellationToken) {
+        let this = self;
         let mut events = hub.subscribe(None, &Filter::default()).events;
+        // Read here, not kept: another instance may have moved it.
+        let mut backoff = Duration::from_secs(1);
+        let mut place = loop {
+            let reader = this.clone();
+            match tokio::task::spawn_blocking(move || reader.kept_place()).await {
+                Ok(Ok(place)) => break place.unwrap_or(0),
+                Ok(Err(e)) => tracing::warn!("webhook {}: reading its place: {e}", this.shown),
+                Err(e) => tracing::warn!("webhook {}: reading its place: {e}", this.shown),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
         tracing::info!(
             "webhook {}: sending the changes recorded after event {place}",
             this.shown
         );
-        let mut backoff = Duration::from_secs(1);
+        backoff = Duration::from_secs(1);
         loop {
             match this.clone().deliver(&hub, place).await {
                 // Level: wait for the next event (its changes are recorded
