@@ -539,19 +539,8 @@ async fn in_a_cluster_one_instance_takes_the_messages_and_another_takes_over() {
     let broker = Mosquitto::start().await;
     let redis = common::Redis::start().await;
     let url = broker.url();
-    let mut instances = Vec::new();
-    for _ in 0..2 {
-        instances.push(Server::start_in_cluster(&redis.url(), &["--mqtt", &url]).await);
-    }
-    let connected = |s: &Server| s.output().contains("MQTT: connected");
-    eventually("one instance takes the messages", || async {
-        instances.iter().any(connected)
-    })
-    .await;
-    let leader = instances.iter().position(connected).unwrap();
-    let other = instances.remove(1 - leader);
-    let leader = instances.remove(0);
-    assert!(!connected(&other), "{}", other.output());
+    let (leader, other) =
+        common::leader_and_other(&redis.url(), &["--mqtt", &url], "MQTT: connected").await;
 
     let mut sse = other.sse("").await;
     sse.expect_start().await;
@@ -571,5 +560,5 @@ async fn in_a_cluster_one_instance_takes_the_messages_and_another_takes_over() {
         let event = sse.expect_status().await.json();
         assert_eq!(event["status"]["metrics"]["level"], l, "{event}");
     }
-    assert!(connected(&other));
+    assert!(other.output().contains("MQTT: connected"));
 }

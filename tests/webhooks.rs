@@ -256,19 +256,8 @@ async fn in_a_cluster_on_postgresql_the_instances_take_turns() {
         "--stale-after",
         "1h",
     ];
-    let mut instances = Vec::new();
-    for _ in 0..2 {
-        instances.push(Server::start_in_cluster(&redis.url(), &args).await);
-    }
-    let sends = |s: &Server| s.output().contains("takes the webhooks work");
-    common::eventually("one instance sends", || async {
-        instances.iter().any(sends)
-    })
-    .await;
-    let leader = instances.iter().position(sends).unwrap();
-    let other = instances.remove(1 - leader);
-    let leader = instances.remove(0);
-    assert!(!sends(&other), "{}", other.output());
+    let sends = "takes the webhooks work";
+    let (leader, other) = common::leader_and_other(&redis.url(), &args, sends).await;
 
     other
         .post_status("kettle", &json!({"power_on": true}))
@@ -299,5 +288,5 @@ async fn in_a_cluster_on_postgresql_the_instances_take_turns() {
         firsts == expected
     })
     .await;
-    assert!(sends(&other));
+    assert!(other.output().contains(sends));
 }

@@ -496,6 +496,26 @@ impl Drop for Server {
     }
 }
 
+/// Two instances of a cluster on `redis_url`, started with `args`, and
+/// which of them holds a lease: the one whose log says `holder` (waiting
+/// until one does), then the other, whose log does not.
+pub async fn leader_and_other(redis_url: &str, args: &[&str], holder: &str) -> (Server, Server) {
+    let mut two = Vec::new();
+    for _ in 0..2 {
+        two.push(Server::start_in_cluster(redis_url, args).await);
+    }
+    let holds = |s: &Server| s.output().contains(holder);
+    eventually("an instance to take the lease", || async {
+        two.iter().any(holds)
+    })
+    .await;
+    let leader = two.iter().position(holds).expect("a holder");
+    let other = two.remove(1 - leader);
+    let leader = two.remove(0);
+    assert!(!holds(&other), "{}", other.output());
+    (leader, other)
+}
+
 /// Starts `telltale` on `addr`; returns it once it logs where it listens.
 /// Runs the server with `extra` options and `env`, expecting it to refuse
 /// to start; returns everything it printed.
