@@ -562,3 +562,28 @@ async fn in_a_cluster_one_instance_takes_the_messages_and_another_takes_over() {
     }
     assert!(other.output().contains("MQTT: connected"));
 }
+
+#[tokio::test]
+async fn a_stopping_instance_gives_its_lease_up() {
+    let broker = Mosquitto::start().await;
+    let redis = common::Redis::start().await;
+    let url = broker.url();
+    let mut server = Server::start_in_cluster(&redis.url(), &["--mqtt", &url]).await;
+    eventually("the MQTT connection", || async {
+        server.output().contains("MQTT: connected")
+    })
+    .await;
+    let holder = || -> Option<String> {
+        let mut redis = redis::Client::open(redis.url())
+            .and_then(|c| c.get_connection())
+            .expect("Redis answers");
+        redis::cmd("GET")
+            .arg("telltale:lease:mqtt")
+            .query(&mut redis)
+            .expect("GET")
+    };
+    assert!(holder().is_some());
+    server.signal("TERM");
+    assert_eq!(server.exited().await, Some(0), "{}", server.output());
+    assert_eq!(holder(), None, "the next instance need not wait");
+}

@@ -160,6 +160,15 @@ return 0
 ";
 static HOLD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(HOLD));
 
+/// Gives the lease `KEYS[1]` up if instance `ARGV[1]` holds it.
+const GIVE_UP: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+static GIVE_UP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GIVE_UP));
+
 /// How long connecting, or any one command, may take before Redis counts
 /// as unreachable.
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -595,6 +604,20 @@ impl Broker {
         })
     }
 
+    /// Gives `work`'s lease up, if this instance holds it: the next holder
+    /// need not wait for it to run out.
+    pub fn give_up_lease(&mut self, work: &str) -> Result<(), StoreError> {
+        let key = format!("telltale:lease:{work}");
+        let instance = self.instance.clone();
+        self.with(TIMEOUT, |c| {
+            GIVE_UP_SCRIPT
+                .key(&key)
+                .arg(&instance)
+                .invoke::<i64>(c)
+                .map(drop)
+        })
+    }
+
     /// Notes that `device`'s agent is connected to `instance`; returns the
     /// instance it was connected to before, if any.
     pub fn claim_agent(
@@ -775,7 +798,7 @@ const RENEW: Duration = Duration::from_secs(1);
 /// this instance takes the lease, with a token that is cancelled when it
 /// loses it (or at shutdown); its task is awaited before the lease is
 /// sought again. While Redis is away, a lease counts as held until it would
-/// have run out.
+/// have run out. At shutdown it is given up.
 pub async fn take_turns(
     lease: Broker,
     work: &'static str,
@@ -828,5 +851,16 @@ pub async fn take_turns(
     if let Some((stop, task)) = running {
         stop.cancel();
         let _ = task.await;
+        // Shutting down: the next holder takes over at once.
+        let given_up = tokio::task::spawn_blocking(move || {
+            lease
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .give_up_lease(work)
+        })
+        .await;
+        if let Ok(Err(e)) = given_up {
+            tracing::warn!("the {work} lease is not given up (it runs out): {e}");
+        }
     }
 }

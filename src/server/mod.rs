@@ -287,7 +287,9 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         .as_ref()
         .filter(|_| config.database_url.is_some())
         .map(|b| b.another());
-    webhooks::start(webhooks, &hub, webhooks_lease, &shutdown);
+    // Tasks that let go of what they hold at shutdown (leases, links).
+    let mut finishing = Vec::new();
+    finishing.extend(webhooks::start(webhooks, &hub, webhooks_lease, &shutdown));
     #[cfg(unix)]
     if let Some(path) = &config.thresholds {
         // Taken before listening: SIGHUP's default would end the process.
@@ -335,7 +337,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         ));
     }
     if let Some(bridge) = mqtt {
-        mqtt::start(bridge, &hub, &commands, mqtt_lease, &shutdown);
+        finishing.push(mqtt::start(bridge, &hub, &commands, mqtt_lease, &shutdown));
     }
     let state = AppState {
         leptos_options,
@@ -370,6 +372,12 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         shutdown.cancel();
     })
     .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    for task in finishing {
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            tracing::warn!("stopped before letting go of everything (3 s)");
+        }
+    }
     drop(memory_dir);
     Ok(())
 }

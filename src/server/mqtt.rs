@@ -122,14 +122,15 @@ pub fn prepare(url: &str, prefix: &str) -> Result<Bridge, String> {
 }
 
 /// Starts the bridge: it connects, and reconnects, until `shutdown`. In a
-/// cluster (`lease`), only while this instance holds the MQTT lease.
+/// cluster (`lease`), only while this instance holds the MQTT lease. The
+/// task ends once its devices are let go of (and the lease given up).
 pub fn start(
     bridge: Bridge,
     hub: &Arc<Hub>,
     commands: &Arc<Commands>,
     lease: Option<Broker>,
     shutdown: &CancellationToken,
-) {
+) -> JoinHandle<()> {
     let (hub, commands, shutdown) = (hub.clone(), commands.clone(), shutdown.clone());
     match lease {
         None => tokio::spawn(bridge.run(hub, commands, shutdown)),
@@ -138,7 +139,7 @@ pub fn start(
         Some(lease) => tokio::spawn(take_turns(lease, "mqtt", shutdown, move |stop| {
             tokio::spawn(bridge.clone().run(hub.clone(), commands.clone(), stop))
         })),
-    };
+    }
 }
 
 /// A message from a device, by its topic's last level.

@@ -30,12 +30,15 @@ use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Changes one request carries at most.
 const BATCH: usize = 100;
 /// How long a URL has to answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an idle delivery looks for changes it was not woken for.
+const LOOK_AGAIN: Duration = Duration::from_secs(1);
 /// The longest wait between two tries of a failing URL.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -78,15 +81,16 @@ pub fn prepare(urls: &[String], store: &Store) -> Result<Vec<Webhook>, String> {
 /// Starts each delivery, following `hub`'s events. With `lease` (a
 /// cluster on one shared store), only while this instance holds the
 /// webhooks' lease: the instances given them take turns, each going on
-/// from the places the one before kept.
+/// from the places the one before kept. The task ends after `shutdown`
+/// (the lease given up).
 pub fn start(
     webhooks: Vec<Webhook>,
     hub: &Arc<Hub>,
     lease: Option<Broker>,
     shutdown: &CancellationToken,
-) {
+) -> Option<JoinHandle<()>> {
     if webhooks.is_empty() {
-        return;
+        return None;
     }
     let webhooks: Vec<Arc<Webhook>> = webhooks.into_iter().map(Arc::new).collect();
     let hub = hub.clone();
@@ -101,15 +105,10 @@ pub fn start(
             }
         })
     };
-    match lease {
-        None => drop(start(shutdown.clone())),
-        Some(lease) => drop(tokio::spawn(take_turns(
-            lease,
-            "webhooks",
-            shutdown.clone(),
-            start,
-        ))),
-    }
+    Some(match lease {
+        None => start(shutdown.clone()),
+        Some(lease) => tokio::spawn(take_turns(lease, "webhooks", shutdown.clone(), start)),
+    })
 }
 
 impl Webhook {
@@ -225,14 +224,17 @@ impl Webhook {
         backoff = Duration::from_secs(1);
         loop {
             match this.clone().deliver(&hub, place).await {
-                // Level: wait for the next event (its changes are recorded
-                // before it is sent).
+                // Level: wait for the next event (an instance records its
+                // changes before it sends it), or a second at most: in a
+                // cluster on one store, an event made elsewhere may arrive
+                // before the store shows its changes.
                 Ok(None) => tokio::select! {
                     _ = shutdown.cancelled() => return,
                     got = events.recv() => if let Err(RecvError::Closed) = got {
                         // The hub took the cluster's state: a new channel.
                         events = hub.subscribe(None, &Filter::default()).events;
                     },
+                    () = tokio::time::sleep(LOOK_AGAIN) => {}
                 },
                 Ok(Some(last)) => {
                     place = last;

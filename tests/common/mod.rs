@@ -465,6 +465,15 @@ impl Server {
     }
 
     /// Sends the server process `signal` (`HUP`, `TERM`…).
+    /// Waits for the server process to end; its exit code.
+    pub async fn exited(&mut self) -> Option<i32> {
+        let child = self.child.as_mut().expect("a server process");
+        within("the server to exit", child.wait())
+            .await
+            .expect("the server's status")
+            .code()
+    }
+
     pub fn signal(&self, signal: &str) {
         let pid = self
             .child
