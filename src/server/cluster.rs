@@ -592,29 +592,22 @@ fn parse_id(s: &str) -> Result<EventId, StoreError> {
 impl Broker {
     /// Holds `work`'s lease (`telltale:lease:<work>`) for `ttl` more, if no
     /// other instance holds it: whether this instance may do that work now.
-    pub fn lease(&mut self, work: &str, ttl: Duration) -> Result<bool, StoreError> {
+    /// With no `ttl`, gives it up if this instance holds it: the next holder
+    /// need not wait for it to run out.
+    pub fn lease(&mut self, work: &str, ttl: Option<Duration>) -> Result<bool, StoreError> {
         let key = format!("telltale:lease:{work}");
         let instance = self.instance.clone();
-        self.with(TIMEOUT, |c| {
-            HOLD_SCRIPT
+        self.with(TIMEOUT, |c| match ttl {
+            Some(ttl) => HOLD_SCRIPT
                 .key(&key)
                 .arg(&instance)
                 .arg(ttl.as_millis() as u64)
-                .invoke(c)
-        })
-    }
-
-    /// Gives `work`'s lease up, if this instance holds it: the next holder
-    /// need not wait for it to run out.
-    pub fn give_up_lease(&mut self, work: &str) -> Result<(), StoreError> {
-        let key = format!("telltale:lease:{work}");
-        let instance = self.instance.clone();
-        self.with(TIMEOUT, |c| {
-            GIVE_UP_SCRIPT
+                .invoke(c),
+            None => GIVE_UP_SCRIPT
                 .key(&key)
                 .arg(&instance)
                 .invoke::<i64>(c)
-                .map(drop)
+                .map(|_| false),
         })
     }
 
@@ -819,7 +812,7 @@ pub async fn take_turns(
             broker
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .lease(work, LEASE)
+                .lease(work, Some(LEASE))
         })
         .await;
         let held = match held {
@@ -856,7 +849,7 @@ pub async fn take_turns(
             lease
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .give_up_lease(work)
+                .lease(work, None)
         })
         .await;
         if let Ok(Err(e)) = given_up {
