@@ -751,7 +751,7 @@ async fn client(
     let mut buf = [0u8; 4096];
     let mut head = Vec::new();
     let mut body: Option<Body> = None;
-    let mut sse = SseParser::default();
+    let mut sse = support::SseParser::default();
     let mut last_id: Option<u64> = None;
     let result: Result<(), String> = loop {
         let n = tokio::select! {
@@ -984,75 +984,6 @@ impl Body {
             }
         }
         Ok(!matches!(self.state, Chunk::Done))
-    }
-}
-
-/// An incremental `text/event-stream` parser (lines end in LF, CRLF tolerated).
-#[derive(Default)]
-struct SseParser {
-    line: Vec<u8>,
-    event: Vec<u8>,
-    id: Option<u64>,
-    data: Vec<u8>,
-    has_data: bool,
-}
-
-impl SseParser {
-    fn feed(&mut self, mut input: &[u8], on_event: &mut impl FnMut(&[u8], Option<u64>, &[u8])) {
-        while let Some(end) = input.iter().position(|&b| b == b'\n') {
-            if self.line.is_empty() {
-                self.on_line(&input[..end], on_event);
-            } else {
-                let mut line = std::mem::take(&mut self.line);
-                line.extend_from_slice(&input[..end]);
-                self.on_line(&line, on_event);
-                line.clear();
-                self.line = line;
-            }
-            input = &input[end + 1..];
-        }
-        self.line.extend_from_slice(input);
-    }
-
-    fn on_line(&mut self, line: &[u8], on_event: &mut impl FnMut(&[u8], Option<u64>, &[u8])) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            if self.has_data {
-                on_event(&self.event, self.id, &self.data);
-            }
-            self.event.clear();
-            self.data.clear();
-            self.id = None;
-            self.has_data = false;
-            return;
-        }
-        if line[0] == b':' {
-            return; // a comment: the heartbeat
-        }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
-            Some(i) => {
-                let v = &line[i + 1..];
-                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
-            }
-            None => (line, &b""[..]),
-        };
-        match field {
-            b"event" => {
-                self.event.clear();
-                self.event.extend_from_slice(value);
-            }
-            b"id" => {
-                self.id = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
-            }
-            b"data" => {
-                if self.has_data {
-                    self.data.push(b'\n');
-                }
-                self.data.extend_from_slice(value);
-                self.has_data = true;
-            }
-            _ => {} // retry
-        }
     }
 }
 

@@ -393,26 +393,21 @@ mod mqtt {
     async fn follow(url: String, seen: HashMap<String, mpsc::UnboundedSender<f64>>) {
         let response = reqwest::get(&url).await.expect("the event stream");
         let mut body = response.bytes_stream();
-        let mut buffer = Vec::new();
-        while let Some(Ok(chunk)) = body.next().await {
-            buffer.extend_from_slice(&chunk);
-            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-                let record: Vec<u8> = buffer.drain(..end + 2).collect();
-                let text = String::from_utf8_lossy(&record);
-                if !text.lines().any(|l| l == "event: status") {
-                    continue;
-                }
-                let Some(data) = text.lines().find_map(|l| l.strip_prefix("data: ")) else {
-                    continue;
-                };
-                let event: Value = serde_json::from_str(data).expect("JSON data");
-                let device = event["device"].as_str().unwrap_or_default();
-                if let (Some(sender), Some(t)) =
-                    (seen.get(device), event["status"]["temperature"].as_f64())
-                {
-                    let _ = sender.send(t);
-                }
+        let mut sse = crate::support::SseParser::default();
+        let mut on_event = |event: &[u8], _: Option<u64>, data: &[u8]| {
+            if event != b"status" {
+                return;
             }
+            let event: Value = serde_json::from_slice(data).expect("JSON data");
+            let device = event["device"].as_str().unwrap_or_default();
+            if let (Some(sender), Some(t)) =
+                (seen.get(device), event["status"]["temperature"].as_f64())
+            {
+                let _ = sender.send(t);
+            }
+        };
+        while let Some(Ok(chunk)) = body.next().await {
+            sse.feed(&chunk, &mut on_event);
         }
     }
 }

@@ -156,3 +156,75 @@ async fn listens(port: u16) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// An incremental `text/event-stream` parser (lines end in LF, CRLF tolerated).
+#[derive(Default)]
+#[allow(dead_code)] // the benches that read SSE use it
+pub struct SseParser {
+    line: Vec<u8>,
+    event: Vec<u8>,
+    id: Option<u64>,
+    data: Vec<u8>,
+    has_data: bool,
+}
+
+#[allow(dead_code)]
+impl SseParser {
+    /// Feeds bytes; `on_event(event, id, data)` for each whole event.
+    pub fn feed(&mut self, mut input: &[u8], on_event: &mut impl FnMut(&[u8], Option<u64>, &[u8])) {
+        while let Some(end) = input.iter().position(|&b| b == b'\n') {
+            if self.line.is_empty() {
+                self.on_line(&input[..end], on_event);
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&input[..end]);
+                self.on_line(&line, on_event);
+                line.clear();
+                self.line = line;
+            }
+            input = &input[end + 1..];
+        }
+        self.line.extend_from_slice(input);
+    }
+
+    fn on_line(&mut self, line: &[u8], on_event: &mut impl FnMut(&[u8], Option<u64>, &[u8])) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if self.has_data {
+                on_event(&self.event, self.id, &self.data);
+            }
+            self.event.clear();
+            self.data.clear();
+            self.id = None;
+            self.has_data = false;
+            return;
+        }
+        if line[0] == b':' {
+            return; // a comment: the heartbeat
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"event" => {
+                self.event.clear();
+                self.event.extend_from_slice(value);
+            }
+            b"id" => {
+                self.id = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            }
+            b"data" => {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data.extend_from_slice(value);
+                self.has_data = true;
+            }
+            _ => {} // retry
+        }
+    }
+}
