@@ -10,6 +10,7 @@ pub mod db;
 mod error;
 pub mod history;
 pub mod hub;
+mod metrics;
 pub mod mqtt;
 pub mod retention;
 mod simulator;
@@ -105,6 +106,7 @@ pub fn app(state: AppState) -> Router {
             read_ahead,
         ))
         .route("/healthz", get(api::healthz))
+        .route("/metrics", get(metrics::metrics))
         .route("/api/devices", get(api::list_devices))
         .route("/api/devices/{id}", get(api::get_device))
         .route("/api/devices/{id}/history", get(api::history))
