@@ -15,6 +15,8 @@
 //!   each update is also published through Redis before its 200;
 //! - `--database-url URL` the store in PostgreSQL instead (in its own
 //!   fresh schema, dropped at the end; its size is not measured);
+//! - `--batch N` each request is a `POST /api/status` of N devices (each
+//!   client its own N), so an acknowledged request is N updates;
 //! - `--mqtt` the clients are MQTT devices on a private `mosquitto`
 //!   (`--mqtt` of the server), each publishing its next update at QoS 1
 //!   once the previous one is on the server's event stream; the latency is
@@ -26,8 +28,8 @@
 //! two readings. It prints:
 //! - updates acknowledged per second (each one committed and fsynced before
 //!   its 200);
-//! - p50/p99/max latency of one `POST /api/devices/{id}/status`, from the
-//!   request to the answer (hdrhistogram, µs resolution);
+//! - p50/p99/max latency of one `POST /api/devices/{id}/status` (or of one
+//!   batch), from the request to the answer (hdrhistogram, µs resolution);
 //! - store bytes per million readings: the growth of the database file plus
 //!   its WAL over the run, divided by the readings written; and the same for
 //!   the database alone after a `wal_checkpoint(TRUNCATE)` (the WAL file is
@@ -66,6 +68,9 @@ struct Args {
     /// Keep the store in this PostgreSQL database (a fresh schema of it).
     #[arg(long)]
     database_url: Option<String>,
+    /// Each request a `POST /api/status` of this many devices.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    batch: Option<u32>,
     /// The clients report over MQTT, through a private mosquitto.
     #[arg(long)]
     mqtt: bool,
@@ -187,13 +192,33 @@ async fn main() {
         return;
     }
 
+    // Client `i`'s request `n`: where, what, and how many updates it is.
+    let batch = args.batch;
+    let request = move |i: usize, n: u64| {
+        // Every update a change, and always in range.
+        let x = (n % 1000) as f64;
+        let update = json!({ "temperature": x, "metrics": { "load": x } });
+        match batch {
+            None => (format!("/api/devices/ingest-{i}/status"), update),
+            Some(b) => (
+                "/api/status".to_owned(),
+                (0..b)
+                    .map(|d| (format!("ingest-{i}-{d}"), update.clone()))
+                    .collect::<serde_json::Map<_, _>>()
+                    .into(),
+            ),
+        }
+    };
+    let per_request = u64::from(batch.unwrap_or(1));
+
     // Register every device first, so the run measures updates only.
     let clients: Vec<reqwest::Client> = (0..args.clients).map(|_| reqwest::Client::new()).collect();
     for (i, client) in clients.iter().enumerate() {
+        let (path, body) = request(i, 0);
         let status = client
-            .post(format!("{base}/api/devices/ingest-{i}/status"))
+            .post(format!("{base}{path}"))
             .bearer_auth(INGEST_TOKEN)
-            .json(&json!({ "temperature": 0.0, "metrics": { "load": 0.0 } }))
+            .json(&body)
             .send()
             .await
             .expect("the first post")
@@ -212,7 +237,7 @@ async fn main() {
         .into_iter()
         .enumerate()
         .map(|(i, client)| {
-            let url = format!("{base}/api/devices/ingest-{i}/status");
+            let base = base.clone();
             tokio::spawn(async move {
                 let mut result = ClientResult {
                     latencies: Histogram::new(3).expect("a histogram"),
@@ -221,13 +246,12 @@ async fn main() {
                 };
                 let mut n = 1u64;
                 while Instant::now() < deadline {
-                    // Every update a change, and always in range.
-                    let x = (n % 1000) as f64;
+                    let (path, body) = request(i, n);
                     let sent = Instant::now();
                     let answer = client
-                        .post(&url)
+                        .post(format!("{base}{path}"))
                         .bearer_auth(INGEST_TOKEN)
-                        .json(&json!({ "temperature": x, "metrics": { "load": x } }))
+                        .json(&body)
                         .send()
                         .await;
                     let ok = match answer {
@@ -239,7 +263,7 @@ async fn main() {
                     if ok {
                         let us = sent.elapsed().as_micros() as u64;
                         result.latencies.record(us.max(1)).expect("in range");
-                        result.updates += 1;
+                        result.updates += per_request;
                     } else {
                         result.errors += 1;
                     }
@@ -273,6 +297,9 @@ async fn main() {
     );
     if redis.is_some() {
         println!("cluster mode: one instance on a private redis-server");
+    }
+    if let Some(b) = batch {
+        println!("each request a batch of {b} devices (POST /api/status)");
     }
     println!(
         "updates: {updates} acknowledged ({:.0}/s), {readings} readings, {errors} errors",

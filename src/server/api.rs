@@ -306,9 +306,79 @@ pub async fn post_status(
 ) -> Result<Json<Applied>, ApiError> {
     state.auth.check_ingest(&headers)?;
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
-    let update: StatusUpdate = read_json(&headers, body).await?;
+    let update: StatusUpdate = read_json(&headers, body, MAX_BODY).await?;
     update.validate()?;
     Ok(Json(state.hub.apply(&id, &update)?))
+}
+
+/// Largest accepted `POST /api/status` body, and most devices in it.
+pub const MAX_BATCH_BODY: usize = 256 * 1024;
+pub const MAX_BATCH: usize = 1_000;
+
+/// The body of `POST /api/status`: status updates by device id, in the
+/// order given. An id given twice is refused (a JSON reader would keep
+/// only one of them, silently).
+struct Batch(Vec<(String, StatusUpdate)>);
+
+impl<'de> Deserialize<'de> for Batch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = Batch;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of status updates by device id")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Batch, A::Error> {
+                let mut entries: Vec<(String, StatusUpdate)> = Vec::new();
+                while let Some(id) = map.next_key::<String>()? {
+                    if entries.iter().any(|(seen, _)| *seen == id) {
+                        return Err(serde::de::Error::custom(format!(
+                            "device `{id}` is given twice"
+                        )));
+                    }
+                    if entries.len() == MAX_BATCH {
+                        return Err(serde::de::Error::custom(format!(
+                            "at most {MAX_BATCH} devices per request"
+                        )));
+                    }
+                    entries.push((id, map.next_value()?));
+                }
+                Ok(Batch(entries))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
+
+/// `POST /api/status` with `{"<device id>": {<as POST /api/devices/{id}/status>}, …}`:
+/// many devices' updates in one request (a gateway's), each its own event,
+/// in the order given, recorded with one commit: all are taken, or, when
+/// one is refused, none. Answers `{"devices": {id: {"id", "changed"}}}`.
+pub async fn post_statuses(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BTreeMap<&'static str, BTreeMap<String, Applied>>>, ApiError> {
+    state.auth.check_ingest(&headers)?;
+    let Batch(entries) = read_json(&headers, body, MAX_BATCH_BODY).await?;
+    let mut batch = Vec::with_capacity(entries.len());
+    for (id, update) in entries {
+        let device = DeviceId::parse(&id).map_err(|e| ApiError::invalid(id.clone(), e))?;
+        update
+            .validate()
+            .map_err(|e| ApiError::invalid(format!("{id}.{}", e.field), e.message))?;
+        batch.push((device, update));
+    }
+    let applied = state.hub.apply_all(&batch)?;
+    let devices = batch
+        .into_iter()
+        .zip(applied)
+        .map(|((id, _), applied)| (id.to_string(), applied))
+        .collect();
+    Ok(Json(BTreeMap::from([("devices", devices)])))
 }
 
 /// `DELETE /api/devices/{id}`: removes a device that has no live link, with
@@ -342,7 +412,7 @@ pub async fn post_command(
 ) -> Result<Json<Value>, ApiError> {
     state.auth.check_operator(&headers, &state.hub)?;
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
-    let request: CommandRequest = read_json(&headers, body).await?;
+    let request: CommandRequest = read_json(&headers, body, MAX_BODY).await?;
     if request.set.is_empty() {
         return Err(ApiError::invalid("set", super::commands::EMPTY_SET));
     }
@@ -380,7 +450,7 @@ pub async fn put_thresholds(
 ) -> Result<Json<LimitsSet>, ApiError> {
     state.auth.check_operator(&headers, &state.hub)?;
     let id = DeviceId::parse(&id).map_err(|e| ApiError::invalid("id", e))?;
-    let raw: BTreeMap<String, Value> = read_json(&headers, body).await?;
+    let raw: BTreeMap<String, Value> = read_json(&headers, body, MAX_BODY).await?;
     let mut limits = MetricLimits::new();
     for (metric, value) in raw {
         let l: Limits = serde_path_to_error::deserialize(value).map_err(|e| {
@@ -424,7 +494,7 @@ pub async fn sign_in(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let request: SignIn = read_json(&headers, body).await?;
+    let request: SignIn = read_json(&headers, body, MAX_BODY).await?;
     if !state.auth.operator.matches(&request.token) {
         return Err(ApiError::WrongOperatorToken);
     }
@@ -488,9 +558,13 @@ pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>)
     (code, Json(body))
 }
 
-/// Reads a JSON body of at most [`MAX_BODY`] bytes, naming the faulty field
+/// Reads a JSON body of at most `limit` bytes, naming the faulty field
 /// when the JSON is well formed but does not fit `T`.
-async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+async fn read_json<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<T, ApiError> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -498,18 +572,18 @@ async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body) -> Resu
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let too_large = ApiError::PayloadTooLarge { limit: MAX_BODY };
+    let too_large = ApiError::PayloadTooLarge { limit };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY) {
+    if declared.is_some_and(|n| n > limit) {
         return Err(too_large);
     }
-    let bytes = to_bytes(body, MAX_BODY).await.map_err(|e| {
+    let bytes = to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
-            ApiError::PayloadTooLarge { limit: MAX_BODY }
+            too_large
         } else {
             ApiError::BadBody(e.to_string())
         }
@@ -535,9 +609,11 @@ pub fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         if !e.inner().is_data() {
             return ApiError::MalformedJson(message);
         }
-        let field = match message.strip_prefix("unknown field `") {
-            Some(rest) => rest.split('`').next().unwrap_or_default().to_owned(),
-            None => e.path().to_string(),
+        // An unknown field's path ends with its name: `colour`, or in a
+        // batch `rack-1.colour`. The body as a whole is "".
+        let field = match e.path().to_string() {
+            root if root == "." => String::new(),
+            path => path,
         };
         ApiError::invalid(field, message)
     })?;

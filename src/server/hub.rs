@@ -344,6 +344,44 @@ impl Hub {
         self.apply_in_group(id, update)
     }
 
+    /// Applies validated updates, one per device, in order, as one group:
+    /// all are recorded with one commit, or none is (an update this device
+    /// cannot take, a store that fails). An invalid update names its field
+    /// after its device: `rack-1.metrics`.
+    pub fn apply_all(
+        &self,
+        batch: &[(DeviceId, StatusUpdate)],
+    ) -> Result<Vec<Applied>, ApplyError> {
+        let run = || {
+            let mut state = self.lock();
+            let (applied, recorded) = self.in_group_unless(
+                &mut state,
+                |state| {
+                    batch
+                        .iter()
+                        .map(|(id, update)| {
+                            self.apply_to(state, id, update).map_err(|e| match e {
+                                ApplyError::Invalid(e) => ApplyError::Invalid(FieldError::new(
+                                    format!("{id}.{}", e.field),
+                                    e.message,
+                                )),
+                                e => e,
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                },
+                Result::is_err,
+            );
+            recorded?;
+            applied
+        };
+        if self.fsyncs || self.broker.is_some() {
+            tokio::task::block_in_place(run)
+        } else {
+            run()
+        }
+    }
+
     fn apply_in_group(&self, id: &DeviceId, update: &StatusUpdate) -> Result<Applied, ApplyError> {
         let mine = Arc::new(Waiting {
             device: id.clone(),
@@ -391,7 +429,18 @@ impl Hub {
     fn in_group<T>(
         &self,
         state: &mut State,
+        changes: impl FnMut(&mut State) -> T,
+    ) -> (T, Result<(), StoreError>) {
+        self.in_group_unless(state, changes, |_| false)
+    }
+
+    /// [`in_group`](Self::in_group), but when `abandon` says so of what
+    /// `changes` returned, they are undone, not recorded.
+    fn in_group_unless<T>(
+        &self,
+        state: &mut State,
         mut changes: impl FnMut(&mut State) -> T,
+        abandon: impl Fn(&T) -> bool,
     ) -> (T, Result<(), StoreError>) {
         const ATTEMPTS: usize = 100;
         let mut attempts = 0;
@@ -399,6 +448,10 @@ impl Hub {
             state.open_group();
             let out = changes(state);
             let done = state.group.take().expect("the group is open");
+            if abandon(&out) {
+                state.undo(done);
+                return (out, Ok(()));
+            }
             let error = match self.record_group(state, &done) {
                 Ok(()) => {
                     for published in done.published {
@@ -1409,6 +1462,7 @@ pub fn ws_frame(kind: &str, id: EventId, data: &str) -> Utf8Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::MAX_METRICS;
     use tokio::sync::broadcast::error::TryRecvError;
 
     fn id(s: &str) -> DeviceId {
@@ -1469,6 +1523,62 @@ mod tests {
             [(101, "a".into()), (102, "b".into()), (103, "a".into())]
         );
         assert!(matches!(sub.events.try_recv(), Err(TryRecvError::Empty)));
+    }
+
+    #[test]
+    fn a_batch_is_applied_whole_or_not_at_all() {
+        let hub = Hub::starting_at(100, 8, 8);
+        let mut sub = hub.subscribe(None, &Filter::default());
+        hub.apply(&id("a"), &temp(1.0)).unwrap();
+        let applied = hub
+            .apply_all(&[
+                (id("b"), temp(2.0)),
+                (id("a"), temp(1.0)),
+                (id("c"), temp(3.0)),
+            ])
+            .unwrap();
+        assert_eq!(
+            applied
+                .iter()
+                .map(|a| (a.id, a.changed))
+                .collect::<Vec<_>>(),
+            [(102, true), (102, false), (103, true)]
+        );
+
+        // `a` cannot take 32 more metrics: nothing of the batch is kept.
+        let many = StatusUpdate {
+            metrics: Some((0..MAX_METRICS).map(|i| (format!("m{i}"), 1.0)).collect()),
+            ..Default::default()
+        };
+        hub.apply(&id("a"), &many).unwrap();
+        let refused = hub.apply_all(&[
+            (id("d"), temp(4.0)),
+            (
+                id("a"),
+                StatusUpdate {
+                    metrics: Some([("one.more".to_string(), 1.0)].into()),
+                    ..Default::default()
+                },
+            ),
+        ]);
+        match refused {
+            Err(ApplyError::Invalid(e)) => assert_eq!(e.field, "a.metrics"),
+            other => panic!("expected a.metrics refused, got {other:?}"),
+        }
+        assert_eq!(hub.device(&id("d")), None);
+        assert_eq!(hub.stats(), (104, 3));
+        let got: Vec<_> = std::iter::from_fn(|| sub.events.try_recv().ok())
+            .map(|e| (e.id, e.device.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (101, "a".into()),
+                (102, "b".into()),
+                (103, "c".into()),
+                (104, "a".into())
+            ]
+        );
     }
 
     #[test]

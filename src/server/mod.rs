@@ -90,6 +90,7 @@ pub fn app(state: AppState) -> Router {
     // ones waits (`auth::Guesses`).
     let guarded = Router::new()
         .route("/api/devices/{id}/status", post(api::post_status))
+        .route("/api/status", post(api::post_statuses))
         .route("/api/devices/{id}/commands", post(api::post_command))
         .route("/api/devices/{id}/thresholds", put(api::put_thresholds))
         .route("/api/devices/{id}", delete(api::remove_device))
