@@ -4,6 +4,7 @@
 use super::AppState;
 use super::error::ApiError;
 use super::hub::{Applied, ApplyError, Filter};
+use super::signin;
 use super::store::StoreError;
 use super::thresholds::{self, MetricLimits, ThresholdsView};
 use crate::model::{Changes, Device, DeviceId, Limits, Snapshot, StatusUpdate};
@@ -486,51 +487,110 @@ pub struct SignIn {
     pub token: String,
 }
 
+/// The sign-in page's form: the token, and the page to return to.
+#[derive(Deserialize)]
+pub struct SignInForm {
+    token: String,
+    #[serde(default)]
+    next: String,
+}
+
 /// `POST /api/session`: trades the operator token, sent once, for an
-/// `HttpOnly` session cookie; the page never keeps the token. Any other
+/// `HttpOnly` session cookie; the page never keeps the token. Where reading
+/// takes a viewer token, that token gets a viewer session. Any other
 /// token, or none, is a 401.
+///
+/// JSON (`{"token"}`, the page's script) answers `{"role"}`; a form (the
+/// sign-in page, or the page before it is hydrated) is sent back to its
+/// `next` page, or shown the sign-in page again with the reason.
 pub async fn sign_in(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let request: SignIn = read_json(&headers, body, MAX_BODY).await?;
-    if !state.auth.operator.matches(&request.token) {
-        return Err(ApiError::WrongOperatorToken);
+    use axum::extract::FromRequest;
+    let form = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let headers = request.headers().clone();
+    if form {
+        let axum::Form(form) = axum::Form::<SignInForm>::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::invalid("", e.body_text()))?;
+        return Ok(match start_session(&state, &headers, &form.token) {
+            Ok((_, cookie)) => with_cookie(
+                axum::response::Redirect::to(signin::safe_next(&form.next)).into_response(),
+                &cookie,
+            ),
+            Err(e) => signin::page(StatusCode::UNAUTHORIZED, &form.next, Some(&e.to_string())),
+        });
     }
-    // Signing in again replaces the session this browser had.
-    sign_out_session(&state, &headers);
-    let (_, value) = state.auth.sessions.start();
+    let body = request.into_body();
+    let request: SignIn = read_json(&headers, body, MAX_BODY).await?;
+    let (role, cookie) = start_session(&state, &headers, &request.token)?;
     Ok(with_cookie(
-        Json(json!({ "role": "operator" })).into_response(),
-        &state.auth.session_set_cookie(&value),
+        Json(json!({ "role": role })).into_response(),
+        &cookie,
     ))
 }
 
-/// `DELETE /api/session`: ends this browser's session (if any) on every
-/// instance, and clears the cookie. Always a 204, so signing out twice is
-/// harmless.
-pub async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    sign_out_session(&state, &headers);
-    with_cookie(
-        StatusCode::NO_CONTENT.into_response(),
-        &state.auth.session_clear_cookie(),
-    )
+/// The session `token` starts, and the `Set-Cookie` value that keeps it;
+/// signing in again replaces the session this browser had.
+fn start_session(
+    state: &AppState,
+    headers: &HeaderMap,
+    token: &str,
+) -> Result<(&'static str, String), ApiError> {
+    let auth = &state.auth;
+    let viewers = auth
+        .viewer_sessions
+        .as_ref()
+        .filter(|_| auth.viewer.as_ref().is_some_and(|v| v.matches(token)));
+    if auth.operator.matches(token) {
+        sign_out_sessions(state, headers);
+        let (_, value) = auth.sessions.start();
+        Ok(("operator", auth.session_set_cookie(&value)))
+    } else if let Some(viewers) = viewers {
+        sign_out_sessions(state, headers);
+        let (_, value) = viewers.start();
+        Ok(("viewer", auth.viewer_set_cookie(&value)))
+    } else if auth.viewer.is_some() {
+        Err(ApiError::WrongToken)
+    } else {
+        Err(ApiError::WrongOperatorToken)
+    }
 }
 
-fn sign_out_session(state: &AppState, headers: &HeaderMap) {
-    if let Some(session) = state.auth.session(headers, &state.hub)
-        && let Err(e) = state.hub.sign_out(&session)
-    {
-        // The browser forgets the cookie all the same.
-        tracing::error!("a session signed out here only: {e}");
+/// `DELETE /api/session`: ends this browser's sessions (if any) on every
+/// instance, and clears their cookies. Always a 204, so signing out twice
+/// is harmless.
+pub async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    sign_out_sessions(&state, &headers);
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    for cookie in state.auth.clear_cookies() {
+        response = with_cookie(response, &cookie);
+    }
+    response
+}
+
+fn sign_out_sessions(state: &AppState, headers: &HeaderMap) {
+    let sessions = [
+        state.auth.session(headers, &state.hub),
+        state.auth.viewer_session(headers, &state.hub),
+    ];
+    for session in sessions.iter().flatten() {
+        if let Err(e) = state.hub.sign_out(session) {
+            // The browser forgets the cookie all the same.
+            tracing::error!("a session signed out here only: {e}");
+        }
     }
 }
 
 fn with_cookie(mut response: Response, cookie: &str) -> Response {
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(cookie) {
-        headers.insert(header::SET_COOKIE, value);
+        headers.append(header::SET_COOKIE, value);
     }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
@@ -610,10 +670,14 @@ pub fn parse_object<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             return ApiError::MalformedJson(message);
         }
         // An unknown field's path ends with its name: `colour`, or in a
-        // batch `rack-1.colour`. The body as a whole is "".
-        let field = match e.path().to_string() {
-            root if root == "." => String::new(),
-            path => path,
+        // batch `rack-1.colour`; but in a tagged message (the WebSocket's)
+        // the path stops at the message, so the name is read from the
+        // error. The body as a whole is "".
+        let path = e.path().to_string();
+        let field = match (path.as_str(), message.strip_prefix("unknown field `")) {
+            (".", Some(rest)) => rest.split('`').next().unwrap_or_default().to_owned(),
+            (".", None) => String::new(),
+            (path, _) => path.to_owned(),
         };
         ApiError::invalid(field, message)
     })?;
@@ -660,6 +724,43 @@ pub async fn count_guesses(
         state.wrong_token(ip);
     }
     response
+}
+
+/// Reading (the page, the stream, the API's reads, `/metrics`), when a
+/// viewer token closes it: the request needs the token or a session (see
+/// [`Auth::check_reader`](super::auth::Auth::check_reader)). A page asked
+/// for without one gets the sign-in page; anything else its JSON 401 or
+/// 403. Wrong bearer tokens count as guesses (see [`count_guesses`]).
+pub async fn require_reader(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if state.auth.viewer.is_none() {
+        return next.run(request).await;
+    }
+    let guessing = super::auth::bearer(request.headers())
+        .is_some()
+        .then(|| client_ip(&request))
+        .flatten();
+    if let Some(wait) = guessing.and_then(|ip| state.auth.guesses.wait(ip)) {
+        return ApiError::TooManyGuesses(wait).into_response();
+    }
+    match state.auth.check_reader(request.headers(), &state.hub) {
+        Ok(()) => next.run(request).await,
+        Err(e) => {
+            if let (Some(ip), ApiError::Unauthorized(_)) = (guessing, &e) {
+                state.wrong_token(ip);
+            }
+            let path = request.uri().path();
+            if path.starts_with("/api/") || path == "/metrics" {
+                e.into_response()
+            } else {
+                let here = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                signin::page(StatusCode::UNAUTHORIZED, here, None)
+            }
+        }
+    }
 }
 
 /// See [`count_guesses`].

@@ -3,14 +3,18 @@
 //! - ingest token: `POST /api/devices/{id}/status` for any id, and the
 //!   `device` role on the WebSocket for any id (it can push any id already);
 //! - operator token: commands (HTTP and WebSocket), and reading;
-//! - viewer token: reading over the WebSocket; when none is configured,
-//!   reading is open to anyone, as the SSE stream and the page are;
+//! - viewer token: reading; when none is configured, reading (the page,
+//!   the stream, the API's reads, `/metrics`) is open to anyone. When one
+//!   is, reading takes it (or the operator token) as a bearer token, or a
+//!   viewer or operator session cookie;
 //! - device tokens: the `device` role for the one id each is bound to;
 //! - operator sessions: the page signs in once with the operator token
 //!   (`POST /api/session`) and gets a signed cookie holding a random session
 //!   id ([`Sessions`]);
 //!   the cookie then grants what the operator token grants over HTTP
-//!   (commands), and tells the server to render the page's controls.
+//!   (commands), and tells the server to render the page's controls;
+//! - viewer sessions: the same, with the viewer token, granting reading
+//!   only (the sign-in page a closed page shows).
 //!
 //! Every comparison runs in constant time, and a token is compared with every
 //! configured token, so timing tells nothing about which one nearly matched.
@@ -30,6 +34,8 @@ use subtle::ConstantTimeEq;
 
 /// The name of the operator session cookie.
 pub const SESSION_COOKIE: &str = "telltale_session";
+/// The name of the viewer session cookie.
+pub const VIEWER_COOKIE: &str = "telltale_viewer";
 /// How long a session lasts after sign-in.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
@@ -79,19 +85,24 @@ pub enum Refusal {
     Forbidden(String),
 }
 
-/// The value of the session cookie, if the request carries one.
+/// The value of the operator session cookie, if the request carries one.
 pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    cookie_value(headers, SESSION_COOKIE)
+}
+
+/// The value of cookie `name`, if the request carries it.
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(Cookie::split_parse)
         .filter_map(Result::ok)
-        .find(|c| c.name() == SESSION_COOKIE)
+        .find(|c| c.name() == name)
         .map(|c| c.value().to_owned())
 }
 
-/// One operator session, as its cookie says once its signature checked out.
+/// One session, as its cookie says once its signature checked out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
     /// 43 random alphanumeric characters (about 256 bits): what a sign-out
@@ -101,28 +112,38 @@ pub struct Session {
     pub expires: i64,
 }
 
-/// Operator sessions, kept by the browser: the cookie holds the session's
-/// id and end, signed (HMAC-SHA256, by the `cookie` crate) with a key
-/// derived from the operator token. So any instance with the same token
-/// accepts it (no sticky sessions behind a load balancer), a restart signs
-/// nobody out, and changing the operator token ends every session. The
+/// Operator (or viewer) sessions, kept by the browser: the cookie holds the
+/// session's id and end, signed (HMAC-SHA256, by the `cookie` crate) with a
+/// key derived from the operator (viewer) token. So any instance with the
+/// same token accepts it (no sticky sessions behind a load balancer), a
+/// restart signs nobody out, and changing the token ends every session. The
 /// cookie tells nothing about the token; the server keeps only the ids of
 /// sessions signed out before their end (see [`Hub::sign_out`]).
 ///
 /// [`Hub::sign_out`]: super::hub::Hub::sign_out
 pub struct Sessions {
     key: Key,
+    cookie: &'static str,
 }
 
 impl Sessions {
     pub fn new(operator: &Token) -> Self {
+        Self::of("operator", operator, SESSION_COOKIE)
+    }
+
+    pub fn viewers(viewer: &Token) -> Self {
+        Self::of("viewer", viewer, VIEWER_COOKIE)
+    }
+
+    fn of(role: &str, token: &Token, cookie: &'static str) -> Self {
         use sha2::{Digest, Sha256};
         let master = Sha256::new()
-            .chain_update(b"telltale operator sessions\0")
-            .chain_update(operator.as_str().as_bytes())
+            .chain_update(format!("telltale {role} sessions\0"))
+            .chain_update(token.as_str().as_bytes())
             .finalize();
         Self {
             key: Key::derive_from(&master),
+            cookie,
         }
     }
 
@@ -141,19 +162,16 @@ impl Sessions {
     fn sign(&self, session: &Session) -> String {
         let mut jar = CookieJar::new();
         jar.signed_mut(&self.key).add(Cookie::new(
-            SESSION_COOKIE,
+            self.cookie,
             format!("{}.{}", session.id, session.expires),
         ));
-        jar.get(SESSION_COOKIE)
-            .expect("just added")
-            .value()
-            .to_owned()
+        jar.get(self.cookie).expect("just added").value().to_owned()
     }
 
     /// The session a cookie value stands for, if its signature is this
     /// server's and it has not ended.
     pub fn read(&self, value: &str) -> Option<Session> {
-        let cookie = Cookie::new(SESSION_COOKIE, value.to_owned());
+        let cookie = Cookie::new(self.cookie, value.to_owned());
         let verified = CookieJar::new().signed(&self.key).verify(cookie)?;
         let (id, expires) = verified.value().split_once('.')?;
         let expires = expires.parse().ok()?;
@@ -228,6 +246,8 @@ pub struct Auth {
     pub viewer: Option<Token>,
     pub devices: Vec<(DeviceId, Token)>,
     pub sessions: Sessions,
+    /// With a viewer token: its sessions.
+    pub viewer_sessions: Option<Sessions>,
     pub guesses: Arc<Guesses>,
     /// Mark the session cookie `Secure` (only sent over https). Off by
     /// default: the server cannot tell whether a proxy in front of it speaks
@@ -288,28 +308,80 @@ impl Auth {
             .filter(|s| !hub.signed_out(&s.id))
     }
 
-    /// The `Set-Cookie` value that starts a session in the browser, given
-    /// its signed `value`: `HttpOnly` (no script reads it),
+    /// The request's viewer session, if reading takes a token and its
+    /// viewer cookie holds a live session.
+    pub fn viewer_session(&self, headers: &HeaderMap, hub: &Hub) -> Option<Session> {
+        let sessions = self.viewer_sessions.as_ref()?;
+        cookie_value(headers, VIEWER_COOKIE)
+            .and_then(|value| sessions.read(&value))
+            .filter(|s| !hub.signed_out(&s.id))
+    }
+
+    /// The `Set-Cookie` value that starts an operator session in the
+    /// browser, given its signed `value`: `HttpOnly` (no script reads it),
     /// `SameSite=Strict` (no other site's page sends it), whole site.
     pub fn session_set_cookie(&self, value: &str) -> String {
-        self.session_cookie_of(value.to_owned())
+        self.cookie_of(SESSION_COOKIE, value, SameSite::Strict)
             .max_age(cookie::time::Duration::seconds(SESSION_TTL.as_secs() as i64))
             .to_string()
     }
 
-    /// The `Set-Cookie` value that removes the session cookie.
-    pub fn session_clear_cookie(&self) -> String {
-        self.session_cookie_of(String::new())
-            .max_age(cookie::time::Duration::ZERO)
+    /// [`session_set_cookie`](Self::session_set_cookie) for a viewer
+    /// session: `SameSite=Lax`, so a link from another site (a chat, a
+    /// mail) opens the page signed in. It grants reading only, and reading
+    /// changes nothing.
+    pub fn viewer_set_cookie(&self, value: &str) -> String {
+        self.cookie_of(VIEWER_COOKIE, value, SameSite::Lax)
+            .max_age(cookie::time::Duration::seconds(SESSION_TTL.as_secs() as i64))
             .to_string()
     }
 
-    fn session_cookie_of(&self, value: String) -> cookie::CookieBuilder<'static> {
-        Cookie::build((SESSION_COOKIE, value))
+    /// The `Set-Cookie` values that remove both session cookies.
+    pub fn clear_cookies(&self) -> [String; 2] {
+        [
+            (SESSION_COOKIE, SameSite::Strict),
+            (VIEWER_COOKIE, SameSite::Lax),
+        ]
+        .map(|(name, same_site)| {
+            self.cookie_of(name, "", same_site)
+                .max_age(cookie::time::Duration::ZERO)
+                .to_string()
+        })
+    }
+
+    fn cookie_of(
+        &self,
+        name: &'static str,
+        value: &str,
+        same_site: SameSite,
+    ) -> cookie::CookieBuilder<'static> {
+        Cookie::build((name, value.to_owned()))
             .http_only(true)
-            .same_site(SameSite::Strict)
+            .same_site(same_site)
             .path("/")
             .secure(self.secure_cookie)
+    }
+
+    /// Reading (the page, the stream, the API's reads, `/metrics`): open
+    /// when no viewer token is configured; else the viewer or operator
+    /// token as a bearer token (another valid token is a 403), or a live
+    /// viewer or operator session cookie.
+    pub fn check_reader(&self, headers: &HeaderMap, hub: &Hub) -> Result<(), ApiError> {
+        if self.viewer.is_none() {
+            return Ok(());
+        }
+        if let Some(token) = bearer(headers) {
+            return self
+                .authorize(Role::Viewer, None, Some(token))
+                .map_err(|e| match e {
+                    Refusal::Unauthorized(_) => ApiError::Unauthorized("viewer"),
+                    Refusal::Forbidden(why) => ApiError::Forbidden(why),
+                });
+        }
+        if self.viewer_session(headers, hub).is_some() || self.session(headers, hub).is_some() {
+            return Ok(());
+        }
+        Err(ApiError::Unauthorized("viewer"))
     }
 
     /// HTTP commands: the operator token as a bearer token (another valid
@@ -391,11 +463,13 @@ mod tests {
 
     fn auth(viewer: Option<&str>) -> Auth {
         let operator = Token::new("op");
+        let viewer = viewer.map(Token::new);
         Auth {
             ingest: Token::new("ingest"),
             sessions: Sessions::new(&operator),
+            viewer_sessions: viewer.as_ref().map(Sessions::viewers),
             operator,
-            viewer: viewer.map(Token::new),
+            viewer,
             devices: vec![(id("rack"), Token::new("rack-secret"))],
             guesses: Arc::default(),
             secure_cookie: false,
@@ -480,7 +554,14 @@ mod tests {
             assert!(set.contains(part), "{set} lacks {part}");
         }
         assert!(!set.contains("Secure"));
-        assert!(a.session_clear_cookie().contains("Max-Age=0"));
+        let set = a.viewer_set_cookie("abc");
+        assert!(set.starts_with("telltale_viewer=abc; "), "{set}");
+        for part in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=43200"] {
+            assert!(set.contains(part), "{set} lacks {part}");
+        }
+        for clear in a.clear_cookies() {
+            assert!(clear.contains("Max-Age=0"), "{clear}");
+        }
         a.secure_cookie = true;
         assert!(a.session_set_cookie("abc").contains("; Secure"));
     }
@@ -512,6 +593,54 @@ mod tests {
             None,
             Some("rack-secret")
         )));
+    }
+
+    #[test]
+    fn a_viewer_token_closes_reading_over_http_to_all_but_tokens_and_sessions() {
+        let hub = Hub::new(8, 8);
+        let none = HeaderMap::new();
+        assert!(auth(None).check_reader(&none, &hub).is_ok());
+        let a = auth(Some("view"));
+        let bearer = |t: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+            h
+        };
+        assert!(matches!(
+            a.check_reader(&none, &hub),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(a.check_reader(&bearer("view"), &hub).is_ok());
+        assert!(a.check_reader(&bearer("op"), &hub).is_ok());
+        assert!(matches!(
+            a.check_reader(&bearer("nope"), &hub),
+            Err(ApiError::Unauthorized(_))
+        ));
+        assert!(matches!(
+            a.check_reader(&bearer("ingest"), &hub),
+            Err(ApiError::Forbidden(_))
+        ));
+
+        let (session, viewer) = a.viewer_sessions.as_ref().unwrap().start();
+        let (_, operator) = a.sessions.start();
+        let viewing = with_cookie(&format!("{VIEWER_COOKIE}={viewer}"));
+        assert!(a.check_reader(&viewing, &hub).is_ok());
+        assert!(
+            a.check_reader(&with_cookie(&format!("{SESSION_COOKIE}={operator}")), &hub)
+                .is_ok()
+        );
+        // A viewer session is no operator session, under either name.
+        assert!(a.check_operator(&viewing, &hub).is_err());
+        let renamed = with_cookie(&format!("{SESSION_COOKIE}={viewer}"));
+        assert_eq!(a.session(&renamed, &hub), None);
+        // Nor is it one for another viewer token.
+        let other = auth(Some("view2"));
+        assert!(other.check_reader(&viewing, &hub).is_err());
+        hub.sign_out(&session).unwrap();
+        assert!(a.check_reader(&viewing, &hub).is_err(), "signed out");
     }
 
     #[test]

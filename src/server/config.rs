@@ -38,8 +38,10 @@ pub struct Config {
     #[arg(long, env = "TELLTALE_OPERATOR_TOKEN", hide_env_values = true)]
     pub operator_token: Option<String>,
 
-    /// Token for the WebSocket `viewer` role. When none is given, reading is
-    /// open to anyone, as the page and the SSE stream are.
+    /// Closes reading: the page (behind a sign-in page), the SSE stream,
+    /// the API's reads, /metrics and the WebSocket `viewer` role take this
+    /// token (or the operator token). When none is given, reading is open
+    /// to anyone.
     #[arg(long, env = "TELLTALE_VIEWER_TOKEN", hide_env_values = true)]
     pub viewer_token: Option<String>,
 

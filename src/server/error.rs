@@ -20,6 +20,9 @@ pub enum ApiError {
     /// `POST /api/session` with anything but the operator token.
     #[error("wrong operator token")]
     WrongOperatorToken,
+    /// `POST /api/session` with neither the operator nor the viewer token.
+    #[error("wrong token")]
+    WrongToken,
     /// A session cookie that is not (or no longer) a live session.
     #[error(
         "the operator session has ended (signed out, expired, or the operator token changed): sign in again"
@@ -74,9 +77,10 @@ impl ApiError {
 
     fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthorized(_) | Self::WrongOperatorToken | Self::SessionEnded => {
-                StatusCode::UNAUTHORIZED
-            }
+            Self::Unauthorized(_)
+            | Self::WrongOperatorToken
+            | Self::WrongToken
+            | Self::SessionEnded => StatusCode::UNAUTHORIZED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MalformedJson(_) | Self::BadBody(_) => StatusCode::BAD_REQUEST,

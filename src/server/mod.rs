@@ -13,6 +13,7 @@ pub mod hub;
 mod metrics;
 pub mod mqtt;
 pub mod retention;
+mod signin;
 mod simulator;
 mod sse;
 pub mod stale;
@@ -100,13 +101,13 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             api::count_guesses,
         ));
-    Router::new()
+    // Reading: open to anyone, unless a viewer token closes it.
+    let reading = Router::new()
         .leptos_routes_with_context(&state, routes, context, move || shell(options.clone()))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             read_ahead,
         ))
-        .route("/healthz", get(api::healthz))
         .route("/metrics", get(metrics::metrics))
         .route("/api/devices", get(api::list_devices))
         .route("/api/devices/{id}", get(api::get_device))
@@ -116,6 +117,13 @@ pub fn app(state: AppState) -> Router {
         .route("/api/changes", get(api::changes))
         .route("/api/thresholds", get(api::get_thresholds))
         .route("/api/events", get(sse::events))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::require_reader,
+        ));
+    Router::new()
+        .route("/healthz", get(api::healthz))
+        .merge(reading)
         .merge(guarded)
         .fallback(move |request| assets::serve(request, page))
         .method_not_allowed_fallback(api::method_not_allowed)
@@ -156,16 +164,18 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         leptos_options.reload_port = port;
     }
     let operator = token_or_random("operator", config.operator_token.as_deref());
+    let viewer = config
+        .viewer_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .map(Token::new);
     let auth = Arc::new(Auth {
         ingest: token_or_random("ingest", config.ingest_token.as_deref()),
         sessions: auth::Sessions::new(&operator),
+        viewer_sessions: viewer.as_ref().map(auth::Sessions::viewers),
         guesses: Arc::default(),
         operator,
-        viewer: config
-            .viewer_token
-            .as_deref()
-            .filter(|t| !t.is_empty())
-            .map(Token::new),
+        viewer,
         devices: config
             .device_tokens
             .iter()
