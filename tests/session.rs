@@ -77,12 +77,30 @@ async fn a_wrong_token_is_a_401_and_sets_no_cookie() {
         assert_eq!(cookie, None);
         assert_eq!(body["error"], "wrong operator token");
     }
-    // A form post is not JSON: refused before the token is even read.
+    // A form (the page's, before its script runs) is refused the same way,
+    // with the page that says so (tests/reading.rs signs in with forms).
     let response = server
         .client
         .post(server.url("/api/session"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={}", server.operator_token))
+        .form(&[("token", "nope")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert!(set_cookie(&response).is_none());
+    assert!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .contains("wrong operator token")
+    );
+    // Neither JSON nor a form: refused before the token is even read.
+    let response = server
+        .client
+        .post(server.url("/api/session"))
+        .header("content-type", "text/plain")
+        .body(server.operator_token.clone())
         .send()
         .await
         .unwrap();
