@@ -4,7 +4,7 @@
 // Needs `PUT /api/devices/{id}/thresholds` (the alerts branch): on a branch
 // without it these fail at the PUT.
 
-import { card, expect, test, waitLive } from "./server";
+import { card, expect, signIn, test, waitLive } from "./server";
 
 test("a reading out of range highlights its card and lists it under attention until it is back", async ({
   page,
@@ -73,5 +73,51 @@ test.describe("without JavaScript", () => {
     await expect(
       page.locator('[data-testid="reading"][data-metric="temperature"] [data-testid="alert"]'),
     ).toHaveText("35.0 °C");
+    // Its chart draws the limit it broke.
+    const chart = page.locator('[data-testid="chart"][data-metric="temperature"]');
+    await expect(chart.getByTestId("limit")).toHaveAttribute("data-kind", "max");
+    await expect(chart.locator("text.limit")).toHaveText("max 30.0 °C");
   });
+});
+
+test("an operator sets a device's limits on its page: the chart draws them and the alert follows", async ({
+  page,
+  server,
+}) => {
+  await server.post("rack-1", { name: "Rack", temperature: 20, humidity: 40 });
+  await page.goto("/devices/rack-1");
+  // Signed out: the limits show only in the charts, and there are none yet.
+  await expect(page.getByTestId("limits")).toHaveCount(0);
+  await expect(page.getByTestId("limit")).toHaveCount(0);
+
+  await page.goto("/");
+  await signIn(page, server.operatorToken);
+  await expect(page.getByTestId("operator")).toBeVisible();
+  await page.goto("/devices/rack-1");
+  await waitLive(page);
+  const form = page.getByTestId("limits");
+  const temperature = form.locator('tr[data-metric="temperature"]');
+  await temperature.getByTestId("limit-max").fill("warm");
+  await form.getByTestId("save-limits").click();
+  await expect(form.getByTestId("limits-error")).toHaveText("Temperature max: “warm” is not a number");
+
+  await temperature.getByTestId("limit-max").fill("15");
+  await form.getByTestId("save-limits").click();
+  await expect(form.getByTestId("limits-saved")).toHaveText("Saved");
+  const chart = page.locator('[data-testid="chart"][data-metric="temperature"]');
+  await expect(chart.getByTestId("limit")).toHaveAttribute("data-kind", "max");
+  await expect(chart.locator("text.limit")).toHaveText("max 15.0 °C");
+  // 20 °C is past the new maximum: the server says so at once.
+  await expect(page.getByTestId("alerting")).toHaveText("alert");
+  const stored = await (await page.request.get(`${server.url}/api/thresholds`)).json();
+  expect(stored.devices["rack-1"]).toEqual({ temperature: { max: 15 } });
+
+  // Cleared: no limit, no alert; a reload shows the same.
+  await temperature.getByTestId("limit-max").fill("");
+  await form.getByTestId("save-limits").click();
+  await expect(page.getByTestId("alerting")).toHaveCount(0);
+  await expect(chart.getByTestId("limit")).toHaveCount(0);
+  await page.reload();
+  const field = page.getByTestId("limits").locator('tr[data-metric="temperature"]').getByTestId("limit-max");
+  await expect(field).toHaveValue("");
 });

@@ -1,5 +1,5 @@
 //! The page's few requests to the server: operator sign-in and sign-out,
-//! commands, and removing a device. All go to the page's own origin, so the browser sends the
+//! commands, limits, and removing a device. All go to the page's own origin, so the browser sends the
 //! `HttpOnly` session cookie by itself; the page never sees it, and keeps the
 //! operator token only for the moment it takes to post it.
 
@@ -66,6 +66,20 @@ pub async fn set_power(device: &str, on: bool) -> Result<(), Failure> {
     .await
 }
 
+/// `PUT /api/devices/{id}/thresholds`: sets the device's own limits.
+pub async fn set_limits(
+    device: &str,
+    limits: &std::collections::BTreeMap<String, crate::model::Limits>,
+) -> Result<(), Failure> {
+    let body = serde_json::to_string(limits).map_err(|e| Failure::new(e.to_string()))?;
+    send(
+        Method::Put,
+        &format!("/api/devices/{device}/thresholds"),
+        Some(body),
+    )
+    .await
+}
+
 /// `GET /api/devices/{id}/history` of `metric` from `from_ms` to the
 /// server's now, in buckets of `step_ms` when given.
 #[cfg(feature = "hydrate")]
@@ -126,6 +140,7 @@ async fn get<T: serde::de::DeserializeOwned>(
 #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
 enum Method {
     Post,
+    Put,
     Delete,
 }
 
@@ -140,6 +155,7 @@ async fn send(method: Method, url: &str, body: Option<String>) -> Result<(), Fai
 
     let builder = match method {
         Method::Post => Request::post(url),
+        Method::Put => Request::put(url),
         Method::Delete => Request::delete(url),
     };
     let signal = web_sys::AbortSignal::timeout_with_u32(GIVE_UP_MS);

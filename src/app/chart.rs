@@ -9,7 +9,7 @@
 //! is rendered on the server, and a label in the browser's own time zone
 //! would not match what hydration finds.
 
-use crate::model::{History, Point};
+use crate::model::{History, Limits, Point};
 use chrono::DateTime;
 use leptos::prelude::*;
 use std::fmt::Write;
@@ -417,9 +417,20 @@ struct Layout {
     last: Option<(f64, f64)>,
     y_ticks: Vec<(f64, String)>,
     x_ticks: Vec<(f64, String)>,
+    /// The metric's limits: where each is drawn, `min` or `max`, its value.
+    limits: Vec<(f64, &'static str, f64)>,
 }
 
-fn layout(points: &[Point], now: i64, window_ms: i64) -> Layout {
+/// The limits as (`min`|`max`, value), those set.
+fn bounds(limits: &Limits) -> impl Iterator<Item = (&'static str, f64)> {
+    [("min", limits.min), ("max", limits.max)]
+        .into_iter()
+        .filter_map(|(kind, v)| Some((kind, v?)))
+}
+
+/// The layout of a chart: the axes take in the limits as well as the
+/// values, so a value's distance to its limit is always in sight.
+fn layout(points: &[Point], now: i64, window_ms: i64, limits: &Limits) -> Layout {
     let end = points.last().map_or(now, |p| p.t.max(now));
     let from = end - window_ms;
     let shown = in_window(points, from, end);
@@ -429,13 +440,19 @@ fn layout(points: &[Point], now: i64, window_ms: i64) -> Layout {
         .into_iter()
         .map(|t| (round1(x.map(t as f64)), time_label(t, step)))
         .collect();
-    let Some(axis) = ValueAxis::fit(shown.iter().map(|p| p.v), 5) else {
+    let values = shown.iter().map(|p| p.v);
+    let axis = match shown.is_empty() {
+        true => None,
+        false => ValueAxis::fit(values.chain(bounds(limits).map(|(_, v)| v)), 5),
+    };
+    let Some(axis) = axis else {
         return Layout {
             path: String::new(),
             shown: 0,
             last: None,
             y_ticks: Vec::new(),
             x_ticks,
+            limits: Vec::new(),
         };
     };
     let y = Scale::new((axis.min, axis.max), (H - BOTTOM, TOP));
@@ -451,6 +468,9 @@ fn layout(points: &[Point], now: i64, window_ms: i64) -> Layout {
             .map(|&v| (round1(y.map(v)), axis.label(v)))
             .collect(),
         x_ticks,
+        limits: bounds(limits)
+            .map(|(kind, v)| (round1(y.map(v)), kind, v))
+            .collect(),
     }
 }
 
@@ -468,10 +488,29 @@ pub fn LineChart(
     window_ms: i64,
     /// The window in words ("the last hour"), for the empty message.
     range_label: &'static str,
+    /// The metric's limits, drawn as dashed lines.
+    #[prop(into)]
+    limits: Signal<Limits>,
 ) -> impl IntoView {
     let unit = unit_of(&metric);
     let title = title_of(&metric);
-    let geometry = Memo::new(move |_| points.with(|p| layout(p, now_ms.get(), window_ms)));
+    let geometry =
+        Memo::new(move |_| limits.with(|l| points.with(|p| layout(p, now_ms.get(), window_ms, l))));
+    // Each limit: where, `min` or `max`, and in words ("max -15.0 °C").
+    let limit_lines = {
+        let metric = metric.clone();
+        Memo::new(move |_| {
+            geometry.with(|g| {
+                g.limits
+                    .iter()
+                    .map(|&(y, kind, v)| {
+                        let value = super::dashboard::format_value(&metric, v);
+                        (y, kind, format!("{kind} {value}"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+    };
     let has_points = move || geometry.with(|g| g.shown > 0);
     let aria = {
         let title = title.clone();
@@ -548,6 +587,30 @@ pub fn LineChart(
                                     view! {
                                         <line class="tick" x1=x x2=x y1=H - BOTTOM y2=H - BOTTOM + 4.0 />
                                         <text x=x y=H - BOTTOM + 16.0 text-anchor="middle">
+                                            {label}
+                                        </text>
+                                    }
+                                })
+                                .collect_view()
+                        }}
+                    </g>
+                    <g class="limits">
+                        {move || {
+                            limit_lines
+                                .get()
+                                .into_iter()
+                                .map(|(y, kind, label)| {
+                                    view! {
+                                        <line
+                                            class="limit"
+                                            data-testid="limit"
+                                            data-kind=kind
+                                            x1=LEFT
+                                            x2=W - RIGHT
+                                            y1=y
+                                            y2=y
+                                        />
+                                        <text class="limit" x=LEFT + 4.0 y=y - 4.0>
                                             {label}
                                         </text>
                                     }
@@ -783,19 +846,46 @@ mod tests {
     fn a_chart_layout_has_ticks_path_and_the_current_value() {
         let now = NOON;
         let points = [p(now - 30 * MINUTE_MS, 20.0), p(now - 10 * MINUTE_MS, 22.0)];
-        let l = layout(&points, now, HOUR_MS);
+        let l = layout(&points, now, HOUR_MS, &Limits::default());
         assert_eq!(l.shown, 2);
+        assert!(l.limits.is_empty());
         assert!(l.path.starts_with('M'));
         assert_eq!(l.path.matches('V').count(), 1);
         assert!(!l.y_ticks.is_empty() && !l.x_ticks.is_empty());
         assert_eq!(l.last.unwrap().0, W - RIGHT, "the dot is at now");
         assert_eq!(l.x_ticks.last().unwrap().1, "12:00");
-        let empty = layout(&[], now, HOUR_MS);
+        let empty = layout(&[], now, HOUR_MS, &Limits::default());
         assert_eq!((empty.shown, empty.path.as_str()), (0, ""));
         assert!(!empty.x_ticks.is_empty());
         // Read before the window but still in force in it: drawn from its start.
-        let old = layout(&[p(now - 2 * HOUR_MS, 1.0)], now, HOUR_MS);
+        let old = layout(
+            &[p(now - 2 * HOUR_MS, 1.0)],
+            now,
+            HOUR_MS,
+            &Limits::default(),
+        );
         assert_eq!(old.shown, 1, "the value in force at the start is drawn");
+    }
+
+    #[test]
+    fn limits_are_drawn_within_the_axis() {
+        let now = NOON;
+        let points = [
+            p(now - 30 * MINUTE_MS, -20.0),
+            p(now - 10 * MINUTE_MS, -19.0),
+        ];
+        let limits = Limits {
+            min: None,
+            max: Some(-15.0),
+        };
+        let l = layout(&points, now, HOUR_MS, &limits);
+        let y_of = |label: &str| l.y_ticks.iter().find(|(_, t)| t == label).map(|(y, _)| *y);
+        // The axis reaches the limit, far as it is from the values.
+        let (y, kind, v) = l.limits[0];
+        assert_eq!((l.limits.len(), kind, v), (1, "max", -15.0));
+        assert_eq!(Some(y), y_of("-15"), "{:?}", l.y_ticks);
+        // No readings, no chart: a limit alone draws nothing.
+        assert!(layout(&[], now, HOUR_MS, &limits).limits.is_empty());
     }
 
     #[test]
@@ -810,7 +900,7 @@ mod tests {
                 p(now - 30 * MINUTE_MS, values[0]),
                 p(now - 10 * MINUTE_MS, values[1]),
             ];
-            let l = layout(&points, now, HOUR_MS);
+            let l = layout(&points, now, HOUR_MS, &Limits::default());
             finite(&l.path);
             assert!(l.y_ticks.iter().all(|(y, _)| y.is_finite()), "{values:?}");
             // The sparkline's way.

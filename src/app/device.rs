@@ -11,6 +11,7 @@ use super::chart::{self, DAY_MS, HOUR_MS, LineChart};
 use super::dashboard::{
     ConnectionIndicator, LinkBadges, Value, alert_text, format_value, value_of,
 };
+use super::limits::{DeviceLimits, LimitsForm, MetricLimits};
 use super::live::{self, Connection, Feed, Follower};
 use super::{NotFound, device_href};
 use crate::model::{Changed, Device, DeviceId, EventId, Point, Snapshot, Status, StatusEvent};
@@ -163,6 +164,11 @@ pub(super) struct Initial {
     series: Vec<Series>,
     /// Its last [`PAGE_CHANGES`] changes, newest first.
     changes: Vec<Changed>,
+    /// The device's own limits, by metric, and the defaults.
+    own_limits: MetricLimits,
+    default_limits: MetricLimits,
+    /// The request's cookie is a live operator session: render the limits form.
+    operator: bool,
 }
 
 /// The page's data, read on a blocking thread before the render (see
@@ -175,13 +181,25 @@ fn initial(id: Option<DeviceId>, range: Range) -> Initial {
     if let Some(initial) = parts.as_ref().and_then(|p| p.extensions.get::<Initial>()) {
         return initial.clone();
     }
-    read(&expect_context::<Arc<Hub>>(), id, range)
+    use crate::server::auth::Auth;
+    let hub = expect_context::<Arc<Hub>>();
+    // No request parts when the app is rendered to list its routes.
+    let operator = match (parts, use_context::<Arc<Auth>>()) {
+        (Some(parts), Some(auth)) => auth.session(&parts.headers, &hub).is_some(),
+        _ => false,
+    };
+    read(&hub, id, range, operator)
 }
 
 /// What the page of device `id` renders from: the device, and its charts
 /// over `range` from the history (blocking reads).
 #[cfg(feature = "ssr")]
-pub(super) fn read(hub: &crate::server::hub::Hub, id: Option<DeviceId>, range: Range) -> Initial {
+pub(super) fn read(
+    hub: &crate::server::hub::Hub,
+    id: Option<DeviceId>,
+    range: Range,
+    operator: bool,
+) -> Initial {
     use crate::server::hub::Filter;
     let now = chrono::Utc::now();
     let Some(id) = id else {
@@ -229,6 +247,9 @@ pub(super) fn read(hub: &crate::server::hub::Hub, id: Option<DeviceId>, range: R
         device,
         series,
         changes,
+        own_limits: hub.own_limits(&id).unwrap_or_default(),
+        default_limits: hub.thresholds().defaults,
+        operator,
     }
 }
 
@@ -374,6 +395,11 @@ pub fn DevicePage() -> impl IntoView {
     let metrics = move || device.with(|d| metrics_of(&d.status));
     let href = device_href(&id);
     let csv_of = id.clone();
+    let limits = DeviceLimits::new(initial.own_limits, initial.default_limits);
+    let operator = initial.operator;
+    // Effects run in the browser only, once hydrated.
+    let hydrated = RwSignal::new(false);
+    Effect::new(move |_| hydrated.set(true));
 
     view! {
         <Title text=move || format!("{} · Telltale", name()) />
@@ -450,6 +476,10 @@ pub fn DevicePage() -> impl IntoView {
                     }}
                 </p>
             </section>
+            {operator
+                .then(|| {
+                    view! { <LimitsForm device=id.clone() limits metrics=Signal::derive(metrics) hydrated /> }
+                })}
             <nav class="ranges" aria-label="Time range" data-testid="ranges">
                 {Range::ALL
                     .into_iter()
@@ -490,6 +520,8 @@ pub fn DevicePage() -> impl IntoView {
                             ),
                             format!("{csv_of}-{metric}-{}.csv", range.query()),
                         );
+                        let m = metric.clone();
+                        let limits = Signal::derive(move || limits.of(&m));
                         view! {
                             <LineChart
                                 metric
@@ -498,6 +530,7 @@ pub fn DevicePage() -> impl IntoView {
                                 now_ms=feed.now_ms.into()
                                 window_ms=range.window_ms()
                                 range_label=range.words()
+                                limits
                             />
                         }
                     }

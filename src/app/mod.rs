@@ -11,6 +11,7 @@ mod changes;
 mod chart;
 mod dashboard;
 mod device;
+mod limits;
 mod live;
 
 use crate::model::DeviceId;
@@ -79,8 +80,8 @@ pub async fn read_ahead(
     use tokio::task::spawn_blocking;
     let hub = state.hub.clone();
     let path = request.uri().path();
+    let operator = state.auth.session(request.headers(), &hub).is_some();
     let read = if path == "/" {
-        let operator = state.auth.session(request.headers(), &hub).is_some();
         let sparks = state.sparks.clone();
         spawn_blocking(move || one(dashboard::read(&hub, &sparks, operator)))
     } else if let Some(id) = path.strip_prefix("/devices/") {
@@ -91,7 +92,7 @@ pub async fn read_ahead(
             .flat_map(|q| q.iter())
             .find(|(k, _)| k == "range");
         let range = device::Range::parse(range.map(|(_, v)| v.as_str()));
-        spawn_blocking(move || one(device::read(&hub, id, range)))
+        spawn_blocking(move || one(device::read(&hub, id, range, operator)))
     } else {
         return next.run(request).await;
     };

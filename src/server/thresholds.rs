@@ -113,33 +113,30 @@ impl Thresholds {
         self.set.get(device).or_else(|| self.file.get(device))
     }
 
+    /// The limits in force for `device`, by metric: its own, and the
+    /// defaults for the metrics it has none of.
+    pub fn in_force(&self, device: &DeviceId) -> MetricLimits {
+        let mut limits = self.defaults.clone();
+        limits.extend(
+            self.own(device)
+                .into_iter()
+                .flatten()
+                .map(|(m, l)| (m.clone(), *l)),
+        );
+        limits
+    }
+
     /// The readings of `device` that break their effective limits.
     pub fn alerts(&self, device: &Device) -> BTreeMap<String, Alert> {
-        let own = self.own(&device.id);
-        let mut alerts = BTreeMap::new();
-        let mut check = |metric: &String, limits: &Limits| {
-            if let Some(value) = reading(&device.status, metric)
-                && (limits.min.is_some_and(|min| value < min)
+        self.in_force(&device.id)
+            .into_iter()
+            .filter_map(|(metric, limits)| {
+                let value = reading(&device.status, &metric)?;
+                (limits.min.is_some_and(|min| value < min)
                     || limits.max.is_some_and(|max| value > max))
-            {
-                alerts.insert(
-                    metric.clone(),
-                    Alert {
-                        value,
-                        limits: *limits,
-                    },
-                );
-            }
-        };
-        for (metric, limits) in own.into_iter().flatten() {
-            check(metric, limits);
-        }
-        for (metric, limits) in &self.defaults {
-            if !own.is_some_and(|own| own.contains_key(metric)) {
-                check(metric, limits);
-            }
-        }
-        alerts
+                .then_some((metric, Alert { value, limits }))
+            })
+            .collect()
     }
 
     pub fn view(&self) -> ThresholdsView {
