@@ -77,8 +77,8 @@ async fn a_wrong_token_is_a_401_and_sets_no_cookie() {
         assert_eq!(cookie, None);
         assert_eq!(body["error"], "wrong operator token");
     }
-    // A form (the page's, before its script runs) is refused the same way,
-    // with the page that says so (tests/reading.rs signs in with forms).
+    // A form (the sign-in page's) is refused the same way, with the page
+    // that says so (tests/reading.rs signs in with forms).
     let response = server
         .client
         .post(server.url("/api/session"))

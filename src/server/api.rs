@@ -334,8 +334,9 @@ impl<'de> Deserialize<'de> for Batch {
                 mut map: A,
             ) -> Result<Batch, A::Error> {
                 let mut entries: Vec<(String, StatusUpdate)> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
                 while let Some(id) = map.next_key::<String>()? {
-                    if entries.iter().any(|(seen, _)| *seen == id) {
+                    if !seen.insert(id.clone()) {
                         return Err(serde::de::Error::custom(format!(
                             "device `{id}` is given twice"
                         )));
@@ -501,7 +502,7 @@ pub struct SignInForm {
 /// token, or none, is a 401.
 ///
 /// JSON (`{"token"}`, the page's script) answers `{"role"}`; a form (the
-/// sign-in page, or the page before it is hydrated) is sent back to its
+/// sign-in page's, which works without JavaScript) is sent back to its
 /// `next` page, or shown the sign-in page again with the reason.
 pub async fn sign_in(
     State(state): State<AppState>,
