@@ -116,6 +116,36 @@ test.describe("with the simulator", () => {
     });
     expect(refused.status()).toBe(401);
   });
+
+  test("an operator switches a device from its own page", async ({ page, server }) => {
+    const problems: string[] = [];
+    page.on("console", (m) => {
+      if (m.type() === "error") problems.push(`console.error: ${m.text()}`);
+    });
+    page.on("pageerror", (e) => problems.push(`uncaught: ${e.message}`));
+    await page.goto("/devices/greenhouse");
+    await waitLive(page);
+    await expect(switches(page)).toHaveCount(0);
+
+    await page.goto("/");
+    await signIn(page, server.operatorToken);
+    await expect(page.getByTestId("operator")).toHaveText("Operator");
+    await page.goto("/devices/greenhouse");
+    await waitLive(page);
+    const power = page.getByTestId("power");
+    const before = (await power.textContent())?.trim();
+    expect(["on", "off"]).toContain(before);
+    const after = before === "on" ? "off" : "on";
+    const toggle = switches(page);
+    await expect(toggle).toHaveAttribute("data-state", before!);
+    await toggle.click();
+    // The device's confirmed state, from its status event.
+    await expect(power).toHaveText(after);
+    await expect(toggle).toHaveAttribute("data-state", after);
+    // The simulator's device has a live link: it cannot be removed.
+    await expect(page.getByTestId("remove")).toHaveCount(0);
+    expect(problems).toEqual([]);
+  });
 });
 
 test("a refused command shows its reason and the switch keeps the real state", async ({ page, server }) => {

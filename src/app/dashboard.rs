@@ -838,33 +838,6 @@ fn DeviceCard(
             None => "no readings".into(),
         })
     });
-    let request = Request {
-        pending: RwSignal::new(false),
-        error: RwSignal::new(None),
-        operator,
-    };
-    let Request { pending, error, .. } = request;
-    let device_id = id.clone();
-    let toggle = move |_| {
-        // Asks for the opposite of the confirmed state; shows nothing new
-        // until the device's status event says it happened.
-        let want = !power_on_untracked(device);
-        let device_id = device_id.clone();
-        request.send(async move { api::set_power(&device_id, want).await });
-    };
-    // Only a device without a live link: its agent would bring it back.
-    let removable = move || device.with(|d| d.online != Some(true));
-    let device_id = id.clone();
-    let remove = Callback::new(move |_: ()| {
-        let name = device.with_untracked(|d| d.name.clone());
-        let question = format!("Remove {name} and all its history?");
-        if !window().confirm_with_message(&question).unwrap_or(false) {
-            return;
-        }
-        let device_id = device_id.clone();
-        // The card goes when the removal's event arrives.
-        request.send(async move { api::remove_device(&device_id).await });
-    });
     view! {
         <article
             class="card"
@@ -897,49 +870,7 @@ fn DeviceCard(
                     </span>
                 </span>
             </header>
-            <Show when=move || operator.get()>
-                <div class="control">
-                    <button
-                        type="button"
-                        class="switch"
-                        data-testid="power-switch"
-                        aria-pressed=move || power_on().to_string()
-                        data-state=move || {
-                            if pending.get() {
-                                "pending"
-                            } else if power_on() {
-                                "on"
-                            } else {
-                                "off"
-                            }
-                        }
-                        disabled=move || pending.get() || !hydrated.get()
-                        on:click=toggle.clone()
-                    >
-                        <span class="switch-track" aria-hidden="true">
-                            <span class="switch-knob"></span>
-                        </span>
-                        "Power"
-                    </button>
-                    <Show when=removable>
-                        <button
-                            type="button"
-                            class="remove"
-                            data-testid="remove"
-                            title="Remove this device and its history"
-                            disabled=move || pending.get() || !hydrated.get()
-                            on:click=move |_| remove.run(())
-                        >
-                            "Remove"
-                        </button>
-                    </Show>
-                </div>
-            </Show>
-            <Show when=move || error.with(Option::is_some)>
-                <p class="command-error" role="alert" data-testid="command-error">
-                    {move || error.get()}
-                </p>
-            </Show>
+            <DeviceControls device operator hydrated />
             <dl class="readings">
                 <div>
                     <dt>"Temperature"</dt>
@@ -1032,8 +963,91 @@ pub fn Value(alert: Signal<Option<String>>, children: Children) -> impl IntoView
     }
 }
 
-/// A card's operator requests: one at a time, the last one's failure shown
-/// on the card.
+/// For an operator, a device's power switch and, while it has no live link,
+/// its Remove button (on its card and its page); and why the last request
+/// failed. The switch shows the device's confirmed state, or pending: a
+/// click asks for the opposite, and nothing changes until the device's
+/// status event says so.
+#[component]
+pub fn DeviceControls(
+    device: RwSignal<Device>,
+    operator: RwSignal<bool>,
+    hydrated: RwSignal<bool>,
+) -> impl IntoView {
+    let id = device.with_untracked(|d| d.id.to_string());
+    let power_on = move || device.with(|d| d.status.power_on == Some(true));
+    let request = Request {
+        pending: RwSignal::new(false),
+        error: RwSignal::new(None),
+        operator,
+    };
+    let Request { pending, error, .. } = request;
+    let device_id = id.clone();
+    let toggle = move |_| {
+        let want = !power_on_untracked(device);
+        let device_id = device_id.clone();
+        request.send(async move { api::set_power(&device_id, want).await });
+    };
+    // Only a device without a live link: its agent would bring it back.
+    let removable = move || device.with(|d| d.online != Some(true));
+    let remove = Callback::new(move |_: ()| {
+        let name = device.with_untracked(|d| d.name.clone());
+        let question = format!("Remove {name} and all its history?");
+        if !window().confirm_with_message(&question).unwrap_or(false) {
+            return;
+        }
+        let device_id = id.clone();
+        // The card (or page) follows when the removal's event arrives.
+        request.send(async move { api::remove_device(&device_id).await });
+    });
+    view! {
+        <Show when=move || operator.get()>
+            <div class="control">
+                <button
+                    type="button"
+                    class="switch"
+                    data-testid="power-switch"
+                    aria-pressed=move || power_on().to_string()
+                    data-state=move || {
+                        if pending.get() {
+                            "pending"
+                        } else if power_on() {
+                            "on"
+                        } else {
+                            "off"
+                        }
+                    }
+                    disabled=move || pending.get() || !hydrated.get()
+                    on:click=toggle.clone()
+                >
+                    <span class="switch-track" aria-hidden="true">
+                        <span class="switch-knob"></span>
+                    </span>
+                    "Power"
+                </button>
+                <Show when=removable>
+                    <button
+                        type="button"
+                        class="remove"
+                        data-testid="remove"
+                        title="Remove this device and its history"
+                        disabled=move || pending.get() || !hydrated.get()
+                        on:click=move |_| remove.run(())
+                    >
+                        "Remove"
+                    </button>
+                </Show>
+            </div>
+        </Show>
+        <Show when=move || error.with(Option::is_some)>
+            <p class="command-error" role="alert" data-testid="command-error">
+                {move || error.get()}
+            </p>
+        </Show>
+    }
+}
+
+/// An operator's requests: one at a time, the last one's failure shown.
 #[derive(Clone, Copy)]
 struct Request {
     pending: RwSignal<bool>,

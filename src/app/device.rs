@@ -9,7 +9,7 @@
 use super::changes::{ChangeList, Recent};
 use super::chart::{self, DAY_MS, HOUR_MS, LineChart};
 use super::dashboard::{
-    ConnectionIndicator, LinkBadges, Value, alert_text, format_value, value_of,
+    ConnectionIndicator, DeviceControls, LinkBadges, Value, alert_text, format_value, value_of,
 };
 use super::limits::{DeviceLimits, LimitsForm, MetricLimits};
 use super::live::{self, Connection, Feed, Follower};
@@ -396,7 +396,7 @@ pub fn DevicePage() -> impl IntoView {
     let href = device_href(&id);
     let csv_of = id.clone();
     let limits = DeviceLimits::new(initial.own_limits, initial.default_limits);
-    let operator = initial.operator;
+    let operator = RwSignal::new(initial.operator);
     // Effects run in the browser only, once hydrated.
     let hydrated = RwSignal::new(false);
     Effect::new(move |_| hydrated.set(true));
@@ -431,6 +431,7 @@ pub fn DevicePage() -> impl IntoView {
                 </p>
             </Show>
             <section class="current" class:alerting=alerting class:offline=offline>
+                <DeviceControls device operator hydrated />
                 <dl class="readings">
                     <For
                         each=metrics
@@ -476,10 +477,19 @@ pub fn DevicePage() -> impl IntoView {
                     }}
                 </p>
             </section>
-            {operator
-                .then(|| {
-                    view! { <LimitsForm device=id.clone() limits metrics=Signal::derive(metrics) hydrated /> }
-                })}
+            {
+                let id = id.clone();
+                view! {
+                    <Show when=move || operator.get()>
+                        <LimitsForm
+                            device=id.clone()
+                            limits
+                            metrics=Signal::derive(metrics)
+                            hydrated
+                        />
+                    </Show>
+                }
+            }
             <nav class="ranges" aria-label="Time range" data-testid="ranges">
                 {Range::ALL
                     .into_iter()
