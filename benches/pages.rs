@@ -13,7 +13,9 @@
 //!   the store as deployed (the server keeps them, and reads each again
 //!   once a minute);
 //! - `--duration S` seconds to load pages for (default 10);
-//! - `--rate R` events per second the publisher posts meanwhile (default 20).
+//! - `--rate R` events per second the publisher posts meanwhile (default 20);
+//! - `--path P` the address loaded (default `/`, the dashboard): a device's
+//!   page, or `/metrics` for a Prometheus scrape of every device.
 //!
 //! It seeds a temporary `--data-dir` through the store itself (readings
 //! dated over the last hour), starts the real `telltale` binary on it, and
@@ -56,6 +58,9 @@ struct Args {
     /// Events per second posted meanwhile, timed to an SSE client.
     #[arg(long, default_value_t = 20.0)]
     rate: f64,
+    /// The address loaded.
+    #[arg(long, default_value = "/")]
+    path: String,
 }
 
 /// An hour of readings for `devices` devices, one every 2 s, written
@@ -180,7 +185,7 @@ async fn main() {
     };
     let loaders: Vec<_> = (0..args.clients)
         .map(|_| {
-            let (client, url) = (reqwest::Client::new(), format!("{base}/"));
+            let (client, url) = (reqwest::Client::new(), format!("{base}{}", args.path));
             tokio::spawn(async move {
                 let mut latencies = Histogram::<u64>::new(3).expect("a histogram");
                 let mut errors = 0u64;
@@ -218,8 +223,8 @@ async fn main() {
     let lost = sent.lock().unwrap().len();
 
     println!(
-        "pages: {} clients for {elapsed:.1} s, {} devices with an hour of history each",
-        args.clients, args.devices
+        "pages: GET {} by {} clients for {elapsed:.1} s, {} devices with an hour of history each",
+        args.path, args.clients, args.devices
     );
     println!(
         "pages: {} rendered ({:.0}/s), {errors} errors; {}",
