@@ -155,6 +155,56 @@ async fn many_writers_on_every_instance_at_once_get_one_id_each_in_one_order() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn batches_on_every_instance_at_once_keep_together_in_one_order() {
+    // A batch is one group: its events get ids one after another, however
+    // the instances race.
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 3).await;
+    let (mut streams, start) = streams_from_one_start(&servers).await;
+    const BATCHES: usize = 6;
+    const EACH: usize = 5;
+    let posts = (0..BATCHES).map(|b| {
+        let server = &servers[b % servers.len()];
+        async move {
+            let temp = |d: usize| (b * 100 + d) as f64;
+            let body: serde_json::Map<String, Value> = (0..EACH)
+                .map(|d| (format!("b{b}-d{d}"), json!({ "temperature": temp(d) })))
+                .collect();
+            let response = server
+                .client
+                .post(server.url("/api/status"))
+                .bearer_auth(&server.token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let answer: Value = response.json().await.unwrap();
+            (0..EACH)
+                .map(|d| {
+                    let device = format!("b{b}-d{d}");
+                    let id = answer["devices"][&device]["id"].as_u64().unwrap();
+                    (id, device, temp(d))
+                })
+                .collect::<Vec<_>>()
+        }
+    });
+    let batches = futures::future::join_all(posts).await;
+    for batch in &batches {
+        let ids: Vec<u64> = batch.iter().map(|p| p.0).collect();
+        assert_eq!(ids, (ids[0]..ids[0] + EACH as u64).collect::<Vec<_>>());
+    }
+    let mut posted: Vec<_> = batches.into_iter().flatten().collect();
+    posted.sort_by_key(|p| p.0);
+    let all = (BATCHES * EACH) as u64;
+    let ids: Vec<u64> = posted.iter().map(|p| p.0).collect();
+    assert_eq!(ids, (start + 1..=start + all).collect::<Vec<_>>());
+    for stream in &mut streams {
+        assert_eq!(statuses(stream, all as usize).await, posted);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_client_of_a_killed_instance_resumes_on_another_without_gap_or_duplicate() {
     let redis = Redis::start().await;
     let mut servers = instances(&redis, 2).await;
