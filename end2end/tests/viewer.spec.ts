@@ -33,4 +33,21 @@ test("a viewer signs in once and reads the dashboard live", async ({ page, serve
   await expect(rack.getByTestId("temperature")).toHaveText("23.5 °C");
   // A viewer gets no controls.
   await expect(rack.getByTestId("power-switch")).toHaveCount(0);
+
+  // Signing out ends the session: the page is the sign-in page again.
+  await page.getByTestId("viewer-sign-out").click();
+  await expect(page.getByTestId("viewer-sign-in")).toBeVisible();
+  await expect(page.getByText("Rack one")).toHaveCount(0);
+});
+
+test.describe("an open dashboard", () => {
+  test.use({ serverOptions: {} });
+
+  test("needs no sign-in and offers no viewer sign-out", async ({ page, server }) => {
+    await server.post("rack-1", { name: "Rack one", temperature: 21.5 });
+    await page.goto("/");
+    await expect(indicator(page)).toHaveText("Live");
+    await expect(card(page, "rack-1").getByTestId("temperature")).toHaveText("21.5 °C");
+    await expect(page.getByTestId("viewer-sign-out")).toHaveCount(0);
+  });
 });

@@ -129,10 +129,12 @@ pub struct Board {
     /// Whether this page has operator rights (a live session cookie).
     pub operator: RwSignal<bool>,
     /// The page's code runs: until then its buttons are disabled (a click
-    /// would do nothing, and the sign-in form would be sent as a plain
-    /// form, which the server refuses, leaving the person on a bare JSON
-    /// error).
+    /// would do nothing, and the sign-in form would be sent as a plain form,
+    /// reloading the page).
     pub hydrated: RwSignal<bool>,
+    /// The page was opened with a viewer session (a dashboard closed by a
+    /// viewer token): it may be ended here.
+    pub viewer: bool,
     /// Every device's recent changes.
     pub changes: Recent,
 }
@@ -188,6 +190,7 @@ impl Board {
             mut sparks,
             now_ms,
             operator,
+            viewer,
             changes,
         } = initial;
         let cards = snapshot
@@ -203,6 +206,7 @@ impl Board {
             feed: Feed::new(now_ms),
             operator: RwSignal::new(operator),
             hydrated: RwSignal::new(false),
+            viewer,
             changes: Recent::new(changes, BOARD_CHANGES),
         }
     }
@@ -282,6 +286,8 @@ pub(super) struct Initial {
     now_ms: i64,
     /// The request's cookie is a live operator session: render the controls.
     operator: bool,
+    /// The request's cookie is a live viewer session.
+    viewer: bool,
     /// Every device's last [`BOARD_CHANGES`] changes, newest first.
     changes: Vec<Changed>,
 }
@@ -394,17 +400,25 @@ fn initial() -> Initial {
     }
     let hub = expect_context::<Arc<Hub>>();
     // No request parts when the app is rendered to list its routes.
-    let operator = match (parts, use_context::<Arc<Auth>>()) {
-        (Some(parts), Some(auth)) => auth.session(&parts.headers, &hub).is_some(),
-        _ => false,
+    let (operator, viewer) = match (parts, use_context::<Arc<Auth>>()) {
+        (Some(parts), Some(auth)) => (
+            auth.session(&parts.headers, &hub).is_some(),
+            auth.viewer_session(&parts.headers, &hub).is_some(),
+        ),
+        _ => (false, false),
     };
-    read(&hub, &SparkCache::default(), operator)
+    read(&hub, &SparkCache::default(), operator, viewer)
 }
 
 /// What the dashboard renders from: the devices, and each one's sparkline
 /// (blocking reads).
 #[cfg(feature = "ssr")]
-pub(super) fn read(hub: &crate::server::hub::Hub, cache: &SparkCache, operator: bool) -> Initial {
+pub(super) fn read(
+    hub: &crate::server::hub::Hub,
+    cache: &SparkCache,
+    operator: bool,
+    viewer: bool,
+) -> Initial {
     use crate::server::hub::Filter;
     let now = chrono::Utc::now();
     let snapshot = hub.snapshot(&Filter::default());
@@ -423,6 +437,7 @@ pub(super) fn read(hub: &crate::server::hub::Hub, cache: &SparkCache, operator: 
         sparks,
         now_ms: now.timestamp_millis(),
         operator,
+        viewer,
         changes,
     }
 }
@@ -491,7 +506,7 @@ pub fn Dashboard() -> impl IntoView {
         } />
         <header class="top">
             <h1>"Telltale"</h1>
-            <SessionControl operator=board.operator hydrated=board.hydrated />
+            <SessionControl operator=board.operator hydrated=board.hydrated viewer=board.viewer />
             <ConnectionIndicator feed=board.feed />
         </header>
         <Show when=move || alerting.with(|a| !a.is_empty())>
@@ -670,8 +685,14 @@ pub fn alert_text(device: &Device, metric: &str) -> Option<String> {
 
 /// Operator sign-in (the token is posted once, then forgotten: the server
 /// answers with an `HttpOnly` session cookie) or, when signed in, sign-out.
+/// A `viewer` session (a closed dashboard's) may be ended too: the page then
+/// loads again, as the sign-in page.
 #[component]
-fn SessionControl(operator: RwSignal<bool>, hydrated: RwSignal<bool>) -> impl IntoView {
+fn SessionControl(
+    operator: RwSignal<bool>,
+    hydrated: RwSignal<bool>,
+    viewer: bool,
+) -> impl IntoView {
     // The field is read when the form is sent, never bound to a signal:
     // hydration would empty what was typed before the page's code ran.
     let token = NodeRef::<leptos::html::Input>::new();
@@ -714,6 +735,21 @@ fn SessionControl(operator: RwSignal<bool>, hydrated: RwSignal<bool>) -> impl In
             }
         });
     };
+    // Ends the viewer session; the page loads again, as the sign-in page.
+    let end_viewing = move |_| {
+        busy.set(true);
+        leptos::task::spawn_local(async move {
+            match api::sign_out().await {
+                Ok(()) => {
+                    let _ = window().location().reload();
+                }
+                Err(failure) => {
+                    busy.set(false);
+                    error.set(Some(failure.message));
+                }
+            }
+        });
+    };
     view! {
         <div class="session">
             <Show
@@ -750,6 +786,19 @@ fn SessionControl(operator: RwSignal<bool>, hydrated: RwSignal<bool>) -> impl In
                                 "Sign in"
                             </button>
                         </form>
+                        {viewer
+                            .then(|| {
+                                view! {
+                                    <button
+                                        type="button"
+                                        data-testid="viewer-sign-out"
+                                        disabled=move || busy.get() || !hydrated.get()
+                                        on:click=end_viewing
+                                    >
+                                        "Sign out"
+                                    </button>
+                                }
+                            })}
                     }
                 }
             >

@@ -83,7 +83,8 @@ pub async fn read_ahead(
     let operator = state.auth.session(request.headers(), &hub).is_some();
     let read = if path == "/" {
         let sparks = state.sparks.clone();
-        spawn_blocking(move || one(dashboard::read(&hub, &sparks, operator)))
+        let viewer = state.auth.viewer_session(request.headers(), &hub).is_some();
+        spawn_blocking(move || one(dashboard::read(&hub, &sparks, operator, viewer)))
     } else if let Some(id) = path.strip_prefix("/devices/") {
         let id = DeviceId::parse(id).ok();
         let query = Query::<Vec<(String, String)>>::try_from_uri(request.uri());
