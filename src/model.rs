@@ -199,6 +199,18 @@ pub struct Limits {
     pub max: Option<f64>,
 }
 
+/// Limits by metric name.
+pub type MetricLimits = BTreeMap<String, Limits>;
+
+/// The limits in force for a device: its `own`, and the `defaults` for the
+/// metrics it has none of. The server's alerts and a device page's charts
+/// both read them from here.
+pub fn limits_in_force(own: Option<&MetricLimits>, defaults: &MetricLimits) -> MetricLimits {
+    let mut limits = defaults.clone();
+    limits.extend(own.into_iter().flatten().map(|(m, l)| (m.clone(), *l)));
+    limits
+}
+
 /// A reading outside its limits: the value and the limits it broke.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Alert {

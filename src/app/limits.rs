@@ -5,12 +5,10 @@
 
 use super::api;
 use super::chart::title_of;
-use crate::model::{DeviceId, Limits};
+pub use crate::model::MetricLimits;
+use crate::model::{DeviceId, Limits, limits_in_force};
 use leptos::prelude::*;
 use std::collections::BTreeMap;
-
-/// Limits by metric name.
-pub type MetricLimits = BTreeMap<String, Limits>;
 
 /// A device's limits, as its page keeps them.
 #[derive(Clone, Copy)]
@@ -31,10 +29,10 @@ impl DeviceLimits {
 
     /// The limits in force for `metric`.
     pub fn of(&self, metric: &str) -> Limits {
-        self.own
-            .with(|own| own.get(metric).copied())
-            .or_else(|| self.defaults.with_value(|d| d.get(metric).copied()))
-            .unwrap_or_default()
+        let in_force = self
+            .own
+            .with(|own| self.defaults.with_value(|d| limits_in_force(Some(own), d)));
+        in_force.get(metric).copied().unwrap_or_default()
     }
 }
 

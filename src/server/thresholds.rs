@@ -15,17 +15,15 @@
 //! readings (not to an extra metric of the same name); any other name is an
 //! extra metric.
 
+pub use crate::model::MetricLimits;
 use crate::model::{
     Alert, Device, DeviceId, FieldError, Limits, MAX_METRICS, METRIC_NAME_RULE, Status,
-    is_metric_name,
+    is_metric_name, limits_in_force,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
-
-/// Limits by metric name.
-pub type MetricLimits = BTreeMap<String, Limits>;
 
 /// Most metrics one device may have limits for: every extra metric it may
 /// carry, and temperature and humidity.
@@ -116,14 +114,7 @@ impl Thresholds {
     /// The limits in force for `device`, by metric: its own, and the
     /// defaults for the metrics it has none of.
     pub fn in_force(&self, device: &DeviceId) -> MetricLimits {
-        let mut limits = self.defaults.clone();
-        limits.extend(
-            self.own(device)
-                .into_iter()
-                .flatten()
-                .map(|(m, l)| (m.clone(), *l)),
-        );
-        limits
+        limits_in_force(self.own(device), &self.defaults)
     }
 
     /// The readings of `device` that break their effective limits.
