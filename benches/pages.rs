@@ -87,6 +87,7 @@ fn seed(dir: &std::path::Path, devices: u32) {
                 online: None,
                 stale: false,
                 alerts: Default::default(),
+                limits: Default::default(),
                 updated_at: now - TimeDelta::seconds(3600 - 2 * i),
             };
             id += 1;

@@ -93,6 +93,12 @@ pub struct Device {
     /// (`temperature`, `humidity` or an extra metric).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub alerts: BTreeMap<String, Alert>,
+    /// Its own limits, by metric: set over the API, else its section of the
+    /// thresholds file. The server's defaults apply to the metrics it has
+    /// none for ([`limits_in_force`]). A change of them is an event, so
+    /// every page draws the limits in force.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: MetricLimits,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -111,6 +117,7 @@ impl Device {
             online: None,
             stale: false,
             alerts: BTreeMap::new(),
+            limits: MetricLimits::new(),
             updated_at: Utc::now(),
         }
     }
@@ -144,6 +151,8 @@ pub struct StatusEvent {
     pub stale: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub alerts: BTreeMap<String, Alert>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: MetricLimits,
     pub updated_at: DateTime<Utc>,
     /// The device was removed (`DELETE /api/devices/{id}`): forget it. A
     /// later report of the same id registers it anew.
@@ -169,6 +178,7 @@ impl From<&Device> for StatusEvent {
             online: d.online,
             stale: d.stale,
             alerts: d.alerts.clone(),
+            limits: d.limits.clone(),
             updated_at: d.updated_at,
             removed: false,
         }
@@ -184,6 +194,7 @@ impl StatusEvent {
             online: self.online,
             stale: self.stale,
             alerts: self.alerts,
+            limits: self.limits,
             updated_at: self.updated_at,
         }
     }
@@ -253,6 +264,11 @@ pub enum Change {
     AlertCleared {
         metric: String,
     },
+    /// Its own limits were set (`limits`), or cleared (empty: the
+    /// defaults apply).
+    Limits {
+        limits: MetricLimits,
+    },
 }
 
 impl Change {
@@ -266,6 +282,7 @@ impl Change {
             Change::Stale { .. } => "stale",
             Change::Alert { .. } => "alert",
             Change::AlertCleared { .. } => "alert_cleared",
+            Change::Limits { .. } => "limits",
         }
     }
 
@@ -295,6 +312,11 @@ impl Change {
         }
         if before.stale != after.stale {
             changes.push(Change::Stale { stale: after.stale });
+        }
+        if before.limits != after.limits {
+            changes.push(Change::Limits {
+                limits: after.limits.clone(),
+            });
         }
         for (metric, alert) in &after.alerts {
             if !before.alerts.contains_key(metric) {
@@ -530,6 +552,7 @@ mod tests {
             online: None,
             stale: false,
             alerts: BTreeMap::new(),
+            limits: MetricLimits::new(),
             updated_at: DateTime::UNIX_EPOCH,
         }
     }
@@ -563,6 +586,7 @@ mod tests {
         after.status.power_on = Some(false);
         after.online = Some(false);
         after.stale = true;
+        after.limits.insert("temperature".into(), hot.limits);
         after.alerts.insert("temperature".into(), hot);
         assert_eq!(
             Change::between(Some(&before), &after),
@@ -573,6 +597,9 @@ mod tests {
                 Change::Power { on: false },
                 Change::Online { online: false },
                 Change::Stale { stale: true },
+                Change::Limits {
+                    limits: after.limits.clone()
+                },
                 Change::Alert {
                     metric: "temperature".into(),
                     alert: hot,
@@ -588,6 +615,7 @@ mod tests {
         assert!(Change::between(Some(&after), &hotter).is_empty());
         let mut back = hotter.clone();
         back.alerts.clear();
+        back.limits.clear();
         back.online = Some(true);
         back.stale = false;
         assert_eq!(
@@ -595,6 +623,9 @@ mod tests {
             [
                 Change::Online { online: true },
                 Change::Stale { stale: false },
+                Change::Limits {
+                    limits: MetricLimits::new()
+                },
                 Change::AlertCleared {
                     metric: "temperature".into()
                 },

@@ -391,6 +391,36 @@ async fn limits_set_over_the_api_survive_a_restart_and_win_over_the_file() {
 }
 
 #[tokio::test]
+async fn new_limits_are_an_event_every_page_sees_and_a_recorded_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with(&["--data-dir", dir.path().to_str().unwrap()]).await;
+    server
+        .post_status("rack-1", &json!({"temperature": 20.0}))
+        .await;
+    let mut sse = watch(&server, "rack-1").await;
+    set_limits(&server, "rack-1", json!({"temperature": {"max": 50}})).await;
+    let event = next_status(&mut sse).await;
+    let limits = json!({"temperature": {"max": 50.0}});
+    // No alert changed: the limits are the news.
+    assert_eq!((&event["limits"], event.get("alerts")), (&limits, None));
+    assert_eq!(server.device("rack-1").await.unwrap()["limits"], limits);
+    let (_, changes) = server.get_json("/api/devices/rack-1/changes").await;
+    assert_eq!(changes["changes"][0]["kind"], "limits", "{changes}");
+    assert_eq!(changes["changes"][0]["limits"], limits);
+    // Cleared: the defaults apply, and the device carries none.
+    set_limits(&server, "rack-1", json!({})).await;
+    assert_eq!(next_status(&mut sse).await.get("limits"), None);
+    set_limits(&server, "rack-1", json!({"humidity": {"min": 10}})).await;
+    next_status(&mut sse).await;
+    // Kept with the device: a restart has no news.
+    let (_, before) = server.get_json("/api/devices").await;
+    server.restart().await;
+    let (_, after) = server.get_json("/api/devices").await;
+    assert_eq!(after, before);
+    assert_eq!(after["devices"][0]["limits"]["humidity"]["min"], 10.0);
+}
+
+#[tokio::test]
 async fn a_device_that_died_while_the_server_was_down_still_goes_stale() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start_with(&[

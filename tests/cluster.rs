@@ -685,7 +685,16 @@ async fn limits_set_on_one_instance_hold_on_every_instance() {
             server.device("oven").await.unwrap()["alerts"]["temperature"].is_object()
         })
         .await;
+        let oven = server.device("oven").await.unwrap();
+        assert_eq!(oven["limits"]["temperature"]["max"], 30.0, "{oven}");
     }
+    // The limits were news once in the cluster, whoever published it.
+    let kinds = change_kinds(other, "oven").await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "limits").count(),
+        1,
+        "{kinds:?}"
+    );
     let (_, thresholds) = other.get_json("/api/thresholds").await;
     assert_eq!(
         thresholds["devices"]["oven"]["temperature"]["max"],

@@ -113,7 +113,7 @@ async fn instances_starting_together_on_an_empty_database_all_come_up() {
         &db.base,
         format!("SELECT version::TEXT FROM {}.schema_version", db.name),
     );
-    assert_eq!(version, ["3"], "every migration ran, once");
+    assert_eq!(version, ["4"], "every migration ran, once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

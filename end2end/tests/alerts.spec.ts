@@ -121,3 +121,27 @@ test("an operator sets a device's limits on its page: the chart draws them and t
   const field = page.getByTestId("limits").locator('tr[data-metric="temperature"]').getByTestId("limit-max");
   await expect(field).toHaveValue("");
 });
+
+test("limits set elsewhere show at once on an open device page: chart, changes and the form", async ({
+  page,
+  server,
+}) => {
+  await server.post("rack-1", { name: "Rack", temperature: 20, humidity: 40 });
+  await page.goto("/");
+  await signIn(page, server.operatorToken);
+  await page.goto("/devices/rack-1");
+  await waitLive(page);
+  const form = page.getByTestId("limits");
+  const row = (metric: string) => form.locator(`tr[data-metric="${metric}"]`);
+  // This operator is typing a humidity limit as another sets limits.
+  await row("humidity").getByTestId("limit-min").fill("5");
+  await server.putThresholds("rack-1", { temperature: { max: 25 }, humidity: { min: 10 } });
+
+  const chart = page.locator('[data-testid="chart"][data-metric="temperature"]');
+  await expect(chart.locator("text.limit")).toHaveText("max 25.0 °C");
+  await expect(page.getByTestId("change").first()).toContainText(
+    "Limits set: Humidity min 10.0 %; Temperature max 25.0 °C",
+  );
+  await expect(row("temperature").getByTestId("limit-max")).toHaveValue("25");
+  await expect(row("humidity").getByTestId("limit-min")).toHaveValue("5");
+});

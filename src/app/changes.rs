@@ -29,14 +29,14 @@ impl Recent {
     }
 
     /// Adds what event `id` changed: from `before` (`None`: the device is
-    /// new to the page) to `after`, timed by the browser's clock (near
-    /// enough: the server records its own).
-    pub fn follow(&self, id: EventId, before: Option<&Device>, after: &Device) {
+    /// new to the page) to `after`, at `at_ms` (the page's reckoning of the
+    /// server's clock, near enough: the server records its own).
+    pub fn follow(&self, id: EventId, before: Option<&Device>, after: &Device, at_ms: i64) {
         let new = Change::between(before, after);
         if new.is_empty() {
             return;
         }
-        let at = now();
+        let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_default();
         let new = new.into_iter().map(|change| Changed {
             id,
             device: after.id.clone(),
@@ -102,16 +102,6 @@ fn reread(read: Vec<Changed>, shown: &[Changed], limit: usize) -> Vec<Changed> {
     list
 }
 
-/// The browser's clock.
-#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
-fn now() -> chrono::DateTime<chrono::Utc> {
-    #[cfg(feature = "hydrate")]
-    let ms = js_sys::Date::now() as i64;
-    #[cfg(not(feature = "hydrate"))]
-    let ms = chrono::Utc::now().timestamp_millis();
-    chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default()
-}
-
 /// A change in words.
 pub fn change_text(change: &Change) -> String {
     match change {
@@ -132,6 +122,22 @@ pub fn change_text(change: &Change) -> String {
         Change::AlertCleared { metric } => {
             format!("{} back within its limits", chart::title_of(metric))
         }
+        Change::Limits { limits } if limits.is_empty() => {
+            "Own limits cleared: the defaults apply".into()
+        }
+        Change::Limits { limits } => {
+            let each = limits.iter().map(|(metric, l)| {
+                let ends = [("min", l.min), ("max", l.max)]
+                    .into_iter()
+                    .filter_map(|(end, v)| Some(format!("{end} {}", format_value(metric, v?))));
+                format!(
+                    "{} {}",
+                    chart::title_of(metric),
+                    ends.collect::<Vec<_>>().join(", ")
+                )
+            });
+            format!("Limits set: {}", each.collect::<Vec<_>>().join("; "))
+        }
     }
 }
 
@@ -151,7 +157,7 @@ pub fn ChangeList(
                 fallback=|| {
                     view! {
                         <p class="no-data" data-testid="no-changes">
-                            "No change of power, link, staleness, alerts or name recorded yet."
+                            "No change of power, link, staleness, limits, alerts or name recorded yet."
                         </p>
                     }
                 }
@@ -202,6 +208,38 @@ pub fn ChangeList(
 mod tests {
     use super::*;
     use chrono::DateTime;
+
+    #[test]
+    fn limits_read_as_words() {
+        use crate::model::{Limits, MetricLimits};
+        let limits = MetricLimits::from([
+            (
+                "temperature".into(),
+                Limits {
+                    min: None,
+                    max: Some(30.0),
+                },
+            ),
+            (
+                "humidity".into(),
+                Limits {
+                    min: Some(20.0),
+                    max: Some(60.0),
+                },
+            ),
+        ]);
+        assert_eq!(
+            change_text(&Change::Limits { limits }),
+            "Limits set: Humidity min 20.0 %, max 60.0 %; Temperature max 30.0 °C"
+        );
+        let cleared = Change::Limits {
+            limits: MetricLimits::new(),
+        };
+        assert_eq!(
+            change_text(&cleared),
+            "Own limits cleared: the defaults apply"
+        );
+    }
 
     #[test]
     fn changes_read_again_keep_the_ones_of_later_events() {

@@ -161,7 +161,7 @@ impl Board {
                         })
                         .collect()
                 });
-            let from = js_sys::Date::now() as i64 - SPARK_WINDOW_MS;
+            let from = self.feed.now() - SPARK_WINDOW_MS;
             leptos::task::spawn_local(futures::stream::iter(sparks).for_each_concurrent(
                 AT_ONCE,
                 move |(id, metric, spark)| async move {
@@ -251,7 +251,8 @@ impl Board {
             .cards
             .with_untracked(|cards| cards.iter().find(|c| c.id == device.id).cloned());
         let before = existing.as_ref().map(|c| c.device.get_untracked());
-        self.changes.follow(id, before.as_ref(), &device);
+        self.changes
+            .follow(id, before.as_ref(), &device, self.feed.now());
         match existing {
             Some(card) => card.set(device),
             None => self.cards.update(|cards| {
@@ -1194,6 +1195,7 @@ mod tests {
             online: None,
             stale: false,
             alerts: BTreeMap::new(),
+            limits: Default::default(),
             updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
         }
     }

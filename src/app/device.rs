@@ -164,8 +164,8 @@ pub(super) struct Initial {
     series: Vec<Series>,
     /// Its last [`PAGE_CHANGES`] changes, newest first.
     changes: Vec<Changed>,
-    /// The device's own limits, by metric, and the defaults.
-    own_limits: MetricLimits,
+    /// The limits for the metrics the device has none of its own for (its
+    /// own come with it).
     default_limits: MetricLimits,
     /// The request's cookie is a live operator session: render the limits form.
     operator: bool,
@@ -247,7 +247,6 @@ pub(super) fn read(
         device,
         series,
         changes,
-        own_limits: hub.own_limits(&id).unwrap_or_default(),
         default_limits: hub.thresholds().defaults,
         operator,
     }
@@ -261,6 +260,7 @@ fn initial(_: Option<DeviceId>, _: Range) -> Initial {
 /// The page's signals.
 #[derive(Clone, Copy)]
 struct Page {
+    feed: Feed,
     device: RwSignal<Device>,
     series: RwSignal<Vec<Series>>,
     changes: Recent,
@@ -285,7 +285,7 @@ impl Page {
             self.changes
                 .reload(self.device.with_untracked(|d| Some(d.id.clone())));
             leptos::task::spawn_local(async move {
-                let from = js_sys::Date::now() as i64 - page.range.window_ms();
+                let from = page.feed.now() - page.range.window_ms();
                 for metric in metrics {
                     let raw = super::api::history(&id, &metric, from, None).await;
                     let history = match raw {
@@ -335,7 +335,7 @@ impl Page {
         }
         if let Some(id) = event {
             let previous = (!was_removed).then_some(&before);
-            self.changes.follow(id, previous, &device);
+            self.changes.follow(id, previous, &device, self.feed.now());
         }
         let window = self.range.window_ms();
         self.series
@@ -381,6 +381,7 @@ pub fn DevicePage() -> impl IntoView {
     let feed = Feed::new(initial.now_ms);
     let id = device.id.clone();
     let page = Page {
+        feed,
         device: RwSignal::new(device),
         series: RwSignal::new(initial.series),
         changes: Recent::new(initial.changes, PAGE_CHANGES),
@@ -395,7 +396,7 @@ pub fn DevicePage() -> impl IntoView {
     let metrics = move || device.with(|d| metrics_of(&d.status));
     let href = device_href(&id);
     let csv_of = id.clone();
-    let limits = DeviceLimits::new(initial.own_limits, initial.default_limits);
+    let limits = DeviceLimits::new(device, initial.default_limits);
     let operator = RwSignal::new(initial.operator);
     // Effects run in the browser only, once hydrated.
     let hydrated = RwSignal::new(false);
@@ -577,6 +578,7 @@ mod tests {
             online: None,
             stale: false,
             alerts: BTreeMap::new(),
+            limits: Default::default(),
             updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
         }
     }

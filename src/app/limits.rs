@@ -6,23 +6,24 @@
 use super::api;
 use super::chart::title_of;
 pub use crate::model::MetricLimits;
-use crate::model::{DeviceId, Limits, limits_in_force};
+use crate::model::{Device, DeviceId, Limits, limits_in_force};
 use leptos::prelude::*;
 use std::collections::BTreeMap;
 
 /// A device's limits, as its page keeps them.
 #[derive(Clone, Copy)]
 pub struct DeviceLimits {
-    /// Its own, set over the API or by the thresholds file.
-    pub own: RwSignal<MetricLimits>,
+    /// Its own, set over the API or by the thresholds file: as its last
+    /// event has them, so a change made anywhere shows at once.
+    pub own: Memo<MetricLimits>,
     /// The defaults, for the metrics it has none of its own.
     pub defaults: StoredValue<MetricLimits>,
 }
 
 impl DeviceLimits {
-    pub fn new(own: MetricLimits, defaults: MetricLimits) -> Self {
+    pub fn new(device: RwSignal<Device>, defaults: MetricLimits) -> Self {
         Self {
-            own: RwSignal::new(own),
+            own: Memo::new(move |_| device.with(|d| d.limits.clone())),
             defaults: StoredValue::new(defaults),
         }
     }
@@ -41,6 +42,28 @@ type Draft = BTreeMap<String, (String, String)>;
 
 fn text(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// The fields of one metric's limits.
+fn row(l: Option<&Limits>) -> (String, String) {
+    let l = l.copied().unwrap_or_default();
+    (text(l.min), text(l.max))
+}
+
+/// Fills the fields of `metrics` from the device's own limits, now `own`
+/// and `was` when last filled: a new metric's fields, and those still as
+/// filled. Fields the operator is editing stay as typed.
+fn refill(draft: &mut Draft, metrics: Vec<String>, was: &MetricLimits, own: &MetricLimits) {
+    for m in metrics {
+        let fresh = row(own.get(&m));
+        match draft.get_mut(&m) {
+            Some(typed) if *typed == row(was.get(&m)) => *typed = fresh,
+            Some(_) => {}
+            None => {
+                draft.insert(m, fresh);
+            }
+        }
+    }
 }
 
 /// The limits a draft sets: each metric with at least one end, a typed
@@ -82,18 +105,12 @@ pub fn LimitsForm(
     hydrated: RwSignal<bool>,
 ) -> impl IntoView {
     let draft = RwSignal::new(Draft::new());
-    // The fields follow the metrics; a new metric gets its own limits, if any.
+    // The fields follow the metrics and the limits (set here or anywhere).
+    let filled = StoredValue::new(MetricLimits::new());
     Effect::new(move |_| {
-        let names = metrics.get();
-        let own = limits.own.get_untracked();
-        draft.update(|d| {
-            for m in names {
-                d.entry(m.clone()).or_insert_with(|| {
-                    let l = own.get(&m).copied().unwrap_or_default();
-                    (text(l.min), text(l.max))
-                });
-            }
-        });
+        let (names, own) = (metrics.get(), limits.own.get());
+        draft.update(|d| filled.with_value(|was| refill(d, names, was, &own)));
+        filled.set_value(own);
     });
     let busy = RwSignal::new(false);
     let outcome = RwSignal::new(None::<Result<(), String>>);
@@ -115,8 +132,13 @@ pub fn LimitsForm(
             let result = api::set_limits(device.as_str(), &set).await;
             busy.set(false);
             match result {
+                // Its event brings the limits; the fields read as stored.
                 Ok(()) => {
-                    limits.own.set(set);
+                    draft.update(|d| {
+                        for (m, typed) in d.iter_mut() {
+                            *typed = row(set.get(m));
+                        }
+                    });
                     outcome.set(Some(Ok(())));
                 }
                 Err(failure) => outcome.set(Some(Err(failure.message))),
@@ -218,6 +240,34 @@ pub fn LimitsForm(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_limits_fill_the_fields_no_one_is_editing() {
+        let max = |v| Limits {
+            min: None,
+            max: Some(v),
+        };
+        let metrics = || vec!["temperature".to_owned(), "humidity".to_owned()];
+        let mut draft = Draft::new();
+        let first = MetricLimits::from([("temperature".into(), max(30.0))]);
+        refill(&mut draft, metrics(), &MetricLimits::new(), &first);
+        assert_eq!(draft["temperature"], (String::new(), "30".into()));
+        assert_eq!(draft["humidity"], (String::new(), String::new()));
+        // The operator is typing a humidity limit as another sets both.
+        draft.get_mut("humidity").unwrap().1 = "7".into();
+        let second = MetricLimits::from([
+            ("temperature".into(), max(25.5)),
+            ("humidity".into(), max(60.0)),
+        ]);
+        refill(&mut draft, metrics(), &first, &second);
+        assert_eq!(draft["temperature"], (String::new(), "25.5".into()));
+        assert_eq!(draft["humidity"], (String::new(), "7".into()));
+        // A new metric gets its fields; the typed ones stay.
+        let more = [metrics(), vec!["load".into()]].concat();
+        refill(&mut draft, more, &second, &second);
+        assert_eq!(draft["load"], (String::new(), String::new()));
+        assert_eq!(draft["humidity"].1, "7");
+    }
 
     #[test]
     fn a_draft_sets_the_limits_typed_and_refuses_what_is_no_number() {

@@ -36,9 +36,12 @@ pub struct Feed {
     /// Why the server takes no changes right now (cluster mode, its Redis
     /// unreachable), as its stream says.
     pub degraded: RwSignal<Option<String>>,
-    /// Milliseconds since the epoch; ticks every second once hydrated, so
-    /// "updated N s ago" keeps counting and charts slide.
+    /// The server's time, in milliseconds since the epoch (see
+    /// [`Feed::now`]); ticks every second once hydrated, so "updated N s
+    /// ago" keeps counting and charts slide.
     pub now_ms: RwSignal<i64>,
+    #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+    clock: StoredValue<Clock>,
 }
 
 impl Feed {
@@ -49,7 +52,54 @@ impl Feed {
             connection: RwSignal::new(Connection::Offline),
             degraded: RwSignal::new(None),
             now_ms: RwSignal::new(now_ms),
+            clock: StoredValue::new(Clock::default()),
         }
+    }
+
+    /// The server's time now, in milliseconds since the epoch, as far as
+    /// the page can tell: never the browser's own wall clock, which may be
+    /// minutes off, and would put every "updated N s ago", every change's
+    /// time and every chart's right edge off with it.
+    pub fn now(&self) -> i64 {
+        #[cfg(feature = "hydrate")]
+        return self.clock.with_value(|c| c.at(browser::monotonic_ms()));
+        #[cfg(not(feature = "hydrate"))]
+        self.now_ms.get_untracked()
+    }
+
+    /// The server stamped `server_ms`: its clock has been there by now.
+    #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+    fn saw(&self, server_ms: i64) {
+        #[cfg(feature = "hydrate")]
+        self.clock
+            .update_value(|c| c.saw(server_ms, browser::monotonic_ms()));
+        #[cfg(not(feature = "hydrate"))]
+        let _ = server_ms;
+    }
+}
+
+/// The server's clock, read off the browser's monotonic one (which no
+/// change to the machine's time moves) plus an offset. Every time the
+/// server stamped (the page's render, a device's `updated_at`) is no later
+/// than the server's now when it arrives, so each bounds the offset from
+/// below; the largest bound seen is the estimate, off by no more than the
+/// quickest delivery seen (milliseconds, once a live event came).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Clock {
+    offset_ms: Option<f64>,
+}
+
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+impl Clock {
+    /// The server stamped `server_ms`, which arrived at `local_ms`.
+    fn saw(&mut self, server_ms: i64, local_ms: f64) {
+        let bound = server_ms as f64 - local_ms;
+        self.offset_ms = Some(self.offset_ms.map_or(bound, |o| o.max(bound)));
+    }
+
+    /// The server's time at `local_ms`.
+    fn at(&self, local_ms: f64) -> i64 {
+        (local_ms + self.offset_ms.unwrap_or_default()).round() as i64
     }
 }
 
@@ -78,13 +128,14 @@ pub fn connect<F: Follower>(
 
         // Effects run only in the browser, after hydration.
         Effect::new(move |_| {
+            feed.saw(feed.now_ms.get_untracked());
             let live = SendWrapper::new(browser::Live::start(
                 feed,
                 device.clone(),
                 rendered_at,
                 follower.clone(),
             ));
-            let tick = move || feed.now_ms.set(js_sys::Date::now() as i64);
+            let tick = move || feed.now_ms.set(feed.now());
             tick();
             let clock = set_interval_with_handle(tick, Duration::from_secs(1)).ok();
             on_cleanup(move || {
@@ -200,6 +251,9 @@ mod browser {
             let live = self.clone();
             let on_snapshot = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| {
                 if let Some(snapshot) = parse::<Snapshot>(&e) {
+                    if let Some(latest) = snapshot.devices.iter().map(|d| d.updated_at).max() {
+                        live.feed.saw(latest.timestamp_millis());
+                    }
                     live.last_id.set(snapshot.event_id);
                     live.follower.snapshot(snapshot);
                 }
@@ -210,6 +264,7 @@ mod browser {
                     if let Ok(id) = e.last_event_id().parse() {
                         live.last_id.set(id);
                     }
+                    live.feed.saw(status.updated_at.timestamp_millis());
                     live.follower.status(live.last_id.get(), status);
                 }
             });
@@ -255,6 +310,13 @@ mod browser {
         }
     }
 
+    /// Milliseconds on the page's monotonic clock (`performance.now()`).
+    pub fn monotonic_ms() -> f64 {
+        web_sys::window()
+            .and_then(|w| w.performance())
+            .map_or(0.0, |p| p.now())
+    }
+
     fn parse<T: serde::de::DeserializeOwned>(e: &MessageEvent) -> Option<T> {
         let data = e.data().as_string()?;
         match serde_json::from_str(&data) {
@@ -270,6 +332,23 @@ mod browser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_is_the_servers_by_the_latest_bound_it_saw() {
+        let mut clock = Clock::default();
+        // Rendered at 10 000 on the server; hydrated 800 ms later.
+        clock.saw(10_000, 800.0);
+        assert_eq!(clock.at(1_800.0), 11_000);
+        // An event stamped 10 500 arrives at once at 900: the render took
+        // 400 ms to arrive, so the server is 400 ms later than thought.
+        clock.saw(10_500, 900.0);
+        assert_eq!(clock.at(1_800.0), 11_400);
+        // A replayed, older event moves nothing.
+        clock.saw(2_000, 1_000.0);
+        assert_eq!(clock.at(1_800.0), 11_400);
+        // Before any bound, the local clock is all there is.
+        assert_eq!(Clock::default().at(5.4), 5);
+    }
 
     #[test]
     fn the_stream_follows_one_device_or_all_and_resumes() {

@@ -546,7 +546,7 @@ impl Hub {
         // the device's report interval.
         let learn = previous.is_some_and(|p| !p.stale && p.online != Some(false));
         device.stale = false;
-        device.alerts = state.thresholds.alerts(&device);
+        state.thresholds.judge(&mut device);
         let changed = previous != Some(&device);
         let applied = if reported_change {
             self.publish(state, device)?
@@ -866,14 +866,19 @@ impl Hub {
         self.write(|state| self.reevaluate(state, device))
     }
 
-    /// Cluster mode: another instance set `device`'s own limits (and
-    /// published what they change).
+    /// Cluster mode: another instance set `device`'s own limits, and
+    /// publishes what they change. Evaluated here too, on the cluster's
+    /// latest state: should this instance have judged a report by the old
+    /// limits meanwhile, the correction is published (once in the cluster:
+    /// an instance behind catches up first and finds nothing to change).
     pub fn limits_elsewhere(
         &self,
         device: &DeviceId,
         limits: MetricLimits,
     ) -> Result<(), StoreError> {
-        self.keep_limits(device, limits)
+        self.keep_limits(device, limits)?;
+        self.write(|state| self.reevaluate(state, device))
+            .map(|_| ())
     }
 
     fn keep_limits(&self, device: &DeviceId, limits: MetricLimits) -> Result<(), StoreError> {
@@ -933,7 +938,7 @@ impl Hub {
         self.lock().thresholds.own(device).cloned()
     }
 
-    /// Publishes `id`'s alerts if its limits changed them.
+    /// Publishes `id`'s limits, and the alerts they make, if they changed.
     fn reevaluate(&self, state: &mut State, id: &DeviceId) -> Result<Applied, StoreError> {
         let unchanged = Applied {
             id: state.last_id,
@@ -942,15 +947,12 @@ impl Hub {
         let Some(device) = state.devices.get(id) else {
             return Ok(unchanged);
         };
-        let alerts = state.thresholds.alerts(device);
-        if alerts == device.alerts {
+        let mut judged = device.clone();
+        state.thresholds.judge(&mut judged);
+        if &judged == device {
             return Ok(unchanged);
         }
-        let device = Device {
-            alerts,
-            ..device.clone()
-        };
-        self.publish_as_is(state, device)
+        self.publish_as_is(state, judged)
     }
 
     /// Marks stale every device silent past its deadline at `now`; returns
@@ -1755,7 +1757,9 @@ mod tests {
         // Limits for a device that has not reported yet: nothing to publish.
         assert!(!hub.set_limits(&id("a"), limits(30.0)).unwrap().changed);
         hub.apply(&id("a"), &temp(25.0)).unwrap();
-        assert!(last_event(&hub).alerts.is_empty());
+        let first = last_event(&hub);
+        assert!(first.alerts.is_empty());
+        assert_eq!(first.limits, limits(30.0));
         assert_eq!(hub.apply(&id("a"), &temp(31.0)).unwrap().id, 2);
         let ev = last_event(&hub);
         assert_eq!(ev.alerts["temperature"].value, 31.0);
@@ -1775,9 +1779,22 @@ mod tests {
         let after = hub.device(&id("a")).unwrap();
         assert_eq!(after.alerts["temperature"].value, 30.0);
         assert_eq!(after.updated_at, before.updated_at);
+        assert_eq!(last_event(&hub).limits, limits(20.0));
         // The same limits again change nothing.
         assert!(!hub.set_limits(&id("a"), limits(20.0)).unwrap().changed);
         assert_eq!(hub.thresholds().devices[&id("a")], limits(20.0));
+        // Limits that change no alert are news too: every page draws them.
+        assert!(hub.set_limits(&id("a"), limits(40.0)).unwrap().changed);
+        assert!(hub.set_limits(&id("a"), limits(45.0)).unwrap().changed);
+        let ev = last_event(&hub);
+        assert_eq!((ev.limits, ev.alerts.len()), (limits(45.0), 0));
+        // Cleared, the defaults apply: none here.
+        assert!(
+            hub.set_limits(&id("a"), MetricLimits::new())
+                .unwrap()
+                .changed
+        );
+        assert!(last_event(&hub).limits.is_empty());
     }
 
     #[test]

@@ -185,7 +185,18 @@ const MIGRATIONS: &[&str] = &[
     SIGNED_OUT_TABLE,
     // 5: what each event changed besides readings.
     CHANGES_TABLE,
+    // 6: a device's own limits as its last event had them.
+    DEVICE_LIMITS_COLUMN,
 ];
+
+/// A device's own limits as its last event had them (`Device::limits`), so
+/// a start publishes only the limits that changed meanwhile (the file's);
+/// filled from the limits set over the API.
+const DEVICE_LIMITS_COLUMN: &str =
+    "ALTER TABLE devices ADD COLUMN limits_json TEXT NOT NULL DEFAULT '{}';
+     UPDATE devices SET limits_json = (SELECT l.limits_json FROM device_limits l
+         WHERE l.device = devices.id)
+         WHERE id IN (SELECT device FROM device_limits);";
 
 /// Operator sessions signed out before their end (`expires`: Unix
 /// seconds), so no start accepts their cookie again.
@@ -263,6 +274,8 @@ const PG_MIGRATIONS: &[&str] = &[
     SIGNED_OUT_TABLE,
     // 3: as SQLite's 5.
     CHANGES_TABLE,
+    // 4: as SQLite's 6.
+    DEVICE_LIMITS_COLUMN,
 ];
 
 /// The advisory lock the PostgreSQL migrations run under, so instances
@@ -479,14 +492,15 @@ impl Store {
     /// Every stored device, by id.
     pub fn devices(&self) -> Result<Vec<Device>, StoreError> {
         let rows = self.conn.query(
-            "SELECT id, name, status_json, online, updated_at, stale, alerts_json
+            "SELECT id, name, status_json, online, updated_at, stale, alerts_json, limits_json
              FROM devices ORDER BY id",
             &[],
         )?;
         let mut devices = Vec::new();
         for r in rows {
             let id = r.string(0)?;
-            let (status, updated_at, alerts) = (r.string(2)?, r.string(4)?, r.string(6)?);
+            let (status, updated_at) = (r.string(2)?, r.string(4)?);
+            let (alerts, limits) = (r.string(6)?, r.string(7)?);
             let corrupt = |what: &str| StoreError::Corrupt(format!("{id}: {what}"));
             devices.push(Device {
                 id: DeviceId::parse(&id).map_err(&corrupt)?,
@@ -494,6 +508,7 @@ impl Store {
                 online: r.opt_bool(3)?,
                 stale: r.bool(5)?,
                 alerts: serde_json::from_str(&alerts).map_err(|e| corrupt(&e.to_string()))?,
+                limits: serde_json::from_str(&limits).map_err(|e| corrupt(&e.to_string()))?,
                 updated_at: updated_at
                     .parse()
                     .map_err(|e: chrono::ParseError| corrupt(&e.to_string()))?,
@@ -784,12 +799,13 @@ fn save_devices(tx: &Conn, devices: &[&Device]) -> Result<(), StoreError> {
             (
                 serde_json::to_string(&d.status).expect("a status always serializes"),
                 serde_json::to_string(&d.alerts).expect("alerts always serialize"),
+                serde_json::to_string(&d.limits).expect("limits always serialize"),
                 d.updated_at.to_rfc3339(),
             )
         })
         .collect();
-    let mut args = Vec::with_capacity(devices.len() * 7);
-    for (d, (status, alerts, updated_at)) in devices.iter().zip(&texts) {
+    let mut args = Vec::with_capacity(devices.len() * 8);
+    for (d, (status, alerts, limits, updated_at)) in devices.iter().zip(&texts) {
         args.extend([
             Arg::Str(d.id.as_str()),
             Arg::Str(&d.name),
@@ -798,16 +814,18 @@ fn save_devices(tx: &Conn, devices: &[&Device]) -> Result<(), StoreError> {
             Arg::Str(updated_at),
             Arg::Bool(d.stale),
             Arg::Str(alerts),
+            Arg::Str(limits),
         ]);
     }
     insert_rows(
         tx,
-        "INSERT INTO devices (id, name, status_json, online, updated_at, stale, alerts_json)",
+        "INSERT INTO devices
+             (id, name, status_json, online, updated_at, stale, alerts_json, limits_json)",
         "ON CONFLICT (id) DO UPDATE SET name = excluded.name,
              status_json = excluded.status_json, online = excluded.online,
              updated_at = excluded.updated_at, stale = excluded.stale,
-             alerts_json = excluded.alerts_json",
-        7,
+             alerts_json = excluded.alerts_json, limits_json = excluded.limits_json",
+        8,
         &args,
     )
 }
@@ -1112,6 +1130,7 @@ mod tests {
             online: Some(false),
             stale: false,
             alerts: Default::default(),
+            limits: Default::default(),
             updated_at: Utc::now(),
         }
     }
@@ -1433,6 +1452,29 @@ mod tests {
     }
 
     #[test]
+    fn a_version_5_store_gives_its_devices_the_limits_set_over_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            for sql in &MIGRATIONS[..5] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 5).unwrap();
+            conn.execute_batch(
+                "INSERT INTO devices (id, name, status_json, online, updated_at) VALUES
+                     ('a', 'A', '{}', NULL, '2026-11-25T12:00:00Z'),
+                     ('b', 'B', '{}', NULL, '2026-11-25T12:00:00Z');
+                 INSERT INTO device_limits VALUES ('a', '{\"temperature\":{\"max\":30.0}}');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let devices = store.devices().unwrap();
+        assert_eq!(devices[0].limits["temperature"].max, Some(30.0));
+        assert!(devices[1].limits.is_empty());
+    }
+
+    #[test]
     fn a_version_1_store_migrates_and_keeps_its_devices() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -1466,12 +1508,14 @@ mod tests {
                 limits,
             },
         );
-        store.record(1, &d, Some(&a), "{}").unwrap();
         let limits = MetricLimits::from([("temperature".to_owned(), limits)]);
+        d.limits = limits.clone();
+        store.record(1, &d, Some(&a), "{}").unwrap();
         store.set_device_limits(&d.id, &limits).unwrap();
         store.set_device_limits(&d.id, &limits).unwrap();
         let back = store.devices().unwrap().remove(0);
         assert_eq!((back.stale, &back.alerts), (true, &d.alerts));
+        assert_eq!(back.limits, limits);
         assert_eq!(store.device_limits().unwrap(), [(d.id.clone(), limits)]);
         store
             .save_report_interval(&d.id, Duration::from_millis(1))

@@ -117,6 +117,13 @@ impl Thresholds {
         limits_in_force(self.own(device), &self.defaults)
     }
 
+    /// Sets `device`'s own limits and its alerts as these thresholds have
+    /// them.
+    pub fn judge(&self, device: &mut Device) {
+        device.limits = self.own(&device.id).cloned().unwrap_or_default();
+        device.alerts = self.alerts(device);
+    }
+
     /// The readings of `device` that break their effective limits.
     pub fn alerts(&self, device: &Device) -> BTreeMap<String, Alert> {
         self.in_force(&device.id)
