@@ -41,13 +41,14 @@ use rumqttc::{
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The longest wait between two tries to reach the broker.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Requests (publishes, acks) queued for the broker connection.
 const QUEUE: usize = 1024;
 
@@ -271,15 +272,15 @@ async fn drive(
     mut resets: mpsc::UnboundedReceiver<String>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_secs(1);
-    let mut connected = false;
+    let mut backoff = FIRST_BACKOFF;
+    // Since when the connection is up.
+    let mut connected: Option<Instant> = None;
     loop {
         let failed = tokio::select! {
             event = events.poll() => match event {
                 Ok(event) => {
                     if let Event::Incoming(Packet::ConnAck(_)) = event {
-                        connected = true;
-                        backoff = Duration::from_secs(1);
+                        connected = Some(Instant::now());
                     }
                     if heard.send(event).await.is_err() {
                         return;
@@ -299,20 +300,28 @@ async fn drive(
             () = shutdown.cancelled() => return,
         };
         let Some(why) = failed else { continue };
-        if connected {
-            tracing::warn!("MQTT: {shown}: {why}; connecting again");
-        } else {
-            tracing::warn!(
-                "MQTT: {shown}: {why}; trying again in {}",
-                humantime::format_duration(backoff)
-            );
-        }
-        connected = false;
+        backoff = after(backoff, connected.take().map(|since| since.elapsed()));
+        tracing::warn!(
+            "MQTT: {shown}: {why}; connecting again in {}",
+            humantime::format_duration(backoff)
+        );
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
             () = shutdown.cancelled() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The wait before connecting again, after waiting `backoff` last time,
+/// when the connection was up for `lasted` (`None`: it never came up). It
+/// starts over only after a connection that held: one dropped at once,
+/// however it came up (the store refusing what the broker brings again),
+/// waits ever longer, so it is neither retried nor logged every second.
+fn after(backoff: Duration, lasted: Option<Duration>) -> Duration {
+    const HELD: Duration = Duration::from_secs(30);
+    match lasted {
+        Some(lasted) if lasted >= HELD => FIRST_BACKOFF,
+        _ => (backoff * 2).min(MAX_BACKOFF),
     }
 }
 
@@ -605,6 +614,19 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reconnecting_waits_longer_until_a_connection_holds() {
+        use super::{FIRST_BACKOFF, MAX_BACKOFF, after};
+        use std::time::Duration;
+        let s = Duration::from_secs;
+        // Refused, or dropped at once: twice as long each time, to a cap.
+        assert_eq!(after(FIRST_BACKOFF, None), s(1));
+        assert_eq!(after(s(1), Some(Duration::from_millis(20))), s(2));
+        assert_eq!(after(s(40), None), MAX_BACKOFF);
+        // A connection that held starts over.
+        assert_eq!(after(MAX_BACKOFF, Some(s(45))), FIRST_BACKOFF);
+    }
+
     use super::*;
 
     #[test]
