@@ -9,7 +9,8 @@
 //! a `metric` label: their names need not be valid metric names.
 
 use super::AppState;
-use crate::model::{Device, Snapshot};
+use super::thresholds::reading;
+use crate::model::{Device, MetricLimits, Snapshot, limits_in_force};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +26,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let scrape = Scrape {
         snapshot: state.hub.snapshot(&Default::default()),
+        defaults: state.hub.thresholds().defaults,
         subscribers: state.hub.subscribers(),
         degraded: state.hub.degraded().is_some(),
     };
@@ -45,6 +47,8 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
 #[derive(Debug)]
 struct Scrape {
     snapshot: Snapshot,
+    /// The limits of the metrics a device has none of its own for.
+    defaults: MetricLimits,
     subscribers: usize,
     degraded: bool,
 }
@@ -147,6 +151,32 @@ impl Collector for Scrape {
         )?;
         gauge(
             &mut encoder,
+            "device_limit",
+            "A limit in force for one of the device's readings (`end`: min or max; its own, \
+             else the default), in the reading's unit: a reading past it alerts.",
+            None,
+            devices.iter().flat_map(|d| {
+                limits_in_force(Some(&d.limits), &self.defaults)
+                    .into_iter()
+                    .filter(|(metric, _)| reading(&d.status, metric).is_some())
+                    .flat_map(|(metric, l)| {
+                        [("min", l.min), ("max", l.max)]
+                            .into_iter()
+                            .filter_map(move |(end, v)| Some((metric.clone(), end, v?)))
+                    })
+                    .map(|(metric, end, v)| {
+                        let labels = [
+                            ("device", d.id.to_string()),
+                            ("metric", metric),
+                            ("end", end.to_owned()),
+                        ];
+                        (labels, v)
+                    })
+                    .collect::<Vec<_>>()
+            }),
+        )?;
+        gauge(
+            &mut encoder,
             "device_last_update_timestamp",
             "When the device's status last changed, in seconds since the epoch.",
             Some(Unit::Seconds),
@@ -220,7 +250,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeviceId, Status};
+    use crate::model::{DeviceId, Limits, Status};
     use chrono::DateTime;
 
     fn scrape() -> Scrape {
@@ -233,6 +263,14 @@ mod tests {
             metrics: [("fan.rpm".to_string(), 1200.0)].into(),
         };
         rack.online = Some(false);
+        rack.limits = [(
+            "temperature".to_string(),
+            Limits {
+                min: None,
+                max: Some(30.0),
+            },
+        )]
+        .into();
         rack.updated_at = DateTime::from_timestamp_millis(1_700_000_000_250).unwrap();
         let bare = Device::new(DeviceId::parse("bare").unwrap());
         Scrape {
@@ -240,6 +278,25 @@ mod tests {
                 event_id: 42,
                 devices: vec![rack, bare],
             },
+            // For a reading the rack has its own limit of, and one it does
+            // not report (no sample).
+            defaults: [
+                (
+                    "temperature".to_string(),
+                    Limits {
+                        min: Some(5.0),
+                        max: Some(40.0),
+                    },
+                ),
+                (
+                    "humidity".to_string(),
+                    Limits {
+                        min: None,
+                        max: Some(80.0),
+                    },
+                ),
+            ]
+            .into(),
             subscribers: 3,
             degraded: false,
         }
@@ -259,6 +316,7 @@ mod tests {
             r#"telltale_device_online{device="rack-1"} 0"#,
             r#"telltale_device_stale{device="bare"} 0"#,
             r#"telltale_device_alerts{device="rack-1"} 0"#,
+            r#"telltale_device_limit{device="rack-1",metric="temperature",end="max"} 30.0"#,
             r#"telltale_device_last_update_timestamp_seconds{device="rack-1"} 1700000000.25"#,
             "telltale_devices 2",
             "telltale_last_event_id 42",
@@ -267,6 +325,8 @@ mod tests {
         ] {
             assert!(body.lines().any(|l| l == line), "no {line:?} in\n{body}");
         }
+        // Its own limit replaces the default's both ends.
+        assert!(!body.contains(r#"end="min""#), "{body}");
         // Nothing is made up for what a device never reported.
         assert!(!body.contains("humidity"), "{body}");
         assert!(!body.contains(r#"online{device="bare"}"#), "{body}");

@@ -148,7 +148,7 @@ impl Thresholds {
 }
 
 /// The reading a limit named `metric` applies to.
-fn reading(status: &Status, metric: &str) -> Option<f64> {
+pub fn reading(status: &Status, metric: &str) -> Option<f64> {
     match metric {
         "temperature" => status.temperature,
         "humidity" => status.humidity,
