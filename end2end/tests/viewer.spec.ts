@@ -1,7 +1,7 @@
 // A dashboard closed by `--viewer-token`: the sign-in page, then the page
 // that was asked for, live.
 
-import { card, expect, indicator, test } from "./server";
+import { card, expect, test, waitLive } from "./server";
 
 const VIEWER = "e2e-viewer-token";
 
@@ -24,7 +24,7 @@ test("a viewer signs in once and reads the dashboard live", async ({ page, serve
   await page.getByRole("button", { name: "Sign in" }).click();
   // Back where the viewer was going, filter kept.
   await expect(page).toHaveURL(/\/\?q=rack$/);
-  await expect(indicator(page)).toHaveText("Live");
+  await waitLive(page);
   const rack = card(page, "rack-1");
   await expect(rack.getByTestId("temperature")).toHaveText("21.5 °C");
   await expect(card(page, "freezer")).toBeHidden();
@@ -46,7 +46,7 @@ test.describe("an open dashboard", () => {
   test("needs no sign-in and offers no viewer sign-out", async ({ page, server }) => {
     await server.post("rack-1", { name: "Rack one", temperature: 21.5 });
     await page.goto("/");
-    await expect(indicator(page)).toHaveText("Live");
+    await waitLive(page);
     await expect(card(page, "rack-1").getByTestId("temperature")).toHaveText("21.5 °C");
     await expect(page.getByTestId("viewer-sign-out")).toHaveCount(0);
   });
