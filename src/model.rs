@@ -413,7 +413,35 @@ pub struct StatusUpdate {
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<BTreeMap<String, f64>>,
+    /// When the device took these readings (RFC 3339), if not just now: a
+    /// device that kept them while it could not reach the server sends
+    /// them later, oldest first, each at its time (see [`StatusUpdate::time`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "rfc3339"
+    )]
+    pub at: Option<DateTime<Utc>>,
 }
+
+const AT_RULE: &str = "at must be an RFC 3339 time, like 2026-12-01T12:00:00Z";
+
+/// An `at`: an RFC 3339 time, or `null`; anything else is refused in words
+/// a person reads (not chrono's).
+fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    use serde::de::Error;
+    let Some(text) = Option::<String>::deserialize(d).map_err(|_| D::Error::custom(AT_RULE))?
+    else {
+        return Ok(None);
+    };
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| Some(t.to_utc()))
+        .map_err(|_| D::Error::custom(AT_RULE))
+}
+
+/// How far ahead of the server's clock an update's `at` may be, and be
+/// taken as now: clocks differ a little.
+pub const AT_AHEAD_SECS: i64 = 60;
 
 /// Why an update was refused, and which field is at fault.
 #[derive(Clone, Debug, PartialEq)]
@@ -496,6 +524,43 @@ impl StatusUpdate {
         Ok(())
     }
 
+    /// When the readings were taken: `at`, or `now` without it. Refused,
+    /// naming `at`, when it is more than [`AT_AHEAD_SECS`] ahead of `now`
+    /// (up to that it is `now`, so no time ever runs ahead of the server's
+    /// clock), older than `oldest`, or before `last`, the device's last
+    /// change (its readings go in order, oldest first).
+    pub fn time(
+        &self,
+        now: DateTime<Utc>,
+        oldest: DateTime<Utc>,
+        last: Option<DateTime<Utc>>,
+    ) -> Result<DateTime<Utc>, FieldError> {
+        let Some(at) = self.at else {
+            return Ok(now);
+        };
+        let wrong = |why: String| Err(FieldError::new("at", why));
+        let ahead = (at - now).num_seconds();
+        if ahead > AT_AHEAD_SECS {
+            return wrong(format!(
+                "at is {ahead} s ahead of the server's clock: check the device's clock"
+            ));
+        }
+        let shown = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        if at < oldest {
+            return wrong(format!(
+                "at is before {}: readings that old are no longer taken",
+                shown(oldest)
+            ));
+        }
+        if let Some(last) = last.filter(|last| at < *last) {
+            return wrong(format!(
+                "at is before the device's last change ({}): send readings oldest first",
+                shown(last)
+            ));
+        }
+        Ok(at.min(now))
+    }
+
     /// Applies this (validated) update to a device; returns whether anything
     /// changed. Refused, leaving the device as it was, when the device would
     /// carry more than [`MAX_METRICS`] metrics.
@@ -555,6 +620,39 @@ mod tests {
             limits: MetricLimits::new(),
             updated_at: DateTime::UNIX_EPOCH,
         }
+    }
+
+    #[test]
+    fn readings_are_at_their_time_in_order_and_never_ahead_of_the_server() {
+        let t = |s: i64| DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap();
+        let (now, oldest) = (t(0), t(-86_400));
+        let at = |s| StatusUpdate {
+            at: Some(t(s)),
+            ..Default::default()
+        };
+        assert_eq!(
+            StatusUpdate::default().time(now, oldest, Some(t(-5))),
+            Ok(now)
+        );
+        assert_eq!(at(-3_600).time(now, oldest, Some(t(-7_200))), Ok(t(-3_600)));
+        // The same time again is fine (a retry); an earlier one is not.
+        assert_eq!(at(-3_600).time(now, oldest, Some(t(-3_600))), Ok(t(-3_600)));
+        let before = at(-3_601).time(now, oldest, Some(t(-3_600))).unwrap_err();
+        assert_eq!(before.field, "at");
+        assert!(
+            before.message.contains("oldest first"),
+            "{}",
+            before.message
+        );
+        // A clock a little ahead is now; far ahead, refused.
+        assert_eq!(at(AT_AHEAD_SECS).time(now, oldest, None), Ok(now));
+        let ahead = at(AT_AHEAD_SECS + 30).time(now, oldest, None).unwrap_err();
+        assert_eq!(
+            ahead.message,
+            "at is 90 s ahead of the server's clock: check the device's clock"
+        );
+        let old = at(-86_401).time(now, oldest, None).unwrap_err();
+        assert!(old.message.contains("no longer taken"), "{}", old.message);
     }
 
     #[test]
@@ -764,6 +862,7 @@ mod tests {
             power_on: Some(false),
             name: Some("Freezer ❄".into()),
             metrics: Some(BTreeMap::from([("fan_rpm".into(), 900.0)])),
+            at: None,
         };
         assert_eq!(ok.validate(), Ok(()));
 

@@ -291,3 +291,58 @@ async fn the_pages_render_with_their_history() {
         );
     }
 }
+
+#[tokio::test]
+async fn readings_kept_while_away_arrive_later_at_their_own_times() {
+    let server = Server::start_with(&["--retention", "2h"]).await;
+    let now = Utc::now();
+    let ago = |minutes| now - TimeDelta::minutes(minutes);
+    let mut stream = server.sse("?device=probe").await;
+    stream.expect_start().await;
+    for (minutes, t) in [(30, 10.0), (20, 11.0), (10, 12.0)] {
+        let body = json!({ "temperature": t, "at": rfc3339(ago(minutes)) });
+        assert!(server.post_status("probe", &body).await.changed);
+    }
+    // Each change is at its reading's time, live and in the history.
+    for minutes in [30, 20, 10] {
+        let event = stream.expect_status().await.json();
+        let at: DateTime<Utc> = event["updated_at"].as_str().unwrap().parse().unwrap();
+        assert_eq!(ms(at), ms(ago(minutes)), "{event}");
+    }
+    let query = format!("?metric=temperature&from={}", rfc3339(ago(60)));
+    let times = [30, 20, 10].map(|m| ms(ago(m)));
+    assert_eq!(
+        tv(&history(&server, "probe", &query).await),
+        [(times[0], 10.0), (times[1], 11.0), (times[2], 12.0)]
+    );
+
+    // Refused, naming `at`, changing nothing: out of order, far ahead of
+    // the server's clock, older than the raw readings kept, not a time.
+    let refusals = [
+        json!({ "temperature": 9.0, "at": rfc3339(ago(15)) }),
+        json!({ "temperature": 9.0, "at": rfc3339(now + TimeDelta::minutes(5)) }),
+        json!({ "temperature": 9.0, "at": rfc3339(ago(180)) }),
+        json!({ "temperature": 9.0, "at": "yesterday" }),
+        json!({ "temperature": 9.0, "at": 1_700_000_000 }),
+    ];
+    for body in refusals {
+        let (status, answer) = server.try_post_status("probe", &body).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");
+        assert_eq!(answer["field"], "at", "{answer}");
+    }
+    assert_eq!(
+        server.device("probe").await.unwrap()["status"]["temperature"],
+        12.0
+    );
+
+    // A clock a little ahead is taken as the server's now; without `at`,
+    // it is now anyway.
+    let ahead = json!({ "temperature": 13.0, "at": rfc3339(Utc::now() + TimeDelta::seconds(30)) });
+    server.post_status("probe", &ahead).await;
+    let at: DateTime<Utc> = server.device("probe").await.unwrap()["updated_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(at <= Utc::now(), "{at} is ahead of the server's clock");
+}

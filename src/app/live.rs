@@ -80,8 +80,9 @@ impl Feed {
 
 /// The server's clock, read off the browser's monotonic one (which no
 /// change to the machine's time moves) plus an offset. Every time the
-/// server stamped (the page's render, a device's `updated_at`) is no later
-/// than the server's now when it arrives, so each bounds the offset from
+/// server sends (the page's render, a device's `updated_at`, which the
+/// server never lets run ahead of its clock) is no later than the server's
+/// now when it arrives, so each bounds the offset from
 /// below; the largest bound seen is the estimate, off by no more than the
 /// quickest delivery seen (milliseconds, once a live event came).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

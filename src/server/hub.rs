@@ -218,6 +218,10 @@ struct State {
     store: Option<Store>,
     thresholds: Thresholds,
     watch: Watch,
+    /// How far back an update's `at` may go: raw readings are kept this
+    /// long (older ones are folded into minutes, and a reading older still
+    /// would miss that).
+    readings_kept: Duration,
     /// Open while [`Hub::apply`] applies a group of updates.
     group: Option<Group>,
     /// Cluster mode: this instance's events that may have reached Redis but
@@ -297,6 +301,7 @@ impl Hub {
                 store: None,
                 thresholds: Thresholds::default(),
                 watch: Watch::default(),
+                readings_kept: Duration::from_secs(48 * 3600),
                 group: None,
                 unsure: BTreeSet::new(),
             }),
@@ -540,6 +545,9 @@ impl Hub {
         update: &StatusUpdate,
     ) -> Result<Applied, ApplyError> {
         let previous = state.devices.get(id);
+        let now = Utc::now();
+        let oldest = now - state.readings_kept;
+        let at = update.time(now, oldest, previous.map(|p| p.updated_at))?;
         let mut device = previous.cloned().unwrap_or_else(|| Device::new(id.clone()));
         let reported_change = update.apply_to(&mut device)? || previous.is_none();
         // The silence that ends a stale or offline spell is an outage, not
@@ -549,7 +557,8 @@ impl Hub {
         state.thresholds.judge(&mut device);
         let changed = previous != Some(&device);
         let applied = if reported_change {
-            self.publish(state, device)?
+            device.updated_at = at;
+            self.publish_as_is(state, device)?
         } else if changed {
             // Only `stale` (or the alerts) changed: the readings are as
             // old as they were, so `updated_at` stays.
@@ -781,6 +790,12 @@ impl Hub {
         }
         // No receivers is fine: nobody is watching.
         let _ = state.sender.send(published);
+    }
+
+    /// Takes updates whose `at` is up to `raw` ago: the raw readings'
+    /// retention.
+    pub fn keep_readings_for(&self, raw: Duration) {
+        self.lock().readings_kept = raw;
     }
 
     /// Starts alerts and staleness: the limits (the file's, plus those set

@@ -276,6 +276,7 @@ pub async fn run(config: Config) -> std::io::Result<()> {
         config.retention_interval,
         shutdown.clone(),
     ));
+    hub.keep_readings_for(config.retention);
     hub.configure_alerts(
         file.thresholds,
         stale::StalePolicy {

@@ -221,6 +221,7 @@ pub async fn run(
                 power_on: Some(*on),
                 name: Some(device.name.to_owned()),
                 metrics: Some(metrics),
+                at: None,
             };
             debug_assert_eq!(update.validate(), Ok(()));
             let id = DeviceId::parse(device.id).expect("simulator ids are valid");
