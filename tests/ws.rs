@@ -426,3 +426,42 @@ async fn a_real_agent_takes_a_simulator_device_over_for_good() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_back_online_sends_the_readings_it_kept_at_their_own_times() {
+    let server = Server::start().await;
+    let status = |t: f64, at: Option<String>| {
+        let mut update = json!({ "temperature": t });
+        if let Some(at) = at {
+            update["at"] = json!(at);
+        }
+        json!({ "type": "status", "device": "probe", "update": update })
+    };
+    let device = || async { server.device("probe").await.unwrap_or_default() };
+    let mut agent = server.agent("probe").await;
+    agent.send(&status(10.0, None)).await;
+    eventually("the first reading", || async {
+        device().await["status"]["temperature"] == 10.0
+    })
+    .await;
+    let reported = device().await["updated_at"].clone();
+    drop(agent);
+    eventually("offline", || async { device().await["online"] == false }).await;
+    let away = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+
+    let mut agent = server.agent("probe").await;
+    eventually("online again", || async {
+        device().await["online"] == true
+    })
+    .await;
+    // A link is no reading: the last reported change keeps its time.
+    assert_eq!(device().await["updated_at"], reported);
+    agent.send(&status(11.0, Some(away.clone()))).await;
+    eventually("the kept reading", || async {
+        device().await["status"]["temperature"] == 11.0
+    })
+    .await;
+    let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
+    assert_eq!(time(&device().await["updated_at"]), time(&json!(away)));
+}

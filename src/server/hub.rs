@@ -670,7 +670,10 @@ impl Hub {
                 ..Device::new(id.clone())
             },
         };
-        let applied = self.publish(state, device)?;
+        // `updated_at` stays the time of its last reported change: a link
+        // is no reading (and readings the agent kept meanwhile may follow,
+        // each `at` its own time).
+        let applied = self.publish_as_is(state, device)?;
         self.heard_later(state, id, false);
         Ok(applied)
     }
@@ -697,15 +700,9 @@ impl Hub {
 
     /// Stores a changed device under a new event id — durably first, when
     /// there is a store — and sends it to every subscriber, serialized once.
-    /// When the store fails, nothing changes.
-    fn publish(&self, state: &mut State, mut device: Device) -> Result<Applied, StoreError> {
-        device.updated_at = Utc::now();
-        self.publish_as_is(state, device)
-    }
-
-    /// [`publish`](Self::publish) for a change the device did not report
-    /// (stale, alerts under new limits): `updated_at` keeps the time of its
-    /// last reported change.
+    /// When the store fails, nothing changes. `updated_at` is as the caller
+    /// set it: the time of the device's last reported change (a change it
+    /// did not report — stale, its link, alerts under new limits — keeps it).
     fn publish_as_is(&self, state: &mut State, device: Device) -> Result<Applied, StoreError> {
         self.publish_event(state, device, false)
     }
