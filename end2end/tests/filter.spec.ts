@@ -45,6 +45,33 @@ test("typing filters the cards by name or id, and new devices too", async ({ pag
   expect(await page.evaluate(() => (window as unknown as { kept?: boolean }).kept)).toBe(true);
 });
 
+/** The devices whose recent changes show, in list order. */
+const changesShown = (page: Page) =>
+  page
+    .locator('[data-testid="change"]:visible')
+    .evaluateAll((changes) => changes.map((c) => c.getAttribute("data-device")));
+
+test("the recent changes follow the filter: those of the devices shown", async ({ page, server }) => {
+  await threeDevices(server);
+  // A first power state is no change; a switch from it is.
+  await server.post("freezer", { power_on: true });
+  await server.post("rack-1", { power_on: true });
+  await page.goto("/?q=rack");
+  await waitLive(page);
+  await expect.poll(() => changesShown(page)).toEqual(["rack-1"]);
+  // A change of a hidden device is kept, not shown; one of a shown device is.
+  await server.post("freezer", { power_on: false });
+  await server.post("rack-1", { power_on: false });
+  await expect.poll(() => changesShown(page)).toEqual(["rack-1", "rack-1"]);
+  await page.getByTestId("filter").fill("lab");
+  await expect.poll(() => changesShown(page)).toEqual(["freezer", "freezer"]);
+  await page.getByTestId("filter").fill("door");
+  await expect(page.getByTestId("no-changes-shown")).toHaveText("No recent change of the devices shown.");
+  await page.getByTestId("filter").fill("");
+  await expect.poll(async () => (await changesShown(page)).length).toBe(5);
+  await expect(page.getByTestId("no-changes-shown")).toBeHidden();
+});
+
 test("a reload keeps the filter", async ({ page, server }) => {
   await threeDevices(server);
   await page.goto("/?q=lab");
@@ -76,5 +103,6 @@ test.describe("without JavaScript", () => {
     await page.waitForURL("**/?q=green");
     expect(await visible(page)).toEqual(["greenhouse"]);
     await expect(page.getByTestId("filter-count")).toHaveText("1 of 3");
+    expect(await changesShown(page)).toEqual(["greenhouse"]);
   });
 });

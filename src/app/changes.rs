@@ -142,13 +142,17 @@ pub fn change_text(change: &Change) -> String {
 }
 
 /// The "Recent changes" section. With `name_of` (the dashboard's), each
-/// line names its device, linked to its page.
+/// line names its device, linked to its page; with `shows` (the
+/// dashboard's card filter), only the lines of the devices it shows are.
 #[component]
 pub fn ChangeList(
     recent: Recent,
     #[prop(optional)] name_of: Option<Callback<DeviceId, String>>,
+    #[prop(optional)] shows: Option<Callback<DeviceId, bool>>,
 ) -> impl IntoView {
     let changes = recent.list;
+    let shown = move |device: &DeviceId| shows.is_none_or(|shows| shows.run(device.clone()));
+    let none_shown = move || changes.with(|c| !c.is_empty() && !c.iter().any(|c| shown(&c.device)));
     view! {
         <section class="changes" data-testid="changes" aria-labelledby="changes-title">
             <h2 id="changes-title">"Recent changes"</h2>
@@ -162,6 +166,11 @@ pub fn ChangeList(
                     }
                 }
             >
+                <Show when=none_shown>
+                    <p class="no-data" data-testid="no-changes-shown">
+                        "No recent change of the devices shown."
+                    </p>
+                </Show>
                 <ol class="change-list">
                     <For
                         each=move || changes.get()
@@ -183,8 +192,10 @@ pub fn ChangeList(
                                         </a>
                                     }
                                 });
+                            let of = c.device.clone();
                             view! {
                                 <li
+                                    hidden=move || !shown(&of)
                                     data-testid="change"
                                     data-kind=c.change.kind()
                                     data-device=c.device.to_string()

@@ -499,6 +499,19 @@ pub fn Dashboard() -> impl IntoView {
         })
     });
 
+    // The recent changes follow the card filter: those of the cards shown.
+    let shows = Callback::new(move |id: DeviceId| {
+        filter.with(|f| {
+            f.trim().is_empty()
+                || board.cards.with(|cards| {
+                    cards
+                        .iter()
+                        .find(|c| c.id == id)
+                        .is_some_and(|c| c.device.with(|d| matches(f, d)))
+                })
+        })
+    });
+
     view! {
         // A tab in the background tells how many devices need attention.
         <Title text=move || match alerting.with(Vec::len) {
@@ -581,7 +594,7 @@ pub fn Dashboard() -> impl IntoView {
                 </p>
             </Show>
         </main>
-        <ChangeList recent=board.changes name_of />
+        <ChangeList recent=board.changes name_of shows />
     }
     .into_any()
 }
