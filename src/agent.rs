@@ -21,7 +21,10 @@
 //! the `applied` result, and a failing action answers `failed` with its
 //! reason. When the server goes away the agent reconnects with exponential
 //! backoff and jitter ([`backoff`]); a close code that retrying cannot cure
-//! (4401, 4403, 4409, 1008) ends it with an error.
+//! (4401, 4403, 4409, 1008) ends it with an error. Meanwhile it goes on
+//! reading the machine every interval, keeps the last [`MAX_KEPT`] readings
+//! ([`Kept`]), and once back sends them first, each `at` its own time, so
+//! the history has no hole where the server was away.
 
 use crate::model::{DeviceId, StatusUpdate};
 use crate::protocol::{ClientMessage, CommandSet, Outcome, Role, ServerMessage, VERSION, close};
@@ -31,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::process::ExitCode;
 use std::time::Duration;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -50,6 +53,8 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const PING: Duration = Duration::from_secs(15);
 /// Nothing heard from the server (pongs included) for this long: it is gone.
 const SILENCE: Duration = Duration::from_secs(45);
+/// Readings kept while the server is away (the oldest go first).
+pub const MAX_KEPT: usize = 2_000;
 
 /// The wait before reconnect attempt `attempt` (0 for the first): doubling
 /// from [`FIRST_BACKOFF`] up to [`MAX_BACKOFF`], then "equal jitter": a point
@@ -435,6 +440,45 @@ pub struct Agent {
     connector: Connector,
     reading: Reading,
     reported: Reported,
+    kept: Kept,
+}
+
+/// The readings taken while the server was away, oldest first: their
+/// time, the reading and the power state.
+#[derive(Debug, Default)]
+pub struct Kept {
+    readings: std::collections::VecDeque<(chrono::DateTime<chrono::Utc>, Reading, Option<bool>)>,
+    /// Dropped for want of room since the last catch-up.
+    dropped: usize,
+}
+
+impl Kept {
+    /// Keeps one more reading, dropping the oldest past [`MAX_KEPT`].
+    pub fn keep(
+        &mut self,
+        at: chrono::DateTime<chrono::Utc>,
+        reading: Reading,
+        power: Option<bool>,
+    ) {
+        if self.readings.len() == MAX_KEPT {
+            self.readings.pop_front();
+            self.dropped += 1;
+        }
+        self.readings.push_back((at, reading, power));
+    }
+
+    /// The updates that tell the kept readings, in order, each `at` its
+    /// time, from what `reported` says the server was told (and told now).
+    pub fn updates(&self, reported: &mut Reported, name: Option<&str>) -> Vec<StatusUpdate> {
+        self.readings
+            .iter()
+            .filter_map(|(at, reading, power)| {
+                let mut update = reported.update(name, reading, *power)?;
+                update.at = Some(*at);
+                Some(update)
+            })
+            .collect()
+    }
 }
 
 /// `telltale agent`: runs until ctrl-c or SIGTERM (success) or a refusal
@@ -501,6 +545,7 @@ impl Agent {
             connector: Connector::Plain,
             reading: Reading::default(),
             reported: Reported::default(),
+            kept: Kept::default(),
         }
     }
 
@@ -514,10 +559,13 @@ impl Agent {
             self.server,
             self.interval
         );
+        // Readings are taken on one schedule, connected or not.
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut attempt = 0;
         loop {
             let mut welcomed = false;
-            let why = match self.session(stop, &mut welcomed).await {
+            let why = match self.session(stop, &mut welcomed, &mut tick).await {
                 Ended::Stopped => return Ok(()),
                 Ended::Fatal(why) => return Err(why),
                 Ended::Retry(why) => why,
@@ -528,16 +576,35 @@ impl Agent {
             let wait = backoff(attempt, rand::random());
             attempt = attempt.saturating_add(1);
             tracing::warn!("{why}; reconnecting in {:.1} s", wait.as_secs_f64());
-            tokio::select! {
-                () = stop.cancelled() => return Ok(()),
-                () = tokio::time::sleep(wait) => {}
+            let waited = tokio::time::sleep(wait);
+            tokio::pin!(waited);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return Ok(()),
+                    () = &mut waited => break,
+                    _ = tick.tick() => self.keep_reading(),
+                }
             }
         }
     }
 
-    /// One connection, from connecting to its end. Sets `welcomed` once the
-    /// server has taken the hello.
-    async fn session(&mut self, stop: &CancellationToken, welcomed: &mut bool) -> Ended {
+    /// Reads the machine now, and keeps the reading for when the server is
+    /// back.
+    fn keep_reading(&mut self) {
+        self.reading = self.sensors.read();
+        let power = self.power.power_on();
+        self.kept
+            .keep(chrono::Utc::now(), self.reading.clone(), power);
+    }
+
+    /// One connection, from connecting to its end, reading the machine on
+    /// `tick`. Sets `welcomed` once the server has taken the hello.
+    async fn session(
+        &mut self,
+        stop: &CancellationToken,
+        welcomed: &mut bool,
+        tick: &mut Interval,
+    ) -> Ended {
         let connect = tokio::time::timeout(
             CONNECT_TIMEOUT,
             // Nagle off: `status` and `result` go out back to back.
@@ -578,9 +645,14 @@ impl Agent {
         }
         *welcomed = true;
         tracing::info!("connected to {} as device `{}`", self.server, self.device);
-        // The server may have restarted and forgotten everything: tell all.
+        // The server may have restarted and forgotten everything: tell all,
+        // the readings kept meanwhile first, then one taken now.
         self.reported = Reported::default();
-        let end = self.serve(&mut ws, stop).await;
+        if let Err(end) = self.catch_up(&mut ws).await {
+            return end;
+        }
+        tick.reset_immediately();
+        let end = self.serve(&mut ws, stop, tick).await;
         if end == Ended::Stopped {
             let goodbye = CloseFrame {
                 code: CloseCode::Normal,
@@ -618,10 +690,38 @@ impl Agent {
         }
     }
 
-    /// Reports every interval and answers commands until the connection ends.
-    async fn serve(&mut self, ws: &mut Socket, stop: &CancellationToken) -> Ended {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    /// Sends the readings kept while the server was away, oldest first,
+    /// each at its time; they are forgotten once all are sent.
+    async fn catch_up(&mut self, ws: &mut Socket) -> Result<(), Ended> {
+        let (count, dropped) = (self.kept.readings.len(), self.kept.dropped);
+        if count == 0 {
+            return Ok(());
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                "{dropped} readings taken while the server was away were dropped \
+                 for want of room: the last {MAX_KEPT} are kept"
+            );
+        }
+        for update in self.kept.updates(&mut self.reported, self.name.as_deref()) {
+            let status = ClientMessage::Status {
+                device: self.device.clone(),
+                update,
+            };
+            send(ws, &status).await?;
+        }
+        tracing::info!("sent the {count} readings taken while the server was away");
+        self.kept = Kept::default();
+        Ok(())
+    }
+
+    /// Reports every `tick` and answers commands until the connection ends.
+    async fn serve(
+        &mut self,
+        ws: &mut Socket,
+        stop: &CancellationToken,
+        tick: &mut Interval,
+    ) -> Ended {
         let mut ping = tokio::time::interval_at(Instant::now() + PING, PING);
         let mut heard = Instant::now();
         loop {
@@ -685,6 +785,8 @@ impl Agent {
             Ok(ServerMessage::Error { error, field, .. }) => {
                 let field = field.map(|f| format!(" ({f})")).unwrap_or_default();
                 tracing::warn!("the server refused a message: {error}{field}");
+                // What it refused is not told: the next report tells all.
+                self.reported = Reported::default();
                 Ok(())
             }
             Ok(_) => Ok(()),
@@ -820,6 +922,40 @@ mod tests {
             cpu_pct: Some(12.34),
             uptime_s: Some(3600.4),
         }
+    }
+
+    #[test]
+    fn readings_kept_while_away_are_told_in_order_each_at_its_time() {
+        let t = |s| chrono::DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap();
+        let mut kept = Kept::default();
+        let warmer = Reading {
+            temperature: Some(50.0),
+            ..reading()
+        };
+        kept.keep(t(0), reading(), Some(true));
+        kept.keep(t(5), reading(), Some(true));
+        kept.keep(t(10), warmer, Some(true));
+        let mut reported = Reported::default();
+        let updates = kept.updates(&mut reported, Some("Lab box"));
+        // Everything at first; nothing for the unchanged one; then the change.
+        let times: Vec<_> = updates.iter().map(|u| u.at).collect();
+        assert_eq!(times, [Some(t(0)), Some(t(10))]);
+        assert_eq!(updates[0].name.as_deref(), Some("Lab box"));
+        assert_eq!(updates[1].temperature, Some(50.0));
+        assert_eq!(updates[1].metrics, None);
+        // What they told counts as told.
+        assert_eq!(
+            reported.update(Some("Lab box"), &kept.readings[2].1, Some(true)),
+            None
+        );
+
+        // Bounded: the oldest go, and are counted.
+        let mut full = Kept::default();
+        for i in 0..MAX_KEPT + 3 {
+            full.keep(t(i as i64), reading(), None);
+        }
+        assert_eq!((full.readings.len(), full.dropped), (MAX_KEPT, 3));
+        assert_eq!(full.readings[0].0, t(3));
     }
 
     #[test]

@@ -527,8 +527,9 @@ impl StatusUpdate {
     /// When the readings were taken: `at`, or `now` without it. Refused,
     /// naming `at`, when it is more than [`AT_AHEAD_SECS`] ahead of `now`
     /// (up to that it is `now`, so no time ever runs ahead of the server's
-    /// clock), older than `oldest`, or before `last`, the device's last
-    /// change (its readings go in order, oldest first).
+    /// clock), older than `oldest`, or before `last`, the time of the
+    /// device's last readings (they go in order, oldest first; `None` for
+    /// a device that has none yet).
     pub fn time(
         &self,
         now: DateTime<Utc>,

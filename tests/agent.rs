@@ -171,6 +171,35 @@ async fn the_agent_reconnects_after_the_server_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_taken_while_the_server_was_away_reach_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with(&["--data-dir", dir.path().to_str().unwrap()]).await;
+    let _agent = agent(&server, "keeper", &server.token);
+    device_where(&server, "keeper", "the first report", has_real_reading).await;
+    let away = chrono::Utc::now();
+    server.restart_after(Duration::from_millis(2_500)).await;
+    // Uptime moves every second: the agent kept a reading of it while the
+    // server was down, and its point is where it was taken.
+    let (from, to) = (
+        away.timestamp_millis() + 500,
+        away.timestamp_millis() + 2_300,
+    );
+    let query = format!(
+        "/api/devices/keeper/history?metric=uptime_s&from={}",
+        away.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
+    eventually("a point of the outage in the history", || async {
+        let (_, history) = server.get_json(&query).await;
+        history["points"].as_array().is_some_and(|points| {
+            points
+                .iter()
+                .any(|p| p["t"].as_i64().is_some_and(|t| (from..to).contains(&t)))
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_reports_over_wss_through_nginx_terminating_tls() {
     let server = Server::start().await;
     let certificate = SelfSigned::new();

@@ -47,7 +47,7 @@ use super::stale::{StalePolicy, Watch};
 use super::store::{Recorded, Store, StoreError, StoredEvent};
 use super::thresholds::{MetricLimits, Thresholds, ThresholdsFile, ThresholdsView};
 use crate::model::{
-    Changed, Device, DeviceId, EventId, FieldError, History, Online, Snapshot, StatusEvent,
+    Changed, Device, DeviceId, EventId, FieldError, History, Online, Snapshot, Status, StatusEvent,
     StatusUpdate,
 };
 use axum::body::Bytes;
@@ -547,7 +547,12 @@ impl Hub {
         let previous = state.devices.get(id);
         let now = Utc::now();
         let oldest = now - state.readings_kept;
-        let at = update.time(now, oldest, previous.map(|p| p.updated_at))?;
+        // A device registered by its agent's hello has no readings yet:
+        // those it kept while away may be older than that hello.
+        let last = previous
+            .filter(|p| p.status != Status::default())
+            .map(|p| p.updated_at);
+        let at = update.time(now, oldest, last)?;
         let mut device = previous.cloned().unwrap_or_else(|| Device::new(id.clone()));
         let reported_change = update.apply_to(&mut device)? || previous.is_none();
         // The silence that ends a stale or offline spell is an outage, not

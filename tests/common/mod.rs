@@ -168,12 +168,18 @@ impl Server {
     /// Kills the server and starts it again on the same address, with the
     /// same tokens and options, and nothing of its state.
     pub async fn restart(&mut self) {
+        self.restart_after(Duration::ZERO).await;
+    }
+
+    /// [`restart`](Self::restart), `away` after the kill.
+    pub async fn restart_after(&mut self, away: Duration) {
         self.child
             .as_mut()
             .expect("a server process")
             .kill()
             .await
             .expect("the server is killed");
+        tokio::time::sleep(away).await;
         let addr = self.addr;
         self.spawn(&addr.to_string()).await;
         assert_eq!(addr, self.addr);
