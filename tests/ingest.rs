@@ -143,15 +143,18 @@ async fn refused_requests_answer_the_right_error_and_change_nothing() {
     refused(request, StatusCode::UNAUTHORIZED, None).await;
 
     // 413: one byte over the limit, declared or streamed in chunks. The body
-    // is valid JSON, so only the size can be the reason.
+    // is valid JSON, so only the size can be the reason. The rest of it is
+    // not read, so the answer closes the connection: a client that reused it
+    // would find it closed under its next request.
     let oversized = format!("{{\"temperature\": 99.5{}}}", " ".repeat(MAX_BODY));
     assert!(oversized.len() > MAX_BODY);
-    refused(
+    let headers = refused(
         json_post(&server, "dev-1", oversized.clone()),
         StatusCode::PAYLOAD_TOO_LARGE,
         None,
     )
     .await;
+    assert_eq!(headers["connection"], "close");
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = oversized
         .as_bytes()
         .chunks(1000)

@@ -164,6 +164,15 @@ impl IntoResponse for ApiError {
                 header::HeaderValue::from(wait.as_secs().max(1)),
             );
         }
+        if let Self::PayloadTooLarge { .. } = &self {
+            // The rest of the body is left unread, so this connection cannot
+            // carry another request: say so, or a client that reuses it
+            // finds it closed under its next request.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         if self.status() == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
