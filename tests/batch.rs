@@ -61,6 +61,57 @@ async fn a_batch_is_one_event_per_changed_device_in_the_order_given() {
     assert_eq!((status, answer), (StatusCode::OK, json!({"devices": {}})));
 }
 
+/// An RFC 3339 time `ago` before now.
+fn ago(seconds: i64) -> String {
+    (chrono::Utc::now() - chrono::TimeDelta::seconds(seconds))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_sends_its_kept_readings_as_an_array_each_at_its_time() {
+    let server = Server::start().await;
+    let mut stream = server.sse("").await;
+    let start = stream.expect_start().await.id;
+    let times = [ago(30), ago(20), ago(10)];
+    let body = json!({
+        "kept": [
+            {"temperature": 1.0, "at": times[0]},
+            {"temperature": 2.0, "at": times[1]},
+            {"temperature": 2.0, "at": times[2]},
+        ],
+        "rack": {"humidity": 40.0},
+    });
+    let (status, answer) = post_batch(&server, body.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer,
+        json!({"devices": {
+            "kept": [
+                {"id": start + 1, "changed": true},
+                {"id": start + 2, "changed": true},
+                {"id": start + 2, "changed": false},
+            ],
+            "rack": {"id": start + 3, "changed": true},
+        }})
+    );
+    for (id, device, at) in [
+        (start + 1, "kept", Some(&times[0])),
+        (start + 2, "kept", Some(&times[1])),
+        (start + 3, "rack", None),
+    ] {
+        let event = stream.expect_status().await;
+        assert_eq!(event.id(), id);
+        assert_eq!(event.json()["device"], device);
+        if let Some(at) = at {
+            assert_eq!(event.json()["updated_at"], json!(at));
+        }
+    }
+    assert_eq!(
+        server.history_values("kept", "temperature").await,
+        [1.0, 2.0]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_batch_changes_nothing_and_says_where() {
     let server = Server::start().await;
@@ -113,6 +164,36 @@ async fn a_refused_batch_changes_nothing_and_says_where() {
             r#"{"a": {"temperature": 1}, "full": {"metrics": {"one.more": 1}}}"#.into(),
             StatusCode::UNPROCESSABLE_ENTITY,
             Some("full.metrics"),
+        ),
+        (
+            json!({"a": {"temperature": 1}, "b": [{"temperature": 1}, {"temperature": "hot"}]})
+                .to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("b[1].temperature"),
+        ),
+        (
+            json!({"b": [{"temperature": 1}, {"humidity": 101}]}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("b[1].humidity"),
+        ),
+        // Out of order within the array: the hub refuses, naming the place.
+        (
+            json!({"b": [{"temperature": 1, "at": ago(10)}, {"temperature": 2, "at": ago(20)}]})
+                .to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("b[1].at"),
+        ),
+        (
+            json!({"b": [{"temperature": 1}], "c": 3}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("c"),
+        ),
+        (
+            json!({"a": (0..600).map(|_| json!({})).collect::<Vec<_>>(),
+                   "b": (0..401).map(|_| json!({})).collect::<Vec<_>>()})
+            .to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some(""),
         ),
         (
             serde_json::to_string(

@@ -3,7 +3,7 @@
 
 use super::AppState;
 use super::error::ApiError;
-use super::hub::{Applied, ApplyError, Filter};
+use super::hub::{Applied, ApplyError, Entry, Filter};
 use super::signin;
 use super::store::StoreError;
 use super::thresholds::{self, MetricLimits, ThresholdsView};
@@ -312,14 +312,58 @@ pub async fn post_status(
     Ok(Json(state.hub.apply(&id, &update)?))
 }
 
-/// Largest accepted `POST /api/status` body, and most devices in it.
+/// Largest accepted `POST /api/status` body, and most updates in it.
 pub const MAX_BATCH_BODY: usize = 256 * 1024;
 pub const MAX_BATCH: usize = 1_000;
 
 /// The body of `POST /api/status`: status updates by device id, in the
 /// order given. An id given twice is refused (a JSON reader would keep
 /// only one of them, silently).
-struct Batch(Vec<(String, StatusUpdate)>);
+struct Batch(Vec<(String, Updates)>);
+
+/// One device's part of a batch: an update, or an array of them applied in
+/// order (a device sending what it kept while away, each with its `at`).
+/// The answer takes the same shape.
+enum Updates {
+    One(StatusUpdate),
+    Several(Vec<StatusUpdate>),
+}
+
+impl Updates {
+    fn len(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Several(all) => all.len(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Updates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct OneOrSeveral;
+        impl<'de> serde::de::Visitor<'de> for OneOrSeveral {
+            type Value = Updates;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a status update, or an array of them")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Updates, A::Error> {
+                StatusUpdate::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Updates::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Updates, A::Error> {
+                let mut all = Vec::new();
+                while let Some(update) = seq.next_element()? {
+                    all.push(update);
+                }
+                Ok(Updates::Several(all))
+            }
+        }
+        d.deserialize_any(OneOrSeveral)
+    }
+}
 
 impl<'de> Deserialize<'de> for Batch {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -333,20 +377,23 @@ impl<'de> Deserialize<'de> for Batch {
                 self,
                 mut map: A,
             ) -> Result<Batch, A::Error> {
-                let mut entries: Vec<(String, StatusUpdate)> = Vec::new();
+                let mut entries: Vec<(String, Updates)> = Vec::new();
                 let mut seen = std::collections::HashSet::new();
+                let mut updates = 0;
                 while let Some(id) = map.next_key::<String>()? {
                     if !seen.insert(id.clone()) {
                         return Err(serde::de::Error::custom(format!(
-                            "device `{id}` is given twice"
+                            "device `{id}` is given twice: give its updates as an array"
                         )));
                     }
-                    if entries.len() == MAX_BATCH {
+                    let value: Updates = map.next_value()?;
+                    updates += value.len();
+                    if updates > MAX_BATCH {
                         return Err(serde::de::Error::custom(format!(
-                            "at most {MAX_BATCH} devices per request"
+                            "at most {MAX_BATCH} updates per request"
                         )));
                     }
-                    entries.push((id, map.next_value()?));
+                    entries.push((id, value));
                 }
                 Ok(Batch(entries))
             }
@@ -355,30 +402,60 @@ impl<'de> Deserialize<'de> for Batch {
     }
 }
 
-/// `POST /api/status` with `{"<device id>": {<as POST /api/devices/{id}/status>}, …}`:
-/// many devices' updates in one request (a gateway's), each its own event,
-/// in the order given, recorded with one commit: all are taken, or, when
-/// one is refused, none. Answers `{"devices": {id: {"id", "changed"}}}`.
+/// What `POST /api/status` answers for one device: the shape it was sent in.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+pub enum BatchApplied {
+    One(Applied),
+    Several(Vec<Applied>),
+}
+
+/// `POST /api/status` with `{"<device id>": {<as POST /api/devices/{id}/status>} or [{…}, …], …}`:
+/// many updates in one request (a gateway's, or a device's kept readings),
+/// each its own event, in the order given, recorded with one commit: all
+/// are taken, or, when one is refused, none. Answers
+/// `{"devices": {id: {"id", "changed"} or [{"id", "changed"}, …]}}`.
 pub async fn post_statuses(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<BTreeMap<&'static str, BTreeMap<String, Applied>>>, ApiError> {
+) -> Result<Json<BTreeMap<&'static str, BTreeMap<String, BatchApplied>>>, ApiError> {
     state.auth.check_ingest(&headers)?;
     let Batch(entries) = read_json(&headers, body, MAX_BATCH_BODY).await?;
     let mut batch = Vec::with_capacity(entries.len());
-    for (id, update) in entries {
-        let device = DeviceId::parse(&id).map_err(|e| ApiError::invalid(id.clone(), e))?;
-        update
-            .validate()
-            .map_err(|e| ApiError::invalid(format!("{id}.{}", e.field), e.message))?;
-        batch.push((device, update));
+    for (id, updates) in &entries {
+        let device = DeviceId::parse(id).map_err(|e| ApiError::invalid(id.clone(), e))?;
+        let several = match updates {
+            Updates::One(update) => vec![(id.clone(), update)],
+            Updates::Several(all) => all
+                .iter()
+                .enumerate()
+                .map(|(i, update)| (format!("{id}[{i}]"), update))
+                .collect(),
+        };
+        for (place, update) in several {
+            update
+                .validate()
+                .map_err(|e| ApiError::invalid(format!("{place}.{}", e.field), e.message))?;
+            batch.push(Entry {
+                place,
+                device: device.clone(),
+                update: update.clone(),
+            });
+        }
     }
-    let applied = state.hub.apply_all(&batch)?;
-    let devices = batch
+    let mut applied = state.hub.apply_all(&batch)?.into_iter();
+    let devices = entries
         .into_iter()
-        .zip(applied)
-        .map(|((id, _), applied)| (id.to_string(), applied))
+        .map(|(id, updates)| {
+            let answer = match updates {
+                Updates::One(_) => BatchApplied::One(applied.next().expect("one per update")),
+                Updates::Several(all) => {
+                    BatchApplied::Several(applied.by_ref().take(all.len()).collect())
+                }
+            };
+            (id, answer)
+        })
         .collect();
     Ok(Json(BTreeMap::from([("devices", devices)])))
 }

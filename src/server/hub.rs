@@ -128,6 +128,14 @@ pub struct Applied {
     pub changed: bool,
 }
 
+/// One update of a batch (see [`Hub::apply_all`]), and its place in the
+/// request, which an error names: `rack-1`, or `rack-1[2]` in an array.
+pub struct Entry {
+    pub place: String,
+    pub device: DeviceId,
+    pub update: StatusUpdate,
+}
+
 /// Which devices a subscriber wants; empty means all.
 #[derive(Clone, Debug, Default)]
 pub struct Filter(BTreeSet<DeviceId>);
@@ -349,14 +357,11 @@ impl Hub {
         self.apply_in_group(id, update)
     }
 
-    /// Applies validated updates, one per device, in order, as one group:
-    /// all are recorded with one commit, or none is (an update this device
-    /// cannot take, a store that fails). An invalid update names its field
-    /// after its device: `rack-1.metrics`.
-    pub fn apply_all(
-        &self,
-        batch: &[(DeviceId, StatusUpdate)],
-    ) -> Result<Vec<Applied>, ApplyError> {
+    /// Applies validated updates in order (a device may have several) as
+    /// one group: all are recorded with one commit, or none is (an update
+    /// its device cannot take, a store that fails). An invalid update names
+    /// its field after its place: `rack-1.metrics`, `rack-1[2].at`.
+    pub fn apply_all(&self, batch: &[Entry]) -> Result<Vec<Applied>, ApplyError> {
         let run = || {
             let mut state = self.lock();
             let (applied, recorded) = self.in_group_unless(
@@ -364,14 +369,16 @@ impl Hub {
                 |state| {
                     batch
                         .iter()
-                        .map(|(id, update)| {
-                            self.apply_to(state, id, update).map_err(|e| match e {
-                                ApplyError::Invalid(e) => ApplyError::Invalid(FieldError::new(
-                                    format!("{id}.{}", e.field),
-                                    e.message,
-                                )),
-                                e => e,
-                            })
+                        .map(|entry| {
+                            self.apply_to(state, &entry.device, &entry.update).map_err(
+                                |e| match e {
+                                    ApplyError::Invalid(e) => ApplyError::Invalid(FieldError::new(
+                                        format!("{}.{}", entry.place, e.field),
+                                        e.message,
+                                    )),
+                                    e => e,
+                                },
+                            )
                         })
                         .collect::<Result<Vec<_>, _>>()
                 },
@@ -1544,6 +1551,14 @@ mod tests {
         assert!(matches!(sub.events.try_recv(), Err(TryRecvError::Empty)));
     }
 
+    fn entry(device: &str, update: StatusUpdate) -> Entry {
+        Entry {
+            place: device.into(),
+            device: id(device),
+            update,
+        }
+    }
+
     #[test]
     fn a_batch_is_applied_whole_or_not_at_all() {
         let hub = Hub::starting_at(100, 8, 8);
@@ -1551,9 +1566,9 @@ mod tests {
         hub.apply(&id("a"), &temp(1.0)).unwrap();
         let applied = hub
             .apply_all(&[
-                (id("b"), temp(2.0)),
-                (id("a"), temp(1.0)),
-                (id("c"), temp(3.0)),
+                entry("b", temp(2.0)),
+                entry("a", temp(1.0)),
+                entry("c", temp(3.0)),
             ])
             .unwrap();
         assert_eq!(
@@ -1571,9 +1586,9 @@ mod tests {
         };
         hub.apply(&id("a"), &many).unwrap();
         let refused = hub.apply_all(&[
-            (id("d"), temp(4.0)),
-            (
-                id("a"),
+            entry("d", temp(4.0)),
+            entry(
+                "a",
                 StatusUpdate {
                     metrics: Some([("one.more".to_string(), 1.0)].into()),
                     ..Default::default()
