@@ -213,3 +213,57 @@ async fn without_a_viewer_token_reading_is_open_and_the_form_signs_operators_in(
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
     assert!(wrong.text().await.unwrap().contains("wrong operator token"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_session_grants_the_websocket_viewer_role_while_it_lasts() {
+    let server = Server::start_with(&["--viewer-token", VIEWER, "--ws-ping", "100ms"]).await;
+    server
+        .post_status("rig", &json!({ "temperature": 20.5 }))
+        .await;
+    let signed = client()
+        .post(server.url("/api/session"))
+        .json(&json!({ "token": VIEWER }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), StatusCode::OK);
+    let session = cookie(&signed, "telltale_viewer").unwrap();
+    let this_site = format!("http://{}", server.addr);
+    let hello = |role| json!({"type": "hello", "v": 1, "role": role});
+
+    let mut viewer = server
+        .ws_with_headers(&[("cookie", &session), ("origin", &this_site)])
+        .await;
+    viewer.send(&hello("viewer")).await;
+    assert_eq!(viewer.expect("welcome").await["role"], "viewer");
+    viewer.send(&json!({"type": "subscribe"})).await;
+    let snapshot = viewer.expect("snapshot").await;
+    assert_eq!(snapshot["data"]["devices"][0]["id"], "rig", "{snapshot}");
+
+    // Reading only; not from another site's page; not without the cookie.
+    let other_site = [
+        ("cookie", session.as_str()),
+        ("origin", "http://evil.example"),
+    ];
+    for (role, headers) in [
+        ("operator", &[("cookie", session.as_str())][..]),
+        ("viewer", &other_site[..]),
+        ("viewer", &[][..]),
+    ] {
+        let mut ws = server.ws_with_headers(headers).await;
+        ws.send(&hello(role)).await;
+        assert_eq!(ws.expect_close().await.0, 4401, "{role} {headers:?}");
+    }
+
+    // Signed out, the open connection ends at its next ping.
+    let out = client()
+        .delete(server.url("/api/session"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), StatusCode::NO_CONTENT);
+    let (code, reason) = viewer.expect_close().await;
+    assert_eq!(code, 4401, "{reason}");
+    assert!(reason.contains("signed out"), "{reason}");
+}

@@ -125,7 +125,7 @@ impl Thresholds {
     }
 
     /// The readings of `device` that break their effective limits.
-    pub fn alerts(&self, device: &Device) -> BTreeMap<String, Alert> {
+    fn alerts(&self, device: &Device) -> BTreeMap<String, Alert> {
         self.in_force(&device.id)
             .into_iter()
             .filter_map(|(metric, limits)| {

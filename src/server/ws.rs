@@ -80,18 +80,31 @@ pub async fn upgrade(
     if bearer.as_deref().is_some_and(|t| !state.auth.knows(t)) {
         return ApiError::Unauthorized("viewer, operator or device").into_response();
     }
-    // The page's operator session, from a page of this site only: a
-    // browser sends the cookie on the handshake, so another site's page
-    // must not borrow it (its `Origin` names another host).
-    let session = same_site(&headers)
-        .then(|| state.auth.session(&headers, &state.hub))
-        .flatten();
+    // The page's sessions, from a page of this site only: a browser sends
+    // the cookies on the handshake, so another site's page must not borrow
+    // them (its `Origin` names another host).
+    let sessions = if same_site(&headers) {
+        Sessions {
+            operator: state.auth.session(&headers, &state.hub),
+            viewer: state.auth.viewer_session(&headers, &state.hub),
+        }
+    } else {
+        Sessions::default()
+    };
     ws.max_message_size(HARD_LIMIT)
         .max_frame_size(HARD_LIMIT)
         .on_upgrade(move |socket| {
             let client = client.map(|c| c.0.0);
-            connection(socket, state, bearer, session, client)
+            connection(socket, state, bearer, sessions, client)
         })
+}
+
+/// The live session cookies a handshake carried.
+#[derive(Default)]
+struct Sessions {
+    operator: Option<Session>,
+    /// Only where `--viewer-token` closes reading.
+    viewer: Option<Session>,
 }
 
 /// Whether the handshake's `Origin`, if any, names the host it was sent to
@@ -114,10 +127,10 @@ async fn connection(
     mut socket: WebSocket,
     state: AppState,
     bearer: Option<String>,
-    session: Option<Session>,
+    sessions: Sessions,
     client: Option<std::net::IpAddr>,
 ) {
-    let (role, device, session) = match hello(&mut socket, &state, bearer, session).await {
+    let (role, device, session) = match hello(&mut socket, &state, bearer, sessions).await {
         Ok(who) => who,
         Err(frame) => {
             // A wrong token counts as over HTTP (see `api::count_guesses`).
@@ -161,13 +174,14 @@ async fn connection(
 }
 
 /// Reads and checks the `hello`; answers nothing yet. With no token, a
-/// live operator `session` cookie on the handshake grants the operator
-/// (and viewer) role, for as long as the session lasts.
+/// live operator session cookie on the handshake grants the operator (and
+/// viewer) role, a viewer session the viewer role, for as long as the
+/// session lasts.
 async fn hello(
     socket: &mut WebSocket,
     state: &AppState,
     bearer: Option<String>,
-    session: Option<Session>,
+    sessions: Sessions,
 ) -> Result<(Role, Option<DeviceId>, Option<Session>), End> {
     let text = loop {
         let message = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
@@ -207,7 +221,12 @@ async fn hello(
         return Err(end(close::POLICY, "only a device hello names a device"));
     }
     let token = token.or(bearer);
-    if token.is_none() && session.is_some() && role != Role::Device {
+    let session = match role {
+        Role::Viewer => sessions.operator.or(sessions.viewer),
+        Role::Operator => sessions.operator,
+        Role::Device => None,
+    };
+    if token.is_none() && session.is_some() {
         return Ok((role, None, session));
     }
     match state
@@ -243,7 +262,7 @@ async fn maybe<F: Future>(fut: Option<F>) -> F::Output {
 struct Connection {
     state: AppState,
     role: Role,
-    /// The operator session the role came from, if it did.
+    /// The session (operator or viewer) the role came from, if it did.
     session: Option<Session>,
     link: Option<AgentLink>,
     subscription: Option<Subscription>,
@@ -367,13 +386,13 @@ impl Connection {
         }
     }
 
-    /// Ends a connection whose role came from an operator session that was
-    /// signed out or ran out since: at its next command, or ping.
+    /// Ends a connection whose role came from a session that was signed out
+    /// or ran out since: at its next command, or ping.
     fn session_lasts(&self) -> Result<(), End> {
         match &self.session {
             Some(s) if s.expires <= auth::now() || self.state.hub.signed_out(&s.id) => Err(end(
                 close::UNAUTHORIZED,
-                "the operator session ended (signed out or expired)",
+                "the session ended (signed out or expired)",
             )),
             _ => Ok(()),
         }
