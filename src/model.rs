@@ -123,6 +123,23 @@ impl Device {
     }
 }
 
+#[cfg(test)]
+impl Device {
+    /// For the tests: `rack-1`, named "Rack", with `status` at `at_ms`.
+    pub fn sample(at_ms: i64, status: Status) -> Self {
+        Self {
+            id: DeviceId::parse("rack-1").unwrap(),
+            name: "Rack".into(),
+            status,
+            online: None,
+            stale: false,
+            alerts: BTreeMap::new(),
+            limits: MetricLimits::new(),
+            updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
+        }
+    }
+}
+
 /// Whether a device has a live link to the server:
 /// - `None`: it never had one (it reports over HTTP, or not at all);
 /// - `Some(true)`: an agent (or the simulator) is connected for it;

@@ -1198,20 +1198,6 @@ mod tests {
     }
 
     use crate::model::{Limits, Status};
-    use chrono::DateTime;
-
-    fn device(at_ms: i64, status: Status) -> Device {
-        Device {
-            id: DeviceId::parse("rack-1").unwrap(),
-            name: "Rack".into(),
-            status,
-            online: None,
-            stale: false,
-            alerts: BTreeMap::new(),
-            limits: Default::default(),
-            updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
-        }
-    }
 
     fn alert(value: f64, min: Option<f64>, max: Option<f64>) -> Alert {
         Alert {
@@ -1239,7 +1225,7 @@ mod tests {
             broken_limit(&alert(5.0, Some(1.0), Some(10.0)), "%"),
             "outside 1 %–10 %"
         );
-        let mut d = device(0, Status::default());
+        let mut d = Device::sample(0, Status::default());
         d.alerts
             .insert("temperature".into(), alert(31.5, None, Some(30.0)));
         d.alerts
@@ -1257,7 +1243,7 @@ mod tests {
 
     #[test]
     fn a_filter_matches_every_word_in_the_name_or_id_ignoring_case() {
-        let mut d = device(0, Status::default());
+        let mut d = Device::sample(0, Status::default());
         d.name = "Cold Room B".into();
         assert!(matches("", &d));
         assert!(matches("  ", &d));
@@ -1290,24 +1276,24 @@ mod tests {
             humidity: Some(40.0),
             ..Status::default()
         };
-        let first = device(1_000, t(20.0));
+        let first = Device::sample(1_000, t(20.0));
         let mut spark = Spark::default();
         spark.follow(None, &first);
         assert_eq!(spark.metric.as_deref(), Some("temperature"));
         assert_eq!(spark.points.len(), 1, "a new card starts with its value");
 
         // Within the same minute: the newest point takes the new value.
-        let second = device(30_000, t(20.5));
+        let second = Device::sample(30_000, t(20.5));
         spark.follow(Some(&first), &second);
         assert_eq!(
             spark.points.iter().map(|p| (p.t, p.v)).collect::<Vec<_>>(),
             [(1_000, 20.5)]
         );
-        let third = device(61_000, t(21.0));
+        let third = Device::sample(61_000, t(21.0));
         spark.follow(Some(&second), &third);
         assert_eq!(spark.points.len(), 2, "a minute on: a new point");
         // Only humidity changed: nothing to add.
-        let fourth = device(
+        let fourth = Device::sample(
             200_000,
             Status {
                 humidity: Some(45.0),
@@ -1318,7 +1304,7 @@ mod tests {
         assert_eq!(spark.points.len(), 2);
         // Over an hour later: the old points go, but the one in force at
         // the window's start.
-        let later = device(61_000 + SPARK_WINDOW_MS + 5_000, t(22.0));
+        let later = Device::sample(61_000 + SPARK_WINDOW_MS + 5_000, t(22.0));
         spark.follow(Some(&fourth), &later);
         assert_eq!(
             spark.points.iter().map(|p| (p.t, p.v)).collect::<Vec<_>>(),
@@ -1326,7 +1312,7 @@ mod tests {
         );
 
         // A device that had humidity only, and now reports a temperature.
-        let humid = device(
+        let humid = Device::sample(
             0,
             Status {
                 humidity: Some(40.0),
@@ -1336,7 +1322,7 @@ mod tests {
         let mut spark = Spark::default();
         spark.follow(None, &humid);
         assert_eq!(spark.metric.as_deref(), Some("humidity"));
-        spark.follow(Some(&humid), &device(1_000, t(19.0)));
+        spark.follow(Some(&humid), &Device::sample(1_000, t(19.0)));
         assert_eq!(spark.metric.as_deref(), Some("temperature"));
         assert_eq!(spark.points.len(), 1);
     }
@@ -1348,7 +1334,7 @@ mod tests {
             let board = Board::new(Initial {
                 snapshot: Snapshot {
                     event_id: 1,
-                    devices: vec![device(
+                    devices: vec![Device::sample(
                         1_000,
                         Status {
                             temperature: Some(20.0),
@@ -1358,7 +1344,7 @@ mod tests {
                 },
                 ..Initial::default()
             });
-            let mut event = StatusEvent::from(&device(
+            let mut event = StatusEvent::from(&Device::sample(
                 2_000,
                 Status {
                     temperature: Some(21.0),
@@ -1380,7 +1366,7 @@ mod tests {
                 1,
                 "the new value; the rendered history had none"
             );
-            let mut other = device(
+            let mut other = Device::sample(
                 3_000,
                 Status {
                     humidity: Some(30.0),
@@ -1436,17 +1422,17 @@ mod tests {
         // any point comes from following the device.
         let hub = crate::server::hub::Hub::new(8, 8);
         let cache = SparkCache::default();
-        let at = |ms| DateTime::from_timestamp_millis(ms).unwrap();
+        let at = |ms| chrono::DateTime::from_timestamp_millis(ms).unwrap();
         let t = |v| Status {
             temperature: Some(v),
             ..Status::default()
         };
         let points = |s: &Spark| s.points.iter().map(|p| (p.t, p.v)).collect::<Vec<_>>();
-        let first = device(1_000, t(20.0));
+        let first = Device::sample(1_000, t(20.0));
         let read = cache.spark(&hub, &first, at(2_000));
         assert_eq!(read.metric.as_deref(), Some("temperature"));
         assert_eq!(points(&read), []);
-        let second = device(30_000, t(21.0));
+        let second = Device::sample(30_000, t(21.0));
         assert_eq!(
             points(&cache.spark(&hub, &second, at(31_000))),
             [(30_000, 21.0)],
@@ -1494,14 +1480,14 @@ mod tests {
             metrics: BTreeMap::from([("fan_rpm".into(), 100.0)]),
             ..Status::default()
         };
-        let plain = card_html(device(0, status.clone()));
+        let plain = card_html(Device::sample(0, status.clone()));
         assert!(!plain.contains("data-testid=\"stale\""), "{plain}");
         assert!(!plain.contains("data-testid=\"alert\""), "{plain}");
         assert!(!plain.contains("alerting"), "{plain}");
         assert!(plain.contains("href=\"/devices/rack-1\""), "{plain}");
         assert!(plain.contains("data-testid=\"sparkline\""), "{plain}");
 
-        let mut d = device(0, status);
+        let mut d = Device::sample(0, status);
         d.stale = true;
         d.alerts
             .insert("temperature".into(), alert(31.5, None, Some(30.0)));

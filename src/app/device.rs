@@ -567,21 +567,7 @@ pub fn DevicePage() -> impl IntoView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::DateTime;
     use std::collections::BTreeMap;
-
-    fn device(at_ms: i64, status: Status) -> Device {
-        Device {
-            id: DeviceId::parse("rack-1").unwrap(),
-            name: "Rack".into(),
-            status,
-            online: None,
-            stale: false,
-            alerts: BTreeMap::new(),
-            limits: Default::default(),
-            updated_at: DateTime::from_timestamp_millis(at_ms).unwrap(),
-        }
-    }
 
     #[test]
     fn ranges_come_from_the_query_and_default_to_an_hour() {
@@ -609,7 +595,7 @@ mod tests {
 
     #[test]
     fn changed_values_extend_their_series_and_new_metrics_get_one() {
-        let before = device(
+        let before = Device::sample(
             1_000,
             Status {
                 temperature: Some(20.0),
@@ -632,7 +618,7 @@ mod tests {
                 points: Vec::new(),
             },
         ];
-        let after = device(
+        let after = Device::sample(
             5_000,
             Status {
                 temperature: Some(21.5),
@@ -659,7 +645,7 @@ mod tests {
         assert_eq!(series[2].points.len(), 1);
         // An hour later the window has moved on: the old value in force at
         // its start stays, nothing older.
-        let later = device(
+        let later = Device::sample(
             5_000 + 2 * HOUR_MS,
             Status {
                 temperature: Some(22.0),
