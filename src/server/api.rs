@@ -422,37 +422,41 @@ pub async fn post_statuses(
 ) -> Result<Json<BTreeMap<&'static str, BTreeMap<String, BatchApplied>>>, ApiError> {
     state.auth.check_ingest(&headers)?;
     let Batch(entries) = read_json(&headers, body, MAX_BATCH_BODY).await?;
+    // Each device's id, and how many updates it sent in an array (`None`
+    // for a lone update): the answer's shape.
+    let mut shape = Vec::with_capacity(entries.len());
     let mut batch = Vec::with_capacity(entries.len());
-    for (id, updates) in &entries {
-        let device = DeviceId::parse(id).map_err(|e| ApiError::invalid(id.clone(), e))?;
-        let several = match updates {
-            Updates::One(update) => vec![(id.clone(), update)],
-            Updates::Several(all) => all
-                .iter()
-                .enumerate()
-                .map(|(i, update)| (format!("{id}[{i}]"), update))
-                .collect(),
+    for (id, updates) in entries {
+        let device = DeviceId::parse(&id).map_err(|e| ApiError::invalid(id.clone(), e))?;
+        let (count, placed): (_, Vec<_>) = match updates {
+            Updates::One(update) => (None, vec![(id.clone(), update)]),
+            Updates::Several(all) => (
+                Some(all.len()),
+                all.into_iter()
+                    .enumerate()
+                    .map(|(i, update)| (format!("{id}[{i}]"), update))
+                    .collect(),
+            ),
         };
-        for (place, update) in several {
+        shape.push((id, count));
+        for (place, update) in placed {
             update
                 .validate()
                 .map_err(|e| ApiError::invalid(format!("{place}.{}", e.field), e.message))?;
             batch.push(Entry {
                 place,
                 device: device.clone(),
-                update: update.clone(),
+                update,
             });
         }
     }
     let mut applied = state.hub.apply_all(&batch)?.into_iter();
-    let devices = entries
+    let devices = shape
         .into_iter()
-        .map(|(id, updates)| {
-            let answer = match updates {
-                Updates::One(_) => BatchApplied::One(applied.next().expect("one per update")),
-                Updates::Several(all) => {
-                    BatchApplied::Several(applied.by_ref().take(all.len()).collect())
-                }
+        .map(|(id, count)| {
+            let answer = match count {
+                None => BatchApplied::One(applied.next().expect("one per update")),
+                Some(n) => BatchApplied::Several(applied.by_ref().take(n).collect()),
             };
             (id, answer)
         })
