@@ -456,6 +456,23 @@ fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc
         .map_err(|_| D::Error::custom(AT_RULE))
 }
 
+/// Reads a `T` from a JSON object only, for a field (`deserialize_with`)
+/// or an element: serde's derive would also take an array, its fields by
+/// position, so `[21.5]` would pass for `{"temperature": 21.5}`.
+pub fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    struct OnlyObject<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OnlyObject<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(OnlyObject(std::marker::PhantomData))
+}
+
 /// How far ahead of the server's clock an update's `at` may be, and be
 /// taken as now: clocks differ a little.
 pub const AT_AHEAD_SECS: i64 = 60;
@@ -640,6 +657,16 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_update_is_read_from_an_object_only() {
+        let read = |v: serde_json::Value| object::<_, StatusUpdate>(v);
+        let update = read(serde_json::json!({"temperature": 21.5})).unwrap();
+        assert_eq!(update.temperature, Some(21.5));
+        // The derive alone takes an array, by position.
+        assert!(serde_json::from_str::<StatusUpdate>("[21.5]").is_ok());
+        let refused = read(serde_json::json!([21.5])).unwrap_err().to_string();
+        assert!(refused.contains("a JSON object"), "{refused}");
+    }
     #[test]
     fn readings_are_at_their_time_in_order_and_never_ahead_of_the_server() {
         let t = |s: i64| DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap();

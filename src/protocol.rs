@@ -109,6 +109,7 @@ pub enum ClientMessage {
     /// takes it; `device` must be the connection's own.
     Status {
         device: DeviceId,
+        #[serde(deserialize_with = "crate::model::object")]
         update: StatusUpdate,
     },
     /// Device: how a command sent to it ended (`applied` or `failed`).

@@ -183,6 +183,12 @@ async fn a_refused_batch_changes_nothing_and_says_where() {
             StatusCode::UNPROCESSABLE_ENTITY,
             Some("b[1].at"),
         ),
+        // An array is no update: serde would take its items as the fields.
+        (
+            json!({"b": [[1.5]]}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("b[0]"),
+        ),
         (
             json!({"b": [{"temperature": 1}], "c": 3}).to_string(),
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -265,6 +265,17 @@ async fn malformed_and_oversize_messages_are_refused_and_the_server_is_unharmed(
         .send(&json!({"type": "status", "device": "probe", "update": {"temprature": 1}}))
         .await;
     assert_eq!(agent.expect("error").await["field"], "temprature");
+    // An array is no update: serde would take its items as the fields.
+    agent
+        .send(&json!({"type": "status", "device": "probe", "update": [20.5]}))
+        .await;
+    let error = agent.expect("error").await;
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("a JSON object")),
+        "{error}"
+    );
 
     // The connection still works.
     agent

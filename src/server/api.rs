@@ -354,8 +354,15 @@ impl<'de> Deserialize<'de> for Updates {
                 self,
                 mut seq: A,
             ) -> Result<Updates, A::Error> {
+                /// An element: an object, as a lone update is.
+                struct Element(StatusUpdate);
+                impl<'de> Deserialize<'de> for Element {
+                    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                        crate::model::object(d).map(Element)
+                    }
+                }
                 let mut all = Vec::new();
-                while let Some(update) = seq.next_element()? {
+                while let Some(Element(update)) = seq.next_element()? {
                     all.push(update);
                 }
                 Ok(Updates::Several(all))
