@@ -456,9 +456,9 @@ fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc
         .map_err(|_| D::Error::custom(AT_RULE))
 }
 
-/// Reads a `T` from a JSON object only, for a field (`deserialize_with`)
-/// or an element: serde's derive would also take an array, its fields by
-/// position, so `[21.5]` would pass for `{"temperature": 21.5}`.
+/// Reads a `T` from a JSON object only, for a field (`deserialize_with`):
+/// serde's derive would also take an array, its fields by position, so
+/// `[21.5]` would pass for `{"temperature": 21.5}`.
 pub fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
     struct OnlyObject<T>(std::marker::PhantomData<T>);
     impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OnlyObject<T> {
@@ -471,6 +471,16 @@ pub fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Re
         }
     }
     d.deserialize_map(OnlyObject(std::marker::PhantomData))
+}
+
+/// A `T` read from a JSON object only (see [`object`]), where a type is
+/// wanted: an element, a value read on its own.
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        object(d).map(Object)
+    }
 }
 
 /// How far ahead of the server's clock an update's `at` may be, and be

@@ -102,6 +102,7 @@ pub enum ClientMessage {
     /// Operator: ask a device to change something.
     Command {
         device: DeviceId,
+        #[serde(deserialize_with = "crate::model::object")]
         set: CommandSet,
         request_id: String,
     },
@@ -151,6 +152,7 @@ pub enum ServerMessage {
     Command {
         request_id: String,
         device: DeviceId,
+        #[serde(deserialize_with = "crate::model::object")]
         set: CommandSet,
     },
     /// A message was refused; the connection stays open. Same fields as the

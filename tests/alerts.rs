@@ -316,6 +316,8 @@ async fn setting_limits_needs_operator_rights_and_valid_limits() {
         (r#"{"temperature": {"maximum": 30}}"#, "temperature.maximum"),
         (r#"{"temperature": {"max": "hot"}}"#, "temperature.max"),
         (r#"{"temperature": 30}"#, "temperature"),
+        // Not read by position: an array is no limits.
+        (r#"{"temperature": [20, 30]}"#, "temperature"),
     ] {
         let (status, answer) = put_thresholds(&server, "rack-1", op, body).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {answer}");

@@ -124,11 +124,13 @@ async fn the_http_command_takes_the_same_path() {
         .post_command("lamp", Some(&server.token.clone()), &body)
         .await;
     assert_eq!(status, 403);
-    let (status, err) = server
-        .post_command("lamp", Some(&op), &json!({"set": {}}))
-        .await;
-    assert_eq!(status, 422);
-    assert_eq!(err["field"], "set");
+    for set in [json!({}), json!([false])] {
+        let (status, err) = server
+            .post_command("lamp", Some(&op), &json!({ "set": set }))
+            .await;
+        assert_eq!(status, 422, "{set}: {err}");
+        assert_eq!(err["field"], "set", "{set}: {err}");
+    }
     let (status, err) = server.post_command("nobody", Some(&op), &body).await;
     assert_eq!(status, 503, "{err}");
 }
@@ -270,6 +272,18 @@ async fn malformed_and_oversize_messages_are_refused_and_the_server_is_unharmed(
         .send(&json!({"type": "status", "device": "probe", "update": [20.5]}))
         .await;
     let error = agent.expect("error").await;
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("a JSON object")),
+        "{error}"
+    );
+
+    let mut operator = server.operator().await;
+    operator
+        .send(&json!({"type": "command", "device": "probe", "set": [true], "request_id": "r-1"}))
+        .await;
+    let error = operator.expect("error").await;
     assert!(
         error["error"]
             .as_str()

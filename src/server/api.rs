@@ -7,7 +7,7 @@ use super::hub::{Applied, ApplyError, Entry, Filter};
 use super::signin;
 use super::store::StoreError;
 use super::thresholds::{self, MetricLimits, ThresholdsView};
-use crate::model::{Changes, Device, DeviceId, Limits, Snapshot, StatusUpdate};
+use crate::model::{Changes, Device, DeviceId, Limits, Object, Snapshot, StatusUpdate};
 use crate::protocol::{CommandSet, Outcome};
 use axum::Json;
 use axum::body::{Body, to_bytes};
@@ -354,15 +354,8 @@ impl<'de> Deserialize<'de> for Updates {
                 self,
                 mut seq: A,
             ) -> Result<Updates, A::Error> {
-                /// An element: an object, as a lone update is.
-                struct Element(StatusUpdate);
-                impl<'de> Deserialize<'de> for Element {
-                    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                        crate::model::object(d).map(Element)
-                    }
-                }
                 let mut all = Vec::new();
-                while let Some(Element(update)) = seq.next_element()? {
+                while let Some(Object(update)) = seq.next_element()? {
                     all.push(update);
                 }
                 Ok(Updates::Several(all))
@@ -488,6 +481,7 @@ pub async fn remove_device(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommandRequest {
+    #[serde(deserialize_with = "crate::model::object")]
     pub set: CommandSet,
 }
 
@@ -543,7 +537,7 @@ pub async fn put_thresholds(
     let raw: BTreeMap<String, Value> = read_json(&headers, body, MAX_BODY).await?;
     let mut limits = MetricLimits::new();
     for (metric, value) in raw {
-        let l: Limits = serde_path_to_error::deserialize(value).map_err(|e| {
+        let Object(l): Object<Limits> = serde_path_to_error::deserialize(value).map_err(|e| {
             let message = e.inner().to_string();
             let field = match message.strip_prefix("unknown field `") {
                 Some(rest) => format!("{metric}.{}", rest.split('`').next().unwrap_or_default()),
