@@ -456,7 +456,7 @@ fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc
         .map_err(|_| D::Error::custom(AT_RULE))
 }
 
-/// Reads a `T` from a JSON object only, for a field (`deserialize_with`):
+/// Reads a `T` from an object only (JSON, or a TOML table), for a field (`deserialize_with`):
 /// serde's derive would also take an array, its fields by position, so
 /// `[21.5]` would pass for `{"temperature": 21.5}`.
 pub fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
@@ -464,7 +464,7 @@ pub fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Re
     impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OnlyObject<T> {
         type Value = T;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a JSON object")
+            f.write_str("an object")
         }
         fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
             T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
@@ -473,7 +473,7 @@ pub fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Re
     d.deserialize_map(OnlyObject(std::marker::PhantomData))
 }
 
-/// A `T` read from a JSON object only (see [`object`]), where a type is
+/// A `T` read from an object only (see [`object`]), where a type is
 /// wanted: an element, a value read on its own.
 pub struct Object<T>(pub T);
 
@@ -675,7 +675,7 @@ mod tests {
         // The derive alone takes an array, by position.
         assert!(serde_json::from_str::<StatusUpdate>("[21.5]").is_ok());
         let refused = read(serde_json::json!([21.5])).unwrap_err().to_string();
-        assert!(refused.contains("a JSON object"), "{refused}");
+        assert!(refused.contains("expected an object"), "{refused}");
     }
     #[test]
     fn readings_are_at_their_time_in_order_and_never_ahead_of_the_server() {

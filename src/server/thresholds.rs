@@ -236,7 +236,7 @@ fn section(name: &str, raw: RawSection) -> Result<(MetricLimits, Option<Duration
             stale_after = Some(after);
             continue;
         }
-        let l: Limits = value
+        let crate::model::Object(l): crate::model::Object<Limits> = value
             .try_into()
             .map_err(|e: toml::de::Error| format!("{at}: expected {{ min = …, max = … }}: {e}"))?;
         limits.insert(key, l);
@@ -329,6 +329,9 @@ mod tests {
         let e = fault("[defaults]\ntemperature = { maximum = 30 }");
         assert!(e.starts_with("defaults.temperature: expected"), "{e}");
         assert!(e.contains("maximum"), "{e}");
+        // Not read by position.
+        let e = fault("[defaults]\ntemperature = [20, 30]");
+        assert!(e.starts_with("defaults.temperature: expected"), "{e}");
         let e = fault("[defaults]\ntemperature = { max = nan }");
         assert!(e.starts_with("defaults.temperature.max: "), "{e}");
         let e = fault("[defaults]\ntemperature = { max = inf }");
