@@ -256,13 +256,7 @@ async fn a_viewer_session_grants_the_websocket_viewer_role_while_it_lasts() {
     }
 
     // Signed out, the open connection ends at its next ping.
-    let out = client()
-        .delete(server.url("/api/session"))
-        .header("cookie", &session)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(out.status(), StatusCode::NO_CONTENT);
+    server.sign_out(&session).await;
     let (code, reason) = viewer.expect_close().await;
     assert_eq!(code, 4401, "{reason}");
     assert!(reason.contains("signed out"), "{reason}");

@@ -251,6 +251,17 @@ async fn wrong_roles_and_tokens_are_refused_and_change_nothing() {
     assert_eq!(operator.expect("result").await["request_id"], "r-2");
 }
 
+/// The next message is an `error` saying an object was expected.
+async fn refused_as_no_object(ws: &mut common::Ws) {
+    let error = ws.expect("error").await;
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("expected an object")),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversize_messages_are_refused_and_the_server_is_unharmed() {
     let server = Server::start().await;
@@ -271,25 +282,13 @@ async fn malformed_and_oversize_messages_are_refused_and_the_server_is_unharmed(
     agent
         .send(&json!({"type": "status", "device": "probe", "update": [20.5]}))
         .await;
-    let error = agent.expect("error").await;
-    assert!(
-        error["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("expected an object")),
-        "{error}"
-    );
+    refused_as_no_object(&mut agent).await;
 
     let mut operator = server.operator().await;
     operator
         .send(&json!({"type": "command", "device": "probe", "set": [true], "request_id": "r-1"}))
         .await;
-    let error = operator.expect("error").await;
-    assert!(
-        error["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("expected an object")),
-        "{error}"
-    );
+    refused_as_no_object(&mut operator).await;
 
     // The connection still works.
     agent
