@@ -456,9 +456,9 @@ fn rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc
         .map_err(|_| D::Error::custom(AT_RULE))
 }
 
-/// Reads a `T` from an object only (JSON, or a TOML table), for a field (`deserialize_with`):
-/// serde's derive would also take an array, its fields by position, so
-/// `[21.5]` would pass for `{"temperature": 21.5}`.
+/// Reads a `T` from an object only (JSON, or a TOML table), for a field
+/// (`deserialize_with`): serde's derive would also take an array, its
+/// fields by position, so `[21.5]` would pass for `{"temperature": 21.5}`.
 pub fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
     struct OnlyObject<T>(std::marker::PhantomData<T>);
     impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for OnlyObject<T> {
@@ -677,6 +677,7 @@ mod tests {
         let refused = read(serde_json::json!([21.5])).unwrap_err().to_string();
         assert!(refused.contains("expected an object"), "{refused}");
     }
+
     #[test]
     fn readings_are_at_their_time_in_order_and_never_ahead_of_the_server() {
         let t = |s: i64| DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap();
