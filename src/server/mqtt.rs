@@ -614,10 +614,10 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn reconnecting_waits_longer_until_a_connection_holds() {
-        use super::{FIRST_BACKOFF, MAX_BACKOFF, after};
-        use std::time::Duration;
         let s = Duration::from_secs;
         // Refused, or dropped at once: twice as long each time, to a cap.
         assert_eq!(after(FIRST_BACKOFF, None), s(1));
@@ -626,8 +626,6 @@ mod tests {
         // A connection that held starts over.
         assert_eq!(after(MAX_BACKOFF, Some(s(45))), FIRST_BACKOFF);
     }
-
-    use super::*;
 
     #[test]
     fn urls_and_prefixes() {
