@@ -164,6 +164,7 @@ async fn run_agent(mut tx: SplitSink<Ws, Message>, mut rx: SplitStream<Ws>) {
                         power_on: set.power_on,
                         ..StatusUpdate::default()
                     },
+                    request_id: None,
                 };
                 let result = ClientMessage::Result {
                     request_id,
@@ -287,6 +288,7 @@ async fn run(args: Args) {
             power_on: Some(false),
             ..StatusUpdate::default()
         },
+        request_id: None,
     };
     agent_tx.send(text(&first)).await.expect("the first report");
     tokio::time::timeout(PATIENCE, async {

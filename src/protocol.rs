@@ -107,11 +107,15 @@ pub enum ClientMessage {
         request_id: String,
     },
     /// Device: a partial status update, as `POST /api/devices/{id}/status`
-    /// takes it; `device` must be the connection's own.
+    /// takes it; `device` must be the connection's own. With a
+    /// `request_id`, the server answers an [`ServerMessage::Ack`] once the
+    /// update is durable, or an [`ServerMessage::Error`] naming it.
     Status {
         device: DeviceId,
         #[serde(deserialize_with = "crate::model::object")]
         update: StatusUpdate,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
     },
     /// Device: how a command sent to it ended (`applied` or `failed`).
     Result {
@@ -138,7 +142,10 @@ pub enum ServerMessage {
     Status { id: EventId, data: StatusEvent },
     /// The SSE `health` event (cluster mode): same data, no id.
     Health { data: Health },
-    /// To an operator: the command was routed to the device's agent.
+    /// To an operator: the command was routed to the device's agent. To a
+    /// device: its `status` with this `request_id` is durable (applied,
+    /// stored, and in cluster mode shared), whether it changed anything
+    /// or not.
     Ack { request_id: String },
     /// To an operator: how the command ended. Exactly one per `request_id`.
     Result {

@@ -489,3 +489,48 @@ async fn an_agent_back_online_sends_the_readings_it_kept_at_their_own_times() {
     let time = |v: &Value| chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap()).unwrap();
     assert_eq!(time(&device().await["updated_at"]), time(&json!(away)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_update_with_a_request_id_is_acked_once_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_with(&["--data-dir", dir.path().to_str().unwrap()]).await;
+    let mut agent = server.agent("probe").await;
+    let status = |update: Value, request_id: &str| json!({"type": "status", "device": "probe", "update": update, "request_id": request_id});
+    let ack = |request_id: &str| json!({"type": "ack", "request_id": request_id});
+    agent
+        .send(&status(json!({"temperature": 21.5}), "r-1"))
+        .await;
+    assert_eq!(agent.next().await, ack("r-1"));
+    // Changing nothing is taken all the same.
+    agent
+        .send(&status(json!({"temperature": 21.5}), "r-2"))
+        .await;
+    assert_eq!(agent.next().await, ack("r-2"));
+    // A refusal names the update it refuses.
+    agent
+        .send(&status(json!({"temperature": 99999}), "r-3"))
+        .await;
+    let error = agent.expect("error").await;
+    assert_eq!(
+        (&error["field"], &error["request_id"]),
+        (&json!("temperature"), &json!("r-3"))
+    );
+    agent
+        .send(&status(json!({"temperature": 40}), &"r".repeat(129)))
+        .await;
+    assert_eq!(agent.expect("error").await["field"], "request_id");
+    // Without a request id, no answer: the next one is for r-4.
+    agent
+        .send(&json!({"type": "status", "device": "probe", "update": {"humidity": 50}}))
+        .await;
+    agent
+        .send(&status(json!({"temperature": 22.5}), "r-4"))
+        .await;
+    assert_eq!(agent.next().await, ack("r-4"));
+
+    // Acked means durable: killed at once, the server has it on restart.
+    server.restart().await;
+    let device = server.device("probe").await.unwrap();
+    assert_eq!(device["status"]["temperature"], 22.5, "{device}");
+    assert_eq!(device["status"]["humidity"], 50.0, "{device}");
+}

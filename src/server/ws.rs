@@ -440,7 +440,11 @@ impl Connection {
                 self.session_lasts()?;
                 self.command(socket, device, set, request_id).await
             }
-            ClientMessage::Status { device, update } => {
+            ClientMessage::Status {
+                device,
+                update,
+                request_id,
+            } => {
                 let Some(link) = &self.link else {
                     return Err(end(close::FORBIDDEN, "only a device may push its status"));
                 };
@@ -453,16 +457,20 @@ impl Connection {
                         ),
                     ));
                 }
+                if let Some(error) = request_id.as_deref().and_then(wrong_request_id) {
+                    return send_msg(socket, &error, silence).await;
+                }
                 let applied = match update.validate() {
                     Ok(()) => self.state.hub.apply(&device, &update),
                     Err(e) => Err(e.into()),
                 };
-                let error = match applied {
-                    Ok(_) => return Ok(()),
-                    Err(ApplyError::Invalid(e)) => error_msg(e.message, Some(e.field), None),
-                    Err(ApplyError::Store(e)) => error_msg(not_stored(&e), None, None),
+                let answer = match (applied, request_id) {
+                    (Ok(_), None) => return Ok(()),
+                    (Ok(_), Some(request_id)) => ServerMessage::Ack { request_id },
+                    (Err(ApplyError::Invalid(e)), id) => error_msg(e.message, Some(e.field), id),
+                    (Err(ApplyError::Store(e)), id) => error_msg(not_stored(&e), None, id),
                 };
-                send_msg(socket, &error, silence).await
+                send_msg(socket, &answer, silence).await
             }
             ClientMessage::Result {
                 request_id,
@@ -539,12 +547,7 @@ impl Connection {
         request_id: String,
     ) -> Result<(), End> {
         let silence = self.state.ws.silence;
-        if request_id.is_empty() || request_id.len() > MAX_REQUEST_ID {
-            let error = error_msg(
-                format!("a request_id is 1 to {MAX_REQUEST_ID} bytes"),
-                Some("request_id".into()),
-                None,
-            );
+        if let Some(error) = wrong_request_id(&request_id) {
             return send_msg(socket, &error, silence).await;
         }
         let refused = |reason: String| ServerMessage::Result {
@@ -585,6 +588,17 @@ fn too_big() -> End {
         close::TOO_BIG,
         format!("a message is at most {MAX_MESSAGE} bytes"),
     )
+}
+
+/// The error for a `request_id` of the wrong length, if it is.
+fn wrong_request_id(request_id: &str) -> Option<ServerMessage> {
+    (request_id.is_empty() || request_id.len() > MAX_REQUEST_ID).then(|| {
+        error_msg(
+            format!("a request_id is 1 to {MAX_REQUEST_ID} bytes"),
+            Some("request_id".into()),
+            None,
+        )
+    })
 }
 
 fn error_msg(
