@@ -24,7 +24,9 @@
 //! (4401, 4403, 4409, 1008) ends it with an error. Meanwhile it goes on
 //! reading the machine every interval, keeps the last [`MAX_KEPT`] readings
 //! ([`Kept`]), and once back sends them first, each `at` its own time, so
-//! the history has no hole where the server was away.
+//! the history has no hole where the server was away. A reading sent is
+//! kept too, until the server acks it as durable: one that a connection
+//! lost on its way, or that the server could not store, is sent again.
 
 use crate::model::{DeviceId, StatusUpdate};
 use crate::protocol::{ClientMessage, CommandSet, Outcome, Role, ServerMessage, VERSION, close};
@@ -53,7 +55,8 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const PING: Duration = Duration::from_secs(15);
 /// Nothing heard from the server (pongs included) for this long: it is gone.
 const SILENCE: Duration = Duration::from_secs(45);
-/// Readings kept while the server is away (the oldest go first).
+/// Readings kept while the server is away or has not acked them (the
+/// oldest go first).
 pub const MAX_KEPT: usize = 2_000;
 
 /// The wait before reconnect attempt `attempt` (0 for the first): doubling
@@ -441,43 +444,128 @@ pub struct Agent {
     reading: Reading,
     reported: Reported,
     kept: Kept,
+    /// The server said it could not store a reading, and has not acked
+    /// one since.
+    unstored: bool,
 }
 
-/// The readings taken while the server was away, oldest first: their
-/// time, the reading and the power state.
+/// The readings the server has not acknowledged, oldest first: taken
+/// while it was away, sent but not yet answered, or refused for want of
+/// storage. Each is sent with a number as its `request_id`; the server acks
+/// it once durable, and only then is it forgotten.
 #[derive(Debug, Default)]
 pub struct Kept {
-    readings: std::collections::VecDeque<(chrono::DateTime<chrono::Utc>, Reading, Option<bool>)>,
+    readings: std::collections::VecDeque<KeptReading>,
     /// Dropped for want of room since the last catch-up.
     dropped: usize,
+    /// The number the next reading sent goes out with.
+    next: u64,
+}
+
+#[derive(Debug)]
+struct KeptReading {
+    at: chrono::DateTime<chrono::Utc>,
+    reading: Reading,
+    power: Option<bool>,
+    /// The number it went out with on this connection; `None`: to be sent.
+    sent: Option<u64>,
 }
 
 impl Kept {
-    /// Keeps one more reading, dropping the oldest past [`MAX_KEPT`].
+    /// Keeps one more reading, to be sent; the oldest goes past [`MAX_KEPT`].
     pub fn keep(
         &mut self,
         at: chrono::DateTime<chrono::Utc>,
         reading: Reading,
         power: Option<bool>,
     ) {
+        self.push(at, reading, power, None);
+    }
+
+    /// Keeps a reading sent just now (its update worked out by the caller),
+    /// until the server acks it; returns its number.
+    pub fn sent(
+        &mut self,
+        at: chrono::DateTime<chrono::Utc>,
+        reading: Reading,
+        power: Option<bool>,
+    ) -> u64 {
+        self.next += 1;
+        self.push(at, reading, power, Some(self.next));
+        self.next
+    }
+
+    fn push(
+        &mut self,
+        at: chrono::DateTime<chrono::Utc>,
+        reading: Reading,
+        power: Option<bool>,
+        sent: Option<u64>,
+    ) {
         if self.readings.len() == MAX_KEPT {
             self.readings.pop_front();
             self.dropped += 1;
         }
-        self.readings.push_back((at, reading, power));
+        self.readings.push_back(KeptReading {
+            at,
+            reading,
+            power,
+            sent,
+        });
     }
 
-    /// The updates that tell the kept readings, in order, each `at` its
-    /// time, from what `reported` says the server was told (and told now).
-    pub fn updates(&self, reported: &mut Reported, name: Option<&str>) -> Vec<StatusUpdate> {
-        self.readings
-            .iter()
-            .filter_map(|(at, reading, power)| {
-                let mut update = reported.update(name, reading, *power)?;
-                update.at = Some(*at);
-                Some(update)
-            })
-            .collect()
+    /// The updates that tell the readings still to be sent, in order, each
+    /// `at` its time and numbered, from what `reported` says the server was
+    /// told (and told now); those are sent from now on. A reading that
+    /// tells nothing new is forgotten.
+    pub fn unsent(
+        &mut self,
+        reported: &mut Reported,
+        name: Option<&str>,
+    ) -> Vec<(u64, StatusUpdate)> {
+        let mut updates = Vec::new();
+        self.readings.retain_mut(|kept| {
+            if kept.sent.is_some() {
+                return true;
+            }
+            let Some(mut update) = reported.update(name, &kept.reading, kept.power) else {
+                return false;
+            };
+            update.at = Some(kept.at);
+            self.next += 1;
+            kept.sent = Some(self.next);
+            updates.push((self.next, update));
+            true
+        });
+        updates
+    }
+
+    /// The server acked reading `n`: it is durable, and the ones before it
+    /// are past (acked, or refused and now older than what the server has).
+    pub fn acked(&mut self, n: u64) {
+        if let Some(i) = self.readings.iter().position(|k| k.sent == Some(n)) {
+            self.readings.drain(..=i);
+        }
+    }
+
+    /// The server refused reading `n` for good (a field it cannot take).
+    pub fn refused(&mut self, n: u64) {
+        self.readings.retain(|k| k.sent != Some(n));
+    }
+
+    /// The server could not store reading `n`: it is sent again.
+    pub fn not_stored(&mut self, n: u64) {
+        for kept in self.readings.iter_mut().filter(|k| k.sent == Some(n)) {
+            kept.sent = None;
+        }
+    }
+
+    /// The connection ended: whatever was not acked is sent again on the
+    /// next one.
+    pub fn send_again(&mut self) {
+        for kept in &mut self.readings {
+            kept.sent = None;
+        }
     }
 }
 
@@ -546,6 +634,7 @@ impl Agent {
             reading: Reading::default(),
             reported: Reported::default(),
             kept: Kept::default(),
+            unstored: false,
         }
     }
 
@@ -648,8 +737,11 @@ impl Agent {
         // The server may have restarted and forgotten everything: tell all,
         // the readings kept meanwhile first, then one taken now.
         self.reported = Reported::default();
-        if let Err(end) = self.catch_up(&mut ws).await {
-            return end;
+        self.kept.send_again();
+        match self.catch_up(&mut ws).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!("sent the {count} readings the server had not acked"),
+            Err(end) => return end,
         }
         tick.reset_immediately();
         let end = self.serve(&mut ws, stop, tick).await;
@@ -690,29 +782,30 @@ impl Agent {
         }
     }
 
-    /// Sends the readings kept while the server was away, oldest first,
-    /// each at its time; they are forgotten once all are sent.
-    async fn catch_up(&mut self, ws: &mut Socket) -> Result<(), Ended> {
-        let (count, dropped) = (self.kept.readings.len(), self.kept.dropped);
-        if count == 0 {
-            return Ok(());
-        }
+    /// Sends the kept readings not sent on this connection yet, oldest
+    /// first, each at its time; returns how many went.
+    async fn catch_up(&mut self, ws: &mut Socket) -> Result<usize, Ended> {
+        let dropped = std::mem::take(&mut self.kept.dropped);
         if dropped > 0 {
             tracing::warn!(
-                "{dropped} readings taken while the server was away were dropped \
-                 for want of room: the last {MAX_KEPT} are kept"
+                "{dropped} readings the server had not acked were dropped for want \
+                 of room: the last {MAX_KEPT} are kept"
             );
         }
-        for update in self.kept.updates(&mut self.reported, self.name.as_deref()) {
-            let status = ClientMessage::Status {
-                device: self.device.clone(),
-                update,
-            };
-            send(ws, &status).await?;
+        let updates = self.kept.unsent(&mut self.reported, self.name.as_deref());
+        let count = updates.len();
+        for (n, update) in updates {
+            send(ws, &self.status(update, n)).await?;
         }
-        tracing::info!("sent the {count} readings taken while the server was away");
-        self.kept = Kept::default();
-        Ok(())
+        Ok(count)
+    }
+
+    fn status(&self, update: StatusUpdate, n: u64) -> ClientMessage {
+        ClientMessage::Status {
+            device: self.device.clone(),
+            update,
+            request_id: Some(n.to_string()),
+        }
     }
 
     /// Reports every `tick` and answers commands until the connection ends.
@@ -756,8 +849,10 @@ impl Agent {
         }
     }
 
-    /// Sends what changed since the last report, if anything did.
+    /// Sends what changed since the last report, if anything did, after
+    /// the readings still to be sent (the server could not store them).
     async fn report(&mut self, ws: &mut Socket) -> Result<(), Ended> {
+        self.catch_up(ws).await?;
         let power_on = self.power.power_on();
         let Some(update) = self
             .reported
@@ -770,11 +865,10 @@ impl Agent {
             tracing::warn!("a reading was not sent: {}", e.message);
             return Ok(());
         }
-        let status = ClientMessage::Status {
-            device: self.device.clone(),
-            update,
-        };
-        send(ws, &status).await
+        let n = self
+            .kept
+            .sent(chrono::Utc::now(), self.reading.clone(), power_on);
+        send(ws, &self.status(update, n)).await
     }
 
     async fn receive(&mut self, ws: &mut Socket, text: &str) -> Result<(), Ended> {
@@ -782,9 +876,40 @@ impl Agent {
             Ok(ServerMessage::Command {
                 request_id, set, ..
             }) => self.command(ws, request_id, set).await,
-            Ok(ServerMessage::Error { error, field, .. }) => {
-                let field = field.map(|f| format!(" ({f})")).unwrap_or_default();
-                tracing::warn!("the server refused a message: {error}{field}");
+            Ok(ServerMessage::Ack { request_id }) => {
+                if let Ok(n) = request_id.parse() {
+                    self.kept.acked(n);
+                }
+                if std::mem::take(&mut self.unstored) {
+                    tracing::info!("the server stores readings again");
+                }
+                Ok(())
+            }
+            Ok(ServerMessage::Error {
+                error,
+                field,
+                request_id,
+            }) => {
+                let n = request_id.and_then(|id| id.parse().ok());
+                match (n, field) {
+                    // Not stored, so not taken: sent again on the next tick.
+                    (Some(n), None) => {
+                        self.kept.not_stored(n);
+                        if !std::mem::replace(&mut self.unstored, true) {
+                            tracing::warn!(
+                                "the server could not store a reading: {error}; \
+                                 readings are kept and sent again until it can"
+                            );
+                        }
+                    }
+                    (n, field) => {
+                        if let Some(n) = n {
+                            self.kept.refused(n);
+                        }
+                        let field = field.map(|f| format!(" ({f})")).unwrap_or_default();
+                        tracing::warn!("the server refused a message: {error}{field}");
+                    }
+                }
                 // What it refused is not told: the next report tells all.
                 self.reported = Reported::default();
                 Ok(())
@@ -924,28 +1049,47 @@ mod tests {
         }
     }
 
+    fn t(s: i64) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap()
+    }
+
+    fn warmer(by: f64) -> Reading {
+        Reading {
+            temperature: reading().temperature.map(|t| t + by),
+            ..reading()
+        }
+    }
+
+    /// The times of `kept`'s readings and whether each is still to be sent.
+    fn pending(kept: &Kept) -> Vec<(chrono::DateTime<chrono::Utc>, bool)> {
+        kept.readings
+            .iter()
+            .map(|k| (k.at, k.sent.is_none()))
+            .collect()
+    }
+
     #[test]
     fn readings_kept_while_away_are_told_in_order_each_at_its_time() {
-        let t = |s| chrono::DateTime::from_timestamp(1_700_000_000 + s, 0).unwrap();
         let mut kept = Kept::default();
-        let warmer = Reading {
-            temperature: Some(50.0),
-            ..reading()
-        };
         kept.keep(t(0), reading(), Some(true));
         kept.keep(t(5), reading(), Some(true));
-        kept.keep(t(10), warmer, Some(true));
+        kept.keep(t(10), warmer(2.0), Some(true));
         let mut reported = Reported::default();
-        let updates = kept.updates(&mut reported, Some("Lab box"));
+        let updates = kept.unsent(&mut reported, Some("Lab box"));
         // Everything at first; nothing for the unchanged one; then the change.
-        let times: Vec<_> = updates.iter().map(|u| u.at).collect();
+        let times: Vec<_> = updates.iter().map(|(_, u)| u.at).collect();
         assert_eq!(times, [Some(t(0)), Some(t(10))]);
-        assert_eq!(updates[0].name.as_deref(), Some("Lab box"));
-        assert_eq!(updates[1].temperature, Some(50.0));
-        assert_eq!(updates[1].metrics, None);
+        assert_eq!(updates[0].1.name.as_deref(), Some("Lab box"));
+        assert_eq!(updates[1].1.temperature, Some(50.3));
+        assert_eq!(updates[1].1.metrics, None);
+        // Numbered in order; the one that told nothing is forgotten, the
+        // others wait for their ack.
+        assert!(updates[0].0 < updates[1].0);
+        assert_eq!(pending(&kept), [(t(0), false), (t(10), false)]);
+        assert!(kept.unsent(&mut reported, Some("Lab box")).is_empty());
         // What they told counts as told.
         assert_eq!(
-            reported.update(Some("Lab box"), &kept.readings[2].1, Some(true)),
+            reported.update(Some("Lab box"), &warmer(2.0), Some(true)),
             None
         );
 
@@ -955,7 +1099,51 @@ mod tests {
             full.keep(t(i as i64), reading(), None);
         }
         assert_eq!((full.readings.len(), full.dropped), (MAX_KEPT, 3));
-        assert_eq!(full.readings[0].0, t(3));
+        assert_eq!(full.readings[0].at, t(3));
+    }
+
+    #[test]
+    fn a_reading_is_kept_until_acked_and_sent_again_when_not_stored_or_lost() {
+        let mut kept = Kept::default();
+        let mut reported = Reported::default();
+        let a = kept.sent(t(0), reading(), None);
+        let b = kept.sent(t(5), warmer(1.0), None);
+        let c = kept.sent(t(10), warmer(2.0), None);
+        assert!(a < b && b < c);
+        // The server could not store `b`: it goes again, at its time.
+        kept.not_stored(b);
+        assert_eq!(
+            pending(&kept),
+            [(t(0), false), (t(5), true), (t(10), false)]
+        );
+        let again = kept.unsent(&mut reported, None);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].1.at, Some(t(5)));
+        let b = again[0].0;
+        // An ack covers the readings before it; an unknown number nothing.
+        kept.acked(a);
+        assert_eq!(pending(&kept), [(t(5), false), (t(10), false)]);
+        kept.acked(999);
+        kept.acked(c);
+        assert!(kept.readings.is_empty());
+
+        // Refused for good (a field the server cannot take): forgotten.
+        let d = kept.sent(t(15), reading(), None);
+        kept.refused(b);
+        kept.refused(d);
+        assert!(kept.readings.is_empty());
+
+        // A connection lost: all that was not acked goes on the next one.
+        kept.sent(t(20), reading(), None);
+        kept.keep(t(25), warmer(1.0), None);
+        kept.send_again();
+        let mut fresh = Reported::default();
+        let times: Vec<_> = kept
+            .unsent(&mut fresh, None)
+            .into_iter()
+            .map(|(_, u)| u.at)
+            .collect();
+        assert_eq!(times, [Some(t(20)), Some(t(25))]);
     }
 
     #[test]
@@ -1131,5 +1319,121 @@ mod tests {
         if let Some(cpu) = reading.cpu_pct {
             assert!((0.0..=100.0).contains(&cpu), "{reading:?}");
         }
+    }
+
+    /// Sensors whose temperature rises by one degree at each reading.
+    struct Rising(f64);
+
+    impl Sensors for Rising {
+        fn read(&mut self) -> Reading {
+            self.0 += 1.0;
+            Reading {
+                temperature: Some(self.0),
+                ..Reading::default()
+            }
+        }
+    }
+
+    type Peer = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+    /// Takes the agent's next connection and welcomes it.
+    async fn welcome_agent(listener: &tokio::net::TcpListener) -> Peer {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let Some(Ok(Message::Text(hello))) = ws.next().await else {
+            panic!("no hello");
+        };
+        let hello: ClientMessage = serde_json::from_str(hello.as_str()).unwrap();
+        assert!(matches!(hello, ClientMessage::Hello { .. }), "{hello:?}");
+        let welcome = ServerMessage::Welcome {
+            v: VERSION,
+            role: Role::Device,
+            device: None,
+        };
+        answer(&mut ws, &welcome).await;
+        ws
+    }
+
+    async fn answer(ws: &mut Peer, message: &ServerMessage) {
+        let text = serde_json::to_string(message).unwrap();
+        ws.send(Message::text(text)).await.unwrap();
+    }
+
+    /// The agent's next status: its request id and update.
+    async fn next_status(ws: &mut Peer) -> (String, StatusUpdate) {
+        let within = Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout(within, ws.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    if let Ok(ClientMessage::Status {
+                        update, request_id, ..
+                    }) = serde_json::from_str(text.as_str())
+                    {
+                        return (request_id.expect("a request id"), update);
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no status from the agent: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reading_is_sent_again_until_the_server_acks_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut agent = Agent::new(
+            format!("ws://{}", listener.local_addr().unwrap()),
+            DeviceId::parse("probe").unwrap(),
+            "token".into(),
+            None,
+            Duration::from_millis(50),
+            Box::new(Rising(20.0)),
+            Box::new(RecordedPower::default()),
+        );
+        let stop = CancellationToken::new();
+        let run = tokio::spawn({
+            let stop = stop.clone();
+            async move { agent.run(&stop).await }
+        });
+
+        // The connection ends before the first reading is acked...
+        let mut ws = welcome_agent(&listener).await;
+        let (_, first) = next_status(&mut ws).await;
+        assert_eq!(first.at, None, "a live reading takes the server's time");
+        drop(ws);
+        // ...so it comes first on the next one, at the time it was taken.
+        let mut ws = welcome_agent(&listener).await;
+        let (id, again) = next_status(&mut ws).await;
+        assert_eq!(again.temperature, first.temperature);
+        let at = again.at.expect("sent again at its time");
+        // The server cannot store it: it comes again on a later tick.
+        let not_stored = ServerMessage::Error {
+            error: "not stored".into(),
+            field: None,
+            request_id: Some(id),
+        };
+        answer(&mut ws, &not_stored).await;
+        let mut seen = Vec::new();
+        let id = loop {
+            let (id, update) = next_status(&mut ws).await;
+            if update.at == Some(at) {
+                assert_eq!(update.temperature, first.temperature);
+                break id;
+            }
+            seen.push(id);
+        };
+        // Acked, it is forgotten, as are the others once acked: from now
+        // on only new readings come, each once.
+        for request_id in seen.into_iter().chain([id]) {
+            answer(&mut ws, &ServerMessage::Ack { request_id }).await;
+        }
+        let mut ids = BTreeSet::new();
+        for _ in 0..5 {
+            let (id, update) = next_status(&mut ws).await;
+            assert_eq!(update.at, None, "{update:?}");
+            assert!(ids.insert(id));
+        }
+        stop.cancel();
+        assert_eq!(run.await.unwrap(), Ok(()));
     }
 }
