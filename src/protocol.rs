@@ -35,6 +35,8 @@ pub mod close {
     pub const FORBIDDEN: u16 = 4403;
     /// A newer agent connected for the same device.
     pub const REPLACED: u16 = 4409;
+    /// Too many wrong tokens from this address: the HTTP API's 429.
+    pub const TOO_MANY_GUESSES: u16 = 4429;
 }
 
 /// Who a connection speaks for.

@@ -6,6 +6,7 @@ mod common;
 use common::{Server, SseStream, answer_next_command, command, eventually};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 /// Reads SSE status events until one for `device` satisfies `check`.
 async fn sse_status_where(sse: &mut SseStream, device: &str, check: impl Fn(&Value) -> bool) {
@@ -533,4 +534,43 @@ async fn an_agent_update_with_a_request_id_is_acked_once_durable() {
     let device = server.device("probe").await.unwrap();
     assert_eq!(device["status"]["temperature"], 22.5, "{device}");
     assert_eq!(device["status"]["humidity"], 50.0, "{device}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_do_not_put_off_the_hello() {
+    let server = Server::start().await;
+    let mut ws = server.ws().await;
+    // The hello is due 5 s after connecting, whatever comes before it.
+    let closed = ws
+        .ping_until_closed(Duration::from_secs(1), Duration::from_secs(15))
+        .await;
+    assert!(
+        matches!(closed, Ok(Some(1008) | None)),
+        "still open after 15 s of pings: {closed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_past_its_wrong_tokens_has_no_token_checked_on_sockets_it_opened_before() {
+    let server = Server::start().await;
+    let guesses = telltale::server::auth::GUESSES as usize;
+    // Opened while the address still had its allowance.
+    let mut sockets = Vec::new();
+    for _ in 0..=guesses + 1 {
+        sockets.push(server.ws().await);
+    }
+    let right = sockets.pop().unwrap();
+    for (i, mut ws) in sockets.into_iter().enumerate() {
+        ws.send(
+            &json!({"type": "hello", "v": 1, "role": "operator", "token": format!("guess-{i}")}),
+        )
+        .await;
+        assert_eq!(ws.expect_close().await.0, 4401, "guess {i}");
+    }
+    let mut ws = right;
+    ws.send(&json!({"type": "hello", "v": 1, "role": "operator", "token": server.operator_token}))
+        .await;
+    let (code, reason) = ws.expect_close().await;
+    assert_eq!(code, 4429, "{reason}");
+    assert!(reason.contains("too many wrong tokens"), "{reason}");
 }

@@ -2,10 +2,10 @@
 //! The messages are in [`crate::protocol`]; README.md has an example session.
 //!
 //! Each connection is one task that owns its socket:
-//! 1. The first message must be a `hello` within [`HELLO_TIMEOUT`]; the token
-//!    comes from it or from `Authorization: Bearer` on the upgrade request.
-//!    A refusal closes with 4401 / 4403 / 1008 and a reason, having changed
-//!    nothing.
+//! 1. The first message must be a `hello` within [`HELLO_TIMEOUT`] of the
+//!    upgrade (pings do not put it off); the token comes from it or from
+//!    `Authorization: Bearer` on the upgrade request. A refusal closes with
+//!    4401 / 4403 / 4429 / 1008 and a reason, having changed nothing.
 //! 2. Then it waits on the socket, its event subscription, its agent link,
 //!    its commands in flight and its ping timer at once.
 //!
@@ -130,7 +130,7 @@ async fn connection(
     sessions: Sessions,
     client: Option<std::net::IpAddr>,
 ) {
-    let (role, device, session) = match hello(&mut socket, &state, bearer, sessions).await {
+    let (role, device, session) = match hello(&mut socket, &state, bearer, sessions, client).await {
         Ok(who) => who,
         Err(frame) => {
             // A wrong token counts as over HTTP (see `api::count_guesses`).
@@ -176,15 +176,20 @@ async fn connection(
 /// Reads and checks the `hello`; answers nothing yet. With no token, a
 /// live operator session cookie on the handshake grants the operator (and
 /// viewer) role, a viewer session the viewer role, for as long as the
-/// session lasts.
+/// session lasts. An address past its wrong tokens (`client`, see
+/// [`Guesses`](super::auth::Guesses)) has none checked: it may have opened
+/// this socket before it went past.
 async fn hello(
     socket: &mut WebSocket,
     state: &AppState,
     bearer: Option<String>,
     sessions: Sessions,
+    client: Option<std::net::IpAddr>,
 ) -> Result<(Role, Option<DeviceId>, Option<Session>), End> {
+    // One deadline for the hello, whatever pings come before it.
+    let deadline = Instant::now() + HELLO_TIMEOUT;
     let text = loop {
-        let message = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
+        let message = tokio::time::timeout_at(deadline, socket.recv())
             .await
             .map_err(|_| end(close::POLICY, "expected a hello within 5 s"))?;
         match message {
@@ -219,6 +224,10 @@ async fn hello(
     }
     if role != Role::Device && device.is_some() {
         return Err(end(close::POLICY, "only a device hello names a device"));
+    }
+    if let Some(wait) = client.and_then(|ip| state.auth.guesses.wait(ip)) {
+        let refusal = ApiError::TooManyGuesses(wait);
+        return Err(end(close::TOO_MANY_GUESSES, refusal.to_string()));
     }
     let token = token.or(bearer);
     let session = match role {

@@ -1101,6 +1101,40 @@ impl Ws {
             .expect("the message is sent");
     }
 
+    /// Pings every `every` until the server closes the connection (`Ok`
+    /// with its close code, `None` when it just ended), or `at_most` has
+    /// passed (`Err`).
+    pub async fn ping_until_closed(
+        &mut self,
+        every: Duration,
+        at_most: Duration,
+    ) -> Result<Option<u16>, ()> {
+        use futures::{SinkExt, StreamExt};
+        let end = tokio::time::Instant::now() + at_most;
+        while tokio::time::Instant::now() < end {
+            if self
+                .stream
+                .send(WsMessage::Ping(Default::default()))
+                .await
+                .is_err()
+            {
+                return Ok(None);
+            }
+            let next_ping = tokio::time::Instant::now() + every;
+            loop {
+                match tokio::time::timeout_at(next_ping, self.stream.next()).await {
+                    Err(_) => break,
+                    Ok(Some(Ok(WsMessage::Close(frame)))) => {
+                        return Ok(frame.map(|f| u16::from(f.code)));
+                    }
+                    Ok(Some(Ok(_))) => {}
+                    Ok(Some(Err(_)) | None) => return Ok(None),
+                }
+            }
+        }
+        Err(())
+    }
+
     /// The next frame that is not a ping or pong; `None` when the stream ends.
     async fn next_frame(&mut self) -> Option<WsMessage> {
         use futures::StreamExt;
