@@ -9,8 +9,14 @@
 //! 3. otherwise, three of the device's report intervals, learned from the
 //!    gaps between its accepted reports (changed or not): the median of the
 //!    last [`KEEP_GAPS`] gaps, at least `--stale-floor` (1 s), once
-//!    [`LEARN_FROM`] gaps are known. The median shrugs off a burst or one
-//!    long pause. A device with no interval yet is never stale.
+//!    [`LEARN_FROM`] gaps are known. Reports closer together than the floor
+//!    are one burst (a device posting each reading on its own, an array,
+//!    an agent sending what it kept while away): a gap is measured from
+//!    the report that began the last one, so a burst of any length is one
+//!    sample, not a run of near-zero gaps that would pull the median to the
+//!    floor and the device stale between every two of its reports. The
+//!    median shrugs off one long pause. A device with no interval yet is
+//!    never stale.
 //!
 //! A stale device's next report clears the flag. The gap that ends a stale
 //! or offline spell is an outage, not the device's cadence, and is not
@@ -84,6 +90,8 @@ pub struct Watch {
 #[derive(Debug)]
 struct Heard {
     last: Instant,
+    /// The report the next gap is measured from: the first of a burst.
+    since: Instant,
     gaps: VecDeque<Duration>,
 }
 
@@ -106,17 +114,25 @@ impl Watch {
     }
 
     /// A sign of life from `device` at `now`. With `learn`, the silence
-    /// since the last one is a sample of its report interval. Returns
-    /// whether the watcher must wake up: the device's deadline is now
-    /// earlier than the one it sleeps until.
+    /// since the last burst began is a sample of its report interval, once
+    /// it is at least the floor. Returns whether the watcher must wake up:
+    /// the device's deadline is now earlier than the one it sleeps until.
     pub fn heard(&mut self, device: &DeviceId, now: Instant, learn: bool) -> bool {
         match self.heard.get_mut(device) {
             Some(h) => {
-                if learn && let Some(gap) = now.checked_duration_since(h.last) {
-                    if h.gaps.len() == KEEP_GAPS {
-                        h.gaps.pop_front();
+                let gap = now.checked_duration_since(h.since);
+                match gap.filter(|_| learn) {
+                    Some(gap) if gap >= self.policy.floor => {
+                        if h.gaps.len() == KEEP_GAPS {
+                            h.gaps.pop_front();
+                        }
+                        h.gaps.push_back(gap);
+                        h.since = now;
                     }
-                    h.gaps.push_back(gap);
+                    // Within a burst: it goes on.
+                    Some(_) => {}
+                    // After an outage: a new start.
+                    None => h.since = now,
                 }
                 h.last = now;
             }
@@ -125,6 +141,7 @@ impl Watch {
                     device.clone(),
                     Heard {
                         last: now,
+                        since: now,
                         gaps: VecDeque::new(),
                     },
                 );
@@ -144,6 +161,7 @@ impl Watch {
             device.clone(),
             Heard {
                 last: now,
+                since: now,
                 gaps: std::iter::repeat_n(interval, LEARN_FROM).collect(),
             },
         );
@@ -262,7 +280,8 @@ mod tests {
             "never stale without an interval"
         );
         reports(&mut w, "a", t0, &[200, 205, 305, 1305, 1405]);
-        // Gaps 100, 100, 5, 100, 1000, 100: a burst and a pause, median 100.
+        // Gaps 100, 100, 105 (205 is within the floor of 200: a burst),
+        // 1000 (a pause), 100: median 100.
         assert_eq!(w.interval(&id("a")), Some(ms(100)));
         assert_eq!(w.allowed_silence(&id("a")), Some(ms(300)));
         assert_eq!(w.deadline(&id("a")), Some(t0 + ms(1705)));
@@ -272,12 +291,31 @@ mod tests {
     fn the_floor_bounds_the_interval_and_old_gaps_are_forgotten() {
         let mut w = Watch::new(floor(ms(50)));
         let t0 = Instant::now();
-        let fast: Vec<u64> = (0..10).collect();
+        let fast: Vec<u64> = (0..=200).step_by(10).collect();
         reports(&mut w, "a", t0, &fast);
-        assert_eq!(w.interval(&id("a")), Some(ms(50)), "1 ms gaps, floored");
-        let slow: Vec<u64> = (1..=KEEP_GAPS as u64).map(|i| 9 + i * 200).collect();
+        assert_eq!(w.interval(&id("a")), Some(ms(50)), "10 ms gaps, floored");
+        let slow: Vec<u64> = (1..=KEEP_GAPS as u64).map(|i| 200 + i * 200).collect();
         reports(&mut w, "a", t0, &slow);
         assert_eq!(w.interval(&id("a")), Some(ms(200)));
+    }
+
+    #[test]
+    fn a_burst_is_one_sample_whatever_its_length() {
+        let mut w = Watch::new(floor(ms(1000)));
+        let t0 = Instant::now();
+        // Every 5 s, five readings posted one by one, a few ms apart.
+        let bursts: Vec<u64> = (0..6)
+            .flat_map(|i| (0..5).map(move |j| i * 5000 + j * 3))
+            .collect();
+        reports(&mut w, "a", t0, &bursts);
+        assert_eq!(w.interval(&id("a")), Some(ms(5000)));
+        // Silence is counted from the last report of the burst.
+        assert_eq!(w.deadline(&id("a")), Some(t0 + ms(25_012 + 15_000)));
+        // What an agent kept for two minutes, sent back to back, does not
+        // make the device's interval the floor.
+        let catch_up: Vec<u64> = (0..24).map(|j| 120_000 + j).collect();
+        reports(&mut w, "a", t0, &catch_up);
+        assert_eq!(w.interval(&id("a")), Some(ms(5000)));
     }
 
     #[test]
