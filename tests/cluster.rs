@@ -708,6 +708,39 @@ async fn limits_set_on_one_instance_hold_on_every_instance() {
     assert!(late.device("oven").await.unwrap()["alerts"]["temperature"].is_object());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_read_again_while_redis_is_away_are_applied_once_it_is_back() {
+    let mut redis = Redis::start().await;
+    let file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(file.path(), "[devices.oven]\ntemperature = { max = 30 }\n").unwrap();
+    let path = file.path().to_str().unwrap();
+    let server = Server::start_in_cluster(&redis.url(), &["--thresholds", path]).await;
+    server
+        .post_status("oven", &json!({ "temperature": 35.0 }))
+        .await;
+    let alert = || async { server.device("oven").await.unwrap()["alerts"]["temperature"].clone() };
+    assert_eq!(alert().await["max"], 30.0);
+
+    redis.stop().await;
+    eventually("degraded", || async {
+        server.get_json("/healthz").await.0 == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    std::fs::write(file.path(), "[devices.oven]\ntemperature = { max = 40 }\n").unwrap();
+    server.signal("HUP");
+    eventually("the reload in the log", || async {
+        server.output().contains("thresholds file read again, but")
+    })
+    .await;
+    // Nothing can be published meanwhile: the alert stands.
+    assert!(alert().await.is_object());
+    redis.resume().await;
+    eventually("the alert cleared once the cluster is back", || async {
+        alert().await.is_null()
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_removed_on_one_instance_is_gone_from_every_instance_and_a_later_one() {
     let redis = Redis::start().await;

@@ -839,10 +839,7 @@ impl Hub {
             self.heard(state, id, false);
         }
         drop(guard);
-        for id in &ids {
-            self.write(|state| self.reevaluate(state, id))?;
-        }
-        Ok(())
+        self.reevaluate_all()
     }
 
     /// Takes up the thresholds file read again (on SIGHUP): its limits and
@@ -850,15 +847,23 @@ impl Hub {
     /// stay. A device whose alerts change is published at once, and a
     /// device silent past a deadline that is now shorter becomes stale.
     pub fn reload_file(&self, file: ThresholdsFile) -> Result<(), StoreError> {
-        let ids: Vec<DeviceId> = {
+        {
             let mut state = self.lock();
             state.thresholds.replace_file(file.thresholds);
             state
                 .watch
                 .replace_file(file.stale_after, file.device_stale_after);
-            state.devices.keys().cloned().collect()
-        };
+        }
         self.stale_wake.notify_one();
+        self.reevaluate_all()
+    }
+
+    /// Judges every device by the limits in force, publishing each whose
+    /// alerts change. Stops at the first change that cannot be recorded
+    /// (the others would fail alike); in cluster mode the next join of the
+    /// cluster goes through them all again.
+    fn reevaluate_all(&self) -> Result<(), StoreError> {
+        let ids: Vec<DeviceId> = self.lock().devices.keys().cloned().collect();
         for id in &ids {
             self.write(|state| self.reevaluate(state, id))?;
         }
@@ -1431,6 +1436,11 @@ impl Hub {
                 Err(e) => tracing::warn!("reading the cluster's signed-out sessions: {e}"),
             }
             self.set_degraded(None);
+            // Limits that changed (the file's at start or on SIGHUP, or
+            // the cluster's above) while events could not be published.
+            if let Err(e) = self.reevaluate_all() {
+                tracing::warn!("alerts not re-evaluated on joining the cluster: {e}");
+            }
             backoff = Duration::from_millis(100);
             while !shutdown.is_cancelled() {
                 let after = self.lock().last_id;
