@@ -527,9 +527,10 @@ impl Connection {
             events,
         });
         // As on SSE: a stream from a degraded server starts by saying so.
-        let mut health = self.state.hub.health();
-        let degraded = health.borrow_and_update().clone();
-        self.health = Some(health);
+        // A stream restarted (subscribed again, or resynchronised after
+        // lagging) keeps its receiver, so a change not yet told still is.
+        let health = self.health.get_or_insert_with(|| self.state.hub.health());
+        let degraded = health.borrow().clone();
         if degraded.is_some() {
             send_msg(socket, &health_msg(degraded), silence).await?;
         }
