@@ -244,6 +244,15 @@ impl Reader {
         &self.conn
     }
 
+    /// The stored events with ids in `after+1 ..= upto`, oldest first.
+    pub fn events_between(
+        &mut self,
+        after: crate::model::EventId,
+        upto: crate::model::EventId,
+    ) -> Result<Vec<super::store::StoredEvent>, StoreError> {
+        super::store::events_between(&self.conn, after, upto)
+    }
+
     /// The last `limit` changes recorded for `device`, or for every
     /// device, newest first.
     pub fn changes(

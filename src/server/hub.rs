@@ -1078,54 +1078,72 @@ impl Hub {
     pub fn subscribe(&self, last_seen: Option<EventId>, filter: &Filter) -> Subscription {
         let state = self.lock();
         let events = state.sender.subscribe();
-        let start = match last_seen {
+        let seen = match last_seen {
             Some(seen)
                 if seen <= state.last_id && state.last_id - seen <= state.ring.len() as u64 =>
             {
                 let missed = (state.last_id - seen) as usize;
-                Start::Replay(
-                    state
-                        .ring
-                        .range(state.ring.len() - missed..)
-                        .filter(|e| filter.matches(&e.device))
-                        .cloned()
-                        .collect(),
-                )
+                let replay = state
+                    .ring
+                    .range(state.ring.len() - missed..)
+                    .filter(|e| filter.matches(&e.device))
+                    .cloned()
+                    .collect();
+                return Subscription {
+                    start: Start::Replay(replay),
+                    events,
+                };
             }
-            Some(seen) if seen <= state.last_id => match self.replay_from_store(&state, seen) {
-                Some(missed) => Start::Replay(
+            Some(seen) if seen <= state.last_id && state.last_id - seen <= MAX_STORE_REPLAY => seen,
+            _ => {
+                return Subscription {
+                    start: Start::Snapshot(Self::snapshot_of(&state, filter)),
+                    events,
+                };
+            }
+        };
+        let upto = state.last_id;
+        // Read off the lock, so ingest and other subscribers go on: the
+        // events up to `upto` are recorded for good (the lock is held
+        // through every commit), and the later ones come through `events`.
+        drop(state);
+        match self.replay_from_store(seen, upto) {
+            Some(missed) => Subscription {
+                start: Start::Replay(
                     missed
                         .into_iter()
                         .filter(|e| filter.matches(&e.device))
                         .map(|e| Arc::new(Published::new(e.id, e.device, e.json.into())))
                         .collect(),
                 ),
-                None => Start::Snapshot(Self::snapshot_of(&state, filter)),
+                events,
             },
-            _ => Start::Snapshot(Self::snapshot_of(&state, filter)),
-        };
-        Subscription { start, events }
+            // Not all there (any more): a snapshot, with a receiver taken
+            // under the same lock.
+            None => self.subscribe(None, filter),
+        }
     }
 
-    /// Every event after `seen`, from the store, if it holds them all (and
-    /// they are not too many).
-    /// In cluster mode, when this instance's store lacks some (it joined
-    /// later, or was away), they may still be in the cluster's stream.
-    fn replay_from_store(&self, state: &State, seen: EventId) -> Option<Vec<StoredEvent>> {
-        let missed = state.last_id - seen;
-        if missed > MAX_STORE_REPLAY {
-            return None;
-        }
+    /// Every event in `seen+1 ..= upto`, from the store (on a read
+    /// connection: at most [`READERS`](super::history::READERS) replays
+    /// read at once), if it holds them all. In cluster mode, when this
+    /// instance's store lacks some (it joined later, or was away), they may
+    /// still be in the cluster's stream.
+    fn replay_from_store(&self, seen: EventId, upto: EventId) -> Option<Vec<StoredEvent>> {
+        let missed = upto - seen;
         // Ids are contiguous, so a complete replay starts right after `seen`
         // and has one event per id; anything else means `seen` is older than
         // what is retained.
         let complete = |events: &Vec<StoredEvent>| {
             events.len() as u64 == missed && events.first().is_none_or(|e| e.id == seen + 1)
         };
-        if let Some(store) = &state.store {
-            match store.events_between(seen, state.last_id) {
-                Ok(events) if complete(&events) => return Some(events),
-                Ok(_) => {}
+        if let Some(readers) = &self.history {
+            match readers.get().map_err(|e| StoreError::Busy(e.to_string())) {
+                Ok(mut reader) => match reader.events_between(seen, upto) {
+                    Ok(events) if complete(&events) => return Some(events),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("replay from the store failed: {e}"),
+                },
                 Err(e) => tracing::warn!("replay from the store failed: {e}"),
             }
         }
@@ -1133,7 +1151,7 @@ impl Hub {
         let mut broker = broker.lock().unwrap_or_else(|e| e.into_inner());
         let (_, mut events) =
             tokio::task::block_in_place(|| broker.since(seen, missed as usize)).ok()?;
-        events.retain(|e| e.id <= state.last_id);
+        events.retain(|e| e.id <= upto);
         complete(&events).then_some(events)
     }
 

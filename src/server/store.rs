@@ -121,6 +121,30 @@ pub struct StoredEvent {
     pub json: String,
 }
 
+/// The events with ids in `after+1 ..= upto` on `conn`, oldest first.
+pub(crate) fn events_between(
+    conn: &Conn,
+    after: EventId,
+    upto: EventId,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let rows = conn.query(
+        "SELECT id, device, json FROM events WHERE id > ?1 AND id <= ?2 ORDER BY id",
+        &[Arg::I64(after as i64), Arg::I64(upto as i64)],
+    )?;
+    let mut events = Vec::with_capacity(rows.len());
+    for r in rows {
+        let id = r.i64(0)?;
+        let device = DeviceId::parse(&r.string(1)?)
+            .map_err(|e| StoreError::Corrupt(format!("event {id}: {e}")))?;
+        events.push(StoredEvent {
+            id: id as EventId,
+            device,
+            json: r.string(2)?,
+        });
+    }
+    Ok(events)
+}
+
 /// Schema migrations, in order; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
     // 1: devices, the event log, readings.
@@ -630,22 +654,7 @@ impl Store {
         after: EventId,
         upto: EventId,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = self.conn.query(
-            "SELECT id, device, json FROM events WHERE id > ?1 AND id <= ?2 ORDER BY id",
-            &[Arg::I64(after as i64), Arg::I64(upto as i64)],
-        )?;
-        let mut events = Vec::with_capacity(rows.len());
-        for r in rows {
-            let id = r.i64(0)?;
-            let device = DeviceId::parse(&r.string(1)?)
-                .map_err(|e| StoreError::Corrupt(format!("event {id}: {e}")))?;
-            events.push(StoredEvent {
-                id: id as EventId,
-                device,
-                json: r.string(2)?,
-            });
-        }
-        Ok(events)
+        events_between(&self.conn, after, upto)
     }
 
     /// The stored readings of one device's metric, `(ts ms, value)` oldest
