@@ -635,6 +635,43 @@ async fn a_newer_agent_on_another_instance_replaces_the_older_which_is_told() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_late_notice_of_replacement_leaves_the_newer_agent_in_place() {
+    // Agents of one device reconnecting to two instances at once: the
+    // notice that an older agent sent to this instance arrives after a
+    // newer agent connected here. It must not close the newer one (the
+    // other instance closes its own, told by this one), or no agent would
+    // be left while the device shows online.
+    let redis = Redis::start().await;
+    let servers = instances(&redis, 2).await;
+    let (mut agent, _) = agent_watched(&servers[1], &servers[0], "gate").await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let holder: String = redis::cmd("HGET")
+        .arg("telltale:agents")
+        .arg("gate")
+        .query(&mut conn)
+        .unwrap();
+    let late = json!({"kind": "replaced", "device": "gate"}).to_string();
+    let listening: usize = redis::cmd("PUBLISH")
+        .arg(format!("telltale:commands:{holder}"))
+        .arg(late)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(listening, 1, "the agent's instance listens for relays");
+
+    let mut operator = servers[0].operator().await;
+    operator.send(&command("gate", false, "late-1")).await;
+    assert_eq!(operator.expect("ack").await["request_id"], "late-1");
+    answer_next_command(&mut agent, "gate", true).await;
+    assert_eq!(operator.expect("result").await["outcome"], "applied");
+    for server in &servers {
+        assert_eq!(server.device("gate").await.unwrap()["online"], true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unchanged_report_to_one_instance_keeps_the_device_fresh_on_all() {
     let redis = Redis::start().await;
     let mut servers = Vec::new();

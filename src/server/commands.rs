@@ -332,6 +332,21 @@ impl Commands {
             }
             Relay::Replaced { device } => {
                 let mut state = self.lock();
+                // A notice that took its time: an agent connected here
+                // since, and announced itself after the one that sent it
+                // (claims are ordered in Redis, and ours are made under this
+                // lock), is the newer; it stays. When Redis cannot say, the
+                // notice is believed.
+                if state.agents.contains_key(&device)
+                    && let Some(Ok(true)) = self.on_cluster(|b, me| {
+                        Ok(b.agent_of(&device)?.is_some_and(|holder| holder == me))
+                    })
+                {
+                    tracing::info!(
+                        "{device}: a late notice of a replaced agent, about an older one"
+                    );
+                    return;
+                }
                 // Still online, through the newer agent: no event here.
                 if let Some(old) = state.agents.remove(&device) {
                     let why = "the device's agent was replaced by a newer one, on another instance";
