@@ -100,16 +100,16 @@ pub struct Config {
     pub secure_cookie: bool,
 
     /// How long a command waits for its device's answer, e.g. `5s`.
-    #[arg(long, env = "TELLTALE_COMMAND_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TELLTALE_COMMAND_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub command_timeout: Duration,
 
     /// Silence (not even a pong) after which a WebSocket peer is considered
     /// gone and disconnected; its device, if any, goes offline.
-    #[arg(long, env = "TELLTALE_AGENT_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TELLTALE_AGENT_TIMEOUT", default_value = "15s", value_parser = parse_positive_duration)]
     pub agent_timeout: Duration,
 
     /// How often the server pings each WebSocket connection.
-    #[arg(long, env = "TELLTALE_WS_PING", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TELLTALE_WS_PING", default_value = "5s", value_parser = parse_positive_duration)]
     pub ws_ping: Duration,
 
     /// Run the built-in simulator (on/off).
@@ -122,7 +122,7 @@ pub struct Config {
     pub no_simulator: bool,
 
     /// How often the simulator's devices report, e.g. `2s`, `500ms`.
-    #[arg(long, env = "TELLTALE_SIMULATOR_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TELLTALE_SIMULATOR_INTERVAL", default_value = "2s", value_parser = parse_positive_duration)]
     pub simulator_interval: Duration,
 
     /// A TOML file of alert limits (`[defaults]`, `[devices.ID]`, each
@@ -144,7 +144,7 @@ pub struct Config {
     pub stale_floor: Duration,
 
     /// Interval of the SSE heartbeat comment that keeps proxies from closing idle streams.
-    #[arg(long, env = "TELLTALE_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TELLTALE_HEARTBEAT", default_value = "15s", value_parser = parse_positive_duration)]
     pub heartbeat: Duration,
 
     /// Where the store (an SQLite database) keeps devices, every status event
@@ -190,7 +190,7 @@ pub struct Config {
 
     /// How often retention runs (in the background, in small batches).
     #[arg(long, env = "TELLTALE_RETENTION_INTERVAL", default_value = "5m", hide = true,
-          value_parser = humantime::parse_duration)]
+          value_parser = parse_positive_duration)]
     pub retention_interval: Duration,
 
     /// Events kept in memory for `Last-Event-ID` replay (older ones are
@@ -433,6 +433,30 @@ mod tests {
         assert_eq!(c.retention_interval, Duration::from_secs(10));
         assert!(Config::try_parse_from(["telltale", "--retention", "30s"]).is_err());
         assert!(Config::try_parse_from(["telltale", "--retention", "soon"]).is_err());
+    }
+
+    #[test]
+    fn periods_and_deadlines_are_longer_than_zero() {
+        // Each would panic a timer (or drop every connection) at zero.
+        for option in [
+            "--command-timeout",
+            "--agent-timeout",
+            "--ws-ping",
+            "--simulator-interval",
+            "--heartbeat",
+            "--retention-interval",
+            "--stale-after",
+        ] {
+            let error = Config::try_parse_from(["telltale", option, "0s"]).unwrap_err();
+            assert!(
+                error.to_string().contains("longer than zero"),
+                "{option}: {error}"
+            );
+            assert!(
+                Config::try_parse_from(["telltale", option, "1s"]).is_ok(),
+                "{option}"
+            );
+        }
     }
 
     #[test]
