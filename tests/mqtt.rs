@@ -109,7 +109,7 @@ impl Device {
             QoS::AtLeastOnce,
             true,
         ));
-        options.set_max_packet_size(64 * 1024, 64 * 1024);
+        options.set_max_packet_size(64 * 1024, 2 * 1024 * 1024);
         let (client, mut events) = AsyncClient::new(options, 64);
         for topic in ["set", "error"] {
             client
@@ -229,6 +229,9 @@ async fn reports_over_mqtt_reach_the_stream_and_bad_ones_are_answered() {
     let said = [
         ("status", b"{not json".to_vec(), "malformed JSON"),
         ("status", vec![b' '; 17 * 1024], "larger than 16384 bytes"),
+        // Far larger than any report: refused the same way, not dropped
+        // with the connection (the broker would bring it again, forever).
+        ("status", vec![b' '; 1024 * 1024], "larger than 16384 bytes"),
         ("online", b"perhaps".to_vec(), "true or false"),
     ];
     for (level, payload, says) in said {

@@ -51,6 +51,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Requests (publishes, acks) queued for the broker connection.
 const QUEUE: usize = 1024;
+/// The largest packet MQTT can frame (its "remaining length" tops out at
+/// 256 MiB), so that no message is too large to be read and refused.
+const MAX_PACKET: usize = 268_435_455 + 5;
 
 /// The bridge's settings, checked at start.
 #[derive(Clone)]
@@ -104,9 +107,12 @@ pub fn prepare(url: &str, prefix: &str) -> Result<Bridge, String> {
         // acknowledged once stored.
         .set_clean_session(false)
         .set_manual_acks(true)
-        // Larger messages are answered with an error, not dropped with the
-        // connection (which would bring them again).
-        .set_max_packet_size(4 * MAX_BODY, 64 * 1024);
+        // Every message is read, however large, so that one over
+        // `MAX_BODY` is answered with an error and acknowledged: a packet
+        // over the client's limit drops the connection, and the broker
+        // brings it again on the next, for ever (MQTT 3.1.1 cannot tell
+        // the broker a limit). The broker's `message_size_limit` bounds it.
+        .set_max_packet_size(MAX_PACKET, 64 * 1024);
     if !url.username().is_empty() {
         let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
         options.set_credentials(
