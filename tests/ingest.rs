@@ -210,7 +210,14 @@ async fn refused_requests_answer_the_right_error_and_change_nothing() {
         .await;
     }
     let long_id = "x".repeat(65);
-    for bad_id in ["Dev-1", "dev%201", "dev.1", "d%C3%A9v", long_id.as_str()] {
+    for bad_id in [
+        "Dev-1",
+        "dev%201",
+        "dev.1",
+        "d%C3%A9v",
+        "d%FFv",
+        long_id.as_str(),
+    ] {
         refused(
             json_post(&server, bad_id, good.clone()),
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -220,11 +227,12 @@ async fn refused_requests_answer_the_right_error_and_change_nothing() {
     }
 
     // 404: a device nobody reported.
-    for unknown in ["ghost", "Not-An-Id"] {
-        let request = server
-            .client
-            .get(server.url(&format!("/api/devices/{unknown}")));
-        refused(request, StatusCode::NOT_FOUND, None).await;
+    // Not even UTF-8 (`%FF`): the same answers, in JSON.
+    for unknown in ["ghost", "Not-An-Id", "gh%FFost"] {
+        for path in ["", "/history", "/changes"] {
+            let url = server.url(&format!("/api/devices/{unknown}{path}"));
+            refused(server.client.get(url), StatusCode::NOT_FOUND, None).await;
+        }
     }
 
     // Nothing changed: same devices, same values, same times, same event id...
@@ -446,6 +454,11 @@ async fn unknown_addresses_and_wrong_methods_get_an_answer_that_says_so() {
         body["error"],
         "GET is not allowed on /api/devices/lamp/status"
     );
+    // The WebSocket endpoint, asked without a handshake, says what it wants.
+    let (status, body) = server.get_json("/api/ws").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("WebSocket only"), "{error}");
     // Anywhere else: the app's own page, with a way back.
     for path in ["/nothing", "/devices"] {
         let response = reqwest::get(server.url(path)).await.unwrap();

@@ -10,9 +10,9 @@ use super::thresholds::{self, MetricLimits, ThresholdsView};
 use crate::model::{Changes, Device, DeviceId, Limits, Object, Snapshot, StatusUpdate};
 use crate::protocol::{CommandSet, Outcome};
 use axum::Json;
-use axum::body::{Body, to_bytes};
+use axum::body::{Body, Bytes, to_bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, MatchedPath, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -23,13 +23,36 @@ use std::collections::BTreeMap;
 /// Largest accepted ingest body.
 pub const MAX_BODY: usize = 16 * 1024;
 
+/// The `{id}` of a route's path. One that is not even UTF-8 (`%FF`) comes
+/// through, decoded lossily, to be refused as any other bad id is, in JSON:
+/// an unknown device (404) on reads, an invalid id (422) on writes.
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        if let Ok(Path(id)) = Path::<String>::from_request_parts(parts, state).await {
+            return Ok(Self(id));
+        }
+        let matched = parts.extensions.get::<MatchedPath>();
+        let at = matched.and_then(|m| m.as_str().split('/').position(|s| s == "{id}"));
+        let raw = at.and_then(|at| parts.uri.path().split('/').nth(at));
+        let id = raw.map(|raw| percent_encoding::percent_decode_str(raw).decode_utf8_lossy());
+        Ok(Self(id.unwrap_or_default().into_owned()))
+    }
+}
+
 pub async fn list_devices(State(state): State<AppState>) -> Json<Snapshot> {
     Json(state.hub.snapshot(&Filter::default()))
 }
 
 pub async fn get_device(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<Device>, ApiError> {
     DeviceId::parse(&id)
         .ok()
@@ -63,7 +86,7 @@ pub async fn changes(
 /// first; [`CHANGES`] unless `limit` (1 to [`MAX_CHANGES`]) says.
 pub async fn device_changes(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     query: Result<Query<ChangesQuery>, QueryRejection>,
 ) -> Result<Json<Changes>, ApiError> {
     let device = DeviceId::parse(&id)
@@ -139,7 +162,7 @@ const DEFAULT_SPAN: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 /// when the point is a single reading. Errors are JSON either way.
 pub async fn history(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
     query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -159,7 +182,7 @@ pub async fn history(
 /// `Accept` header says.
 pub async fn history_csv(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     query: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     history_as(state, id, query, true).await
@@ -301,7 +324,7 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 /// content type, size, JSON, values), and nothing changes unless all pass.
 pub async fn post_status(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Applied>, ApiError> {
@@ -469,7 +492,7 @@ pub async fn post_statuses(
 /// drops its card.
 pub async fn remove_device(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
 ) -> Result<Json<Applied>, ApiError> {
     state.auth.check_operator(&headers, &state.hub)?;
@@ -490,7 +513,7 @@ pub struct CommandRequest {
 /// the page and for curl. Answers once the command has ended.
 pub async fn post_command(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
@@ -528,7 +551,7 @@ pub async fn get_thresholds(State(state): State<AppState>) -> Json<ThresholdsVie
 /// be configured before its first report, as in the thresholds file.
 pub async fn put_thresholds(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<LimitsSet>, ApiError> {
@@ -590,7 +613,6 @@ pub async fn sign_in(
     State(state): State<AppState>,
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    use axum::extract::FromRequest;
     let form = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -598,9 +620,9 @@ pub async fn sign_in(
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let headers = request.headers().clone();
     if form {
-        let axum::Form(form) = axum::Form::<SignInForm>::from_request(request, &())
-            .await
-            .map_err(|e| ApiError::invalid("", e.body_text()))?;
+        let body = read_body(&headers, request.into_body(), MAX_BODY).await?;
+        let form: SignInForm = serde_urlencoded::from_bytes(&body)
+            .map_err(|e| ApiError::invalid("", e.to_string()))?;
         return Ok(match start_session(&state, &headers, &form.token) {
             Ok((_, cookie)) => with_cookie(
                 axum::response::Redirect::to(signin::safe_next(&form.next)).into_response(),
@@ -715,6 +737,12 @@ async fn read_json<T: DeserializeOwned>(
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
+    parse_object(&read_body(headers, body, limit).await?)
+}
+
+/// Reads a body of at most `limit` bytes (413 past it, before reading
+/// anything when `Content-Length` says so).
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = ApiError::PayloadTooLarge { limit };
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -723,15 +751,14 @@ async fn read_json<T: DeserializeOwned>(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large);
     }
-    let bytes = to_bytes(body, limit).await.map_err(|e| {
+    to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
         {
             too_large
         } else {
             ApiError::BadBody(e.to_string())
         }
-    })?;
-    parse_object(&bytes)
+    })
 }
 
 /// Reads one JSON object into `T`, naming the faulty field when the JSON is

@@ -25,6 +25,7 @@ use crate::model::DeviceId;
 use crate::protocol::Role;
 use axum::http::{HeaderMap, header};
 use cookie::{Cookie, CookieJar, Key, SameSite};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -39,13 +40,17 @@ pub const VIEWER_COOKIE: &str = "telltale_viewer";
 /// How long a session lasts after sign-in.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
-/// One secret token.
+/// One secret token, and its SHA-256, which is what a token given is
+/// compared with: digests are all one length, so the comparison tells
+/// nothing, not even the token's length.
 #[derive(Clone)]
-pub struct Token(Arc<str>);
+pub struct Token(Arc<str>, [u8; 32]);
 
 impl Token {
     pub fn new(token: impl Into<Arc<str>>) -> Self {
-        Self(token.into())
+        let token = token.into();
+        let digest = Sha256::digest(token.as_bytes()).into();
+        Self(token, digest)
     }
 
     /// A random 32-character token, for when none is configured.
@@ -58,9 +63,10 @@ impl Token {
         &self.0
     }
 
-    /// Compares in constant time (for tokens of the same length).
+    /// Compares in constant time, whatever the lengths.
     pub fn matches(&self, given: &str) -> bool {
-        bool::from(given.as_bytes().ct_eq(self.0.as_bytes()))
+        let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+        bool::from(given.ct_eq(&self.1))
     }
 }
 
@@ -572,6 +578,21 @@ mod tests {
 
     fn forbidden<T>(r: Result<T, Refusal>) -> bool {
         matches!(r, Err(Refusal::Forbidden(_)))
+    }
+
+    #[test]
+    fn a_token_matches_itself_only() {
+        let token = Token::new("s3cret-token");
+        assert!(token.matches("s3cret-token"));
+        for other in [
+            "",
+            "s3cret",
+            "s3cret-token ",
+            "s3cret-tokem",
+            "S3CRET-TOKEN",
+        ] {
+            assert!(!token.matches(other), "{other:?}");
+        }
     }
 
     #[test]

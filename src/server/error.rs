@@ -47,6 +47,9 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error("could not read the request body: {0}")]
     BadBody(String),
+    /// `/api/ws` without a WebSocket handshake; `status` is axum's.
+    #[error("{reason}: /api/ws speaks WebSocket only (see README.md)")]
+    NotWebSocket { status: StatusCode, reason: String },
     /// The command could not be routed (no agent, or its queue is full).
     #[error("{0}")]
     CommandRefused(Refused),
@@ -94,6 +97,7 @@ impl ApiError {
             Self::CommandFailed(_) | Self::Conflict(_) => StatusCode::CONFLICT,
             Self::CommandTimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::TooManyGuesses(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::NotWebSocket { status, .. } => *status,
         }
     }
 }

@@ -58,7 +58,10 @@ pub fn page(status: StatusCode, next: &str, error: Option<&str>) -> Response {
 /// else the dashboard. (`//host/…` and `/\host` would leave it.)
 pub fn safe_next(next: &str) -> &str {
     let local = next.starts_with('/') && !next.starts_with("//") && !next.starts_with("/\\");
-    if local { next } else { "/" }
+    // A `Location` header holds visible ASCII only (the page's own `next`
+    // is always so); anything else, hand-made, goes home.
+    let printable = next.bytes().all(|b| b.is_ascii_graphic());
+    if local && printable { next } else { "/" }
 }
 
 #[cfg(test)]
@@ -76,6 +79,10 @@ mod tests {
             "/\\evil.example",
             "https://evil.example/",
             "",
+            "/caf\u{e9}",
+            "/a b",
+            "/a\tb",
+            "/\r\nSet-Cookie: x=y",
         ] {
             assert_eq!(safe_next(elsewhere), "/", "{elsewhere}");
         }

@@ -28,6 +28,7 @@ use crate::protocol::{
     ClientMessage, MAX_MESSAGE, MAX_REQUEST_ID, Outcome, Role, ServerMessage, VERSION, close,
 };
 use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -73,8 +74,15 @@ pub async fn upgrade(
     State(state): State<AppState>,
     client: Option<axum::Extension<super::api::ClientIp>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            let (status, reason) = (e.status(), e.body_text());
+            return ApiError::NotWebSocket { status, reason }.into_response();
+        }
+    };
     let bearer = auth::bearer(&headers).map(str::to_owned);
     // A header token that matches nothing is refused before the upgrade.
     if bearer.as_deref().is_some_and(|t| !state.auth.knows(t)) {
