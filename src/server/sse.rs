@@ -65,7 +65,8 @@ pub async fn events(
         last_seen = header.to_str().ok().and_then(|v| v.trim().parse().ok());
     }
     let filter = Filter::new(devices);
-    let subscription = state.hub.subscribe(last_seen, &filter);
+    // May read the store (a long absence): off the async workers' backs.
+    let subscription = tokio::task::block_in_place(|| state.hub.subscribe(last_seen, &filter));
     let stream = stream(state.hub.clone(), subscription, filter, state.heartbeat)
         .take_until(state.shutdown.clone().cancelled_owned());
     Ok((

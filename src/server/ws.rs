@@ -392,12 +392,12 @@ impl Connection {
                     );
                     self.subscribe(socket, None).await?;
                 }
+                // The hub replaced its channel (cluster mode: it took over
+                // the cluster's state): start again from that.
+                Wake::Event(Err(RecvError::Closed)) => self.subscribe(socket, None).await?,
                 Wake::Health => {
                     let degraded = self.health.as_mut().map(|h| h.borrow_and_update().clone());
                     send_msg(socket, &health_msg(degraded.flatten()), silence).await?;
-                }
-                Wake::Event(Err(RecvError::Closed)) => {
-                    return Err(end(close::GOING_AWAY, "the server is shutting down"));
                 }
             }
         }
@@ -529,7 +529,9 @@ impl Connection {
         last_seen: Option<crate::model::EventId>,
     ) -> Result<(), End> {
         let silence = self.state.ws.silence;
-        let Subscription { start, events } = self.state.hub.subscribe(last_seen, &self.filter);
+        // May read the store (a long absence): off the async workers' backs.
+        let Subscription { start, events } =
+            tokio::task::block_in_place(|| self.state.hub.subscribe(last_seen, &self.filter));
         self.subscription = Some(Subscription {
             start: Start::Replay(Vec::new()),
             events,
@@ -552,6 +554,9 @@ impl Connection {
                 for event in missed {
                     send(socket, Message::Text(event.ws.clone()), silence).await?;
                 }
+                // A long replay, read all along, is a sign of life: no
+                // ping went out meanwhile to be answered.
+                self.heard = Instant::now();
                 Ok(())
             }
         }
