@@ -33,7 +33,12 @@ impl Recent {
     /// server's clock, near enough: the server records its own).
     pub fn follow(&self, id: EventId, before: Option<&Device>, after: &Device, at_ms: i64) {
         let new = Change::between(before, after);
-        if new.is_empty() {
+        // Already listed (read with the page, or brought twice): once.
+        let listed = || {
+            self.list
+                .with_untracked(|l| l.iter().any(|c| c.id == id && c.device == after.id))
+        };
+        if new.is_empty() || listed() {
             return;
         }
         let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_default();

@@ -228,6 +228,11 @@ impl Board {
         let same_ids =
             cards.len() == old.len() && cards.iter().zip(&old).all(|(a, b)| a.id == b.id);
         if !same_ids {
+            // Removed while the page was away: their changes go with them
+            // (the list read again keeps those newer than what it read).
+            for gone in old.iter().filter(|o| !cards.iter().any(|c| c.id == o.id)) {
+                self.changes.forget(&gone.id);
+            }
             self.cards.set(cards);
         }
     }
@@ -421,18 +426,21 @@ pub(super) fn read(
     viewer: bool,
 ) -> Initial {
     use crate::server::hub::Filter;
-    let now = chrono::Utc::now();
     let snapshot = hub.snapshot(&Filter::default());
+    // After the snapshot: every reading it shows is in the sparklines.
+    let now = chrono::Utc::now();
     let sparks = snapshot
         .devices
         .iter()
         .map(|d| (d.id.clone(), cache.spark(hub, d, now)))
         .collect();
     cache.keep_only(&snapshot.devices);
-    let changes = hub.changes(None, BOARD_CHANGES).unwrap_or_else(|e| {
+    let mut changes = hub.changes(None, BOARD_CHANGES).unwrap_or_else(|e| {
         tracing::warn!("no recent changes: {e}");
         Vec::new()
     });
+    // Those of events after the snapshot come again with the stream.
+    changes.retain(|c| c.id <= snapshot.event_id);
     Initial {
         snapshot,
         sparks,
@@ -1412,6 +1420,17 @@ mod tests {
             // Its changes went with it (as the server deletes them).
             assert_eq!(changes().len(), 2);
             assert!(changes().iter().all(|(_, device, _)| device == "rack-1"));
+            // Removed while the page was away: a snapshot without it drops
+            // its card and its changes too.
+            board.apply_snapshot(Snapshot {
+                event_id: 9,
+                devices: vec![other.clone()],
+            });
+            let ids: Vec<_> = board
+                .cards
+                .with_untracked(|c| c.iter().map(|c| c.id.to_string()).collect());
+            assert_eq!(ids, ["a-first"]);
+            assert_eq!(changes(), []);
         });
     }
 

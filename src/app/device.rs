@@ -210,6 +210,8 @@ pub(super) fn read(
     };
     // The device and the event id it is current at, together.
     let snapshot = hub.snapshot(&Filter::new([id.clone()]));
+    // After the snapshot: every reading it shows is in the history.
+    let now = chrono::Utc::now();
     let device = snapshot.devices.into_iter().find(|d| d.id == id);
     let from = now - chrono::TimeDelta::milliseconds(range.window_ms());
     let series = device
@@ -234,13 +236,15 @@ pub(super) fn read(
             Series { metric, points }
         })
         .collect();
-    let changes = match device {
+    let mut changes = match device {
         Some(_) => hub.changes(Some(&id), PAGE_CHANGES).unwrap_or_else(|e| {
             tracing::warn!("no changes of {id}: {e}");
             Vec::new()
         }),
         None => Vec::new(),
     };
+    // Those of events after the snapshot come again with the stream.
+    changes.retain(|c| c.id <= snapshot.event_id);
     Initial {
         event_id: snapshot.event_id,
         now_ms: now.timestamp_millis(),
