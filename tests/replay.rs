@@ -230,3 +230,62 @@ async fn an_unknown_or_unreadable_id_gets_a_snapshot() {
         current = live[0];
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_absence_is_replayed_whole_in_order_over_sse_and_websocket() {
+    // More than the store replays a page at a time (1,000 events): the
+    // client gets them all, then live events, nothing twice.
+    let server = Server::start_with(&["--replay-capacity", "3"]).await;
+    let seen = server
+        .post_status("x", &json!({ "power_on": true }))
+        .await
+        .id;
+    for round in 0..25 {
+        let batch: serde_json::Map<String, serde_json::Value> = (0..100)
+            .map(|i| {
+                let t = f64::from(round * 100 + i) + 0.5;
+                (format!("d{i:02}"), json!({ "temperature": t }))
+            })
+            .collect();
+        let response = server
+            .client
+            .post(server.url("/api/status"))
+            .bearer_auth(&server.token)
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+    }
+    let upto = seen + 2_500;
+
+    let mut stream = server
+        .sse_with("", &[("last-event-id", &seen.to_string())])
+        .await;
+    stream.expect_retry().await;
+    for id in seen + 1..=upto {
+        let record = stream.expect_status().await;
+        assert_eq!(record.id(), id, "replayed out of order or with a gap");
+        let n = id - seen - 1;
+        assert_eq!(record.json()["device"], format!("d{:02}", n % 100));
+        assert_eq!(
+            record.json()["status"]["temperature"],
+            json!(n as f64 + 0.5)
+        );
+    }
+    expect_nothing_more(&server, &mut stream).await;
+
+    let mut viewer = server.viewer().await;
+    viewer
+        .send(&json!({"type": "subscribe", "last_event_id": seen, "devices": ["d07"]}))
+        .await;
+    for n in (7..2_500).step_by(100) {
+        let status = viewer.expect("status").await;
+        assert_eq!(status["id"], seen + 1 + n);
+        assert_eq!(status["data"]["device"], "d07");
+    }
+    let live = server
+        .post_status("d07", &json!({ "power_on": true }))
+        .await;
+    assert_eq!(viewer.expect("status").await["id"], live.id);
+}

@@ -253,6 +253,15 @@ impl Reader {
         super::store::events_between(&self.conn, after, upto)
     }
 
+    /// How many events with ids in `after+1 ..= upto` are stored.
+    pub fn count_between(&self, after: EventId, upto: EventId) -> Result<u64, StoreError> {
+        let row = self.conn.query_opt(
+            "SELECT COUNT(*) FROM events WHERE id > ?1 AND id <= ?2",
+            &[Arg::I64(after as i64), Arg::I64(upto as i64)],
+        )?;
+        Ok(row.map(|r| r.i64(0)).transpose()?.unwrap_or(0) as u64)
+    }
+
     /// The last `limit` changes recorded for `device`, or for every
     /// device, newest first.
     pub fn changes(

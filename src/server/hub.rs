@@ -157,7 +157,15 @@ pub enum Start {
     Snapshot(Snapshot),
     /// Exactly the events the client missed, oldest first (possibly none).
     Replay(Vec<Arc<Published>>),
+    /// Exactly the events in `after+1 ..= upto`, which the store holds
+    /// (all of them, when subscribing): more than [`REPLAY_PAGE`], so they
+    /// are read a page at a time with [`Hub::replay_page`] as the client
+    /// takes them. A client far behind never holds its whole absence.
+    Stored { after: EventId, upto: EventId },
 }
+
+/// The most events a replay from the store reads (and holds) at once.
+pub const REPLAY_PAGE: u64 = 1_000;
 
 pub struct Subscription {
     pub start: Start,
@@ -1107,6 +1115,12 @@ impl Hub {
         // events up to `upto` are recorded for good (the lock is held
         // through every commit), and the later ones come through `events`.
         drop(state);
+        if upto - seen > REPLAY_PAGE && self.store_holds(seen, upto) {
+            return Subscription {
+                start: Start::Stored { after: seen, upto },
+                events,
+            };
+        }
         match self.replay_from_store(seen, upto) {
             Some(missed) => Subscription {
                 start: Start::Replay(
@@ -1121,6 +1135,52 @@ impl Hub {
             // Not all there (any more): a snapshot, with a receiver taken
             // under the same lock.
             None => self.subscribe(None, filter),
+        }
+    }
+
+    /// Whether the store holds every event in `seen+1 ..= upto` (ids are
+    /// contiguous: as many as there are ids). Blocks on the store.
+    fn store_holds(&self, seen: EventId, upto: EventId) -> bool {
+        let Some(readers) = &self.history else {
+            return false;
+        };
+        let counted = readers
+            .get()
+            .map_err(|e| StoreError::Busy(e.to_string()))
+            .and_then(|reader| reader.count_between(seen, upto));
+        match counted {
+            Ok(n) => n == upto - seen,
+            Err(e) => {
+                tracing::warn!("replay from the store failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// The next page of a [`Start::Stored`] replay, not filtered: the
+    /// events after `after`, up to `upto`, [`REPLAY_PAGE`] at most, oldest
+    /// first. `None` when the store no longer holds them all (retention
+    /// removed some while the client was slow) or cannot be read: the
+    /// client starts again from a snapshot. Blocks on the store.
+    pub fn replay_page(&self, after: EventId, upto: EventId) -> Option<Vec<StoredEvent>> {
+        let until = upto.min(after + REPLAY_PAGE);
+        let readers = self.history.as_ref()?;
+        let read = readers
+            .get()
+            .map_err(|e| StoreError::Busy(e.to_string()))
+            .and_then(|mut reader| reader.events_between(after, until));
+        match read {
+            Ok(events)
+                if events.len() as u64 == until - after
+                    && events.first().is_none_or(|e| e.id == after + 1) =>
+            {
+                Some(events)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("replay from the store failed: {e}");
+                None
+            }
         }
     }
 
@@ -1534,6 +1594,7 @@ mod tests {
         match start {
             Start::Replay(events) => events.iter().map(|e| e.id).collect(),
             Start::Snapshot(_) => panic!("expected a replay, got a snapshot"),
+            Start::Stored { .. } => panic!("expected a replay at once, got a paged one"),
         }
     }
 
@@ -1923,6 +1984,43 @@ mod tests {
 
     fn stored_hub(dir: &std::path::Path, ring: usize) -> Hub {
         Hub::with_store(Store::open(dir).unwrap(), ring, 8).unwrap()
+    }
+
+    #[test]
+    fn a_long_absence_is_replayed_from_the_store_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = stored_hub(dir.path(), 2);
+        let seen = hub.apply(&id("x"), &temp(0.0)).unwrap().id;
+        for round in 0..21 {
+            let batch: Vec<Entry> = (0..50)
+                .map(|i| Entry {
+                    place: i.to_string(),
+                    device: id(&format!("d{i}")),
+                    update: temp(f64::from(round * 50 + i)),
+                })
+                .collect();
+            hub.apply_all(&batch).unwrap();
+        }
+        let upto = hub.stats().0;
+        assert_eq!(upto - seen, 1_050);
+        let sub = hub.subscribe(Some(seen), &Filter::new([id("d7")]));
+        let Start::Stored { after, upto: until } = sub.start else {
+            panic!("expected a paged replay, got {:?}", sub.start);
+        };
+        assert_eq!((after, until), (seen, upto));
+        let first = hub.replay_page(seen, upto).unwrap();
+        assert_eq!(first.len() as u64, REPLAY_PAGE);
+        let rest = hub.replay_page(first.last().unwrap().id, upto).unwrap();
+        let ids: Vec<EventId> = first.iter().chain(&rest).map(|e| e.id).collect();
+        assert_eq!(ids, (seen + 1..=upto).collect::<Vec<_>>());
+        // A short absence is read at once, as it was.
+        let start = hub.subscribe(Some(upto - 3), &Filter::default()).start;
+        assert_eq!(replay_ids(&start), [upto - 2, upto - 1, upto]);
+        // From before anything stored: the store cannot hold them all.
+        assert!(matches!(
+            hub.subscribe(Some(seen - 2_000), &Filter::default()).start,
+            Start::Snapshot(_)
+        ));
     }
 
     #[test]

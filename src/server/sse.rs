@@ -109,6 +109,24 @@ fn stream(
                         yield Ok(event.sse.clone());
                     }
                 }
+                Start::Stored { mut after, upto } => {
+                    while after < upto {
+                        let page = tokio::task::block_in_place(|| hub.replay_page(after, upto));
+                        let Some(page) = page else { break };
+                        for event in page {
+                            after = event.id;
+                            if filter.matches(&event.device) {
+                                yield Ok(frame("status", Some(event.id), &event.json));
+                            }
+                        }
+                    }
+                    if after < upto {
+                        // The store no longer holds them all: a snapshot.
+                        Subscription { start, events } =
+                            tokio::task::block_in_place(|| hub.subscribe(None, &filter));
+                        continue;
+                    }
+                }
             }
             // Live events until this client lags behind or the hub goes away.
             loop {
@@ -131,10 +149,13 @@ fn stream(
                         tracing::debug!(missed, "slow SSE client resynchronised with a snapshot");
                         break;
                     }
-                    Err(RecvError::Closed) => return,
+                    // The hub replaced its channel (cluster mode: it took
+                    // over the cluster's state): start again from that.
+                    Err(RecvError::Closed) => break,
                 }
             }
-            Subscription { start, events } = hub.subscribe(None, &filter);
+            Subscription { start, events } =
+                tokio::task::block_in_place(|| hub.subscribe(None, &filter));
         }
     }
 }

@@ -529,13 +529,6 @@ impl Connection {
         last_seen: Option<crate::model::EventId>,
     ) -> Result<(), End> {
         let silence = self.state.ws.silence;
-        // May read the store (a long absence): off the async workers' backs.
-        let Subscription { start, events } =
-            tokio::task::block_in_place(|| self.state.hub.subscribe(last_seen, &self.filter));
-        self.subscription = Some(Subscription {
-            start: Start::Replay(Vec::new()),
-            events,
-        });
         // As on SSE: a stream from a degraded server starts by saying so.
         // A stream restarted (subscribed again, or resynchronised after
         // lagging) keeps its receiver, so a change not yet told still is.
@@ -544,21 +537,51 @@ impl Connection {
         if degraded.is_some() {
             send_msg(socket, &health_msg(degraded), silence).await?;
         }
-        match start {
-            Start::Snapshot(snapshot) => {
-                let data = serde_json::to_string(&snapshot).expect("a snapshot always serializes");
-                let frame = ws_frame("snapshot", snapshot.event_id, &data);
-                send(socket, Message::Text(frame), silence).await
-            }
-            Start::Replay(missed) => {
-                for event in missed {
-                    send(socket, Message::Text(event.ws.clone()), silence).await?;
+        let mut last_seen = last_seen;
+        loop {
+            // May read the store (a long absence): off the async workers' backs.
+            let Subscription { start, events } =
+                tokio::task::block_in_place(|| self.state.hub.subscribe(last_seen, &self.filter));
+            self.subscription = Some(Subscription {
+                start: Start::Replay(Vec::new()),
+                events,
+            });
+            match start {
+                Start::Snapshot(snapshot) => {
+                    let data =
+                        serde_json::to_string(&snapshot).expect("a snapshot always serializes");
+                    let frame = ws_frame("snapshot", snapshot.event_id, &data);
+                    return send(socket, Message::Text(frame), silence).await;
                 }
-                // A long replay, read all along, is a sign of life: no
-                // ping went out meanwhile to be answered.
-                self.heard = Instant::now();
-                Ok(())
+                Start::Replay(missed) => {
+                    for event in missed {
+                        send(socket, Message::Text(event.ws.clone()), silence).await?;
+                    }
+                }
+                Start::Stored { mut after, upto } => {
+                    let hub = &self.state.hub;
+                    while after < upto {
+                        let page = tokio::task::block_in_place(|| hub.replay_page(after, upto));
+                        let Some(page) = page else { break };
+                        for event in page {
+                            after = event.id;
+                            if self.filter.matches(&event.device) {
+                                let frame = ws_frame("status", event.id, &event.json);
+                                send(socket, Message::Text(frame), silence).await?;
+                            }
+                        }
+                    }
+                    if after < upto {
+                        // The store no longer holds them all: a snapshot.
+                        last_seen = None;
+                        continue;
+                    }
+                }
             }
+            // A long replay, read all along, is a sign of life: no ping
+            // went out meanwhile to be answered.
+            self.heard = Instant::now();
+            return Ok(());
         }
     }
 
