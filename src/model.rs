@@ -186,6 +186,15 @@ pub struct Health {
     pub degraded: Option<String>,
 }
 
+/// The SSE `ping` event, every heartbeat and after a stream's start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// The server's time, in milliseconds since the epoch.
+    pub now: i64,
+    /// Milliseconds until the next ping.
+    pub every: u64,
+}
+
 impl From<&Device> for StatusEvent {
     fn from(d: &Device) -> Self {
         Self {

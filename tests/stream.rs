@@ -87,8 +87,17 @@ async fn heartbeats_keep_an_idle_stream_open_without_events() {
     let server = Server::start_with(&["--heartbeat", "100ms"]).await;
     let mut stream = server.sse("").await;
     let snapshot = stream.expect_start().await;
-    // Comments arrive while nothing happens; they are not records.
-    stream.wait_for_comments(3).await;
+    // Pings arrive while nothing happens (one at the start, then one per
+    // heartbeat), with the server's time and the interval.
+    let before = chrono::Utc::now().timestamp_millis();
+    let ping = stream.wait_for_pings(3).await;
+    let after = chrono::Utc::now().timestamp_millis();
+    assert_eq!(ping["every"], 100, "{ping}");
+    let now = ping["now"].as_i64().unwrap();
+    assert!(
+        (before..=after).contains(&now),
+        "{before} ≤ {now} ≤ {after}"
+    );
     let posted = server
         .post_status("a", &json!({ "temperature": 1.5 }))
         .await;

@@ -68,6 +68,35 @@ for (const { how, signal } of cases) {
   });
 }
 
+// A frozen server (or a proxy or network path that holds the connection open
+// with nobody behind it) never closes the stream: only its silence tells.
+test.describe("a server that freezes", () => {
+  test.use({ serverOptions: { args: ["--heartbeat", "1s"] } });
+
+  test("the page stops saying Live once its stream goes silent, and is live again when the server thaws", async ({
+    page,
+    server,
+  }) => {
+    await server.post("rack-1", { name: "Rack", temperature: 20 });
+    await page.goto("/");
+    await waitLive(page);
+    const rack = card(page, "rack-1");
+    server.signal("SIGSTOP");
+    try {
+      // Three heartbeats of silence, then the page says so.
+      await expect(indicator(page)).toHaveText("Reconnecting…", { timeout: 8_000 });
+      await expect(page.locator("main.grid")).toHaveClass(/\bstale\b/);
+      await expect(rack.getByTestId("temperature")).toHaveText("20.0 °C");
+    } finally {
+      server.signal("SIGCONT");
+    }
+    await waitLive(page);
+    await server.post("rack-1", { temperature: 21.5 });
+    await expect(rack.getByTestId("temperature")).toHaveText("21.5 °C", { timeout: 1_000 });
+    await expect.poll(async () => (await server.health()).subscribers).toBe(1);
+  });
+});
+
 // On the same --data-dir the server comes back with what it stored: the open
 // device page resumes without a gap, and a reload renders the same values and
 // the chart's whole history.

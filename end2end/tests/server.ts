@@ -119,6 +119,12 @@ export class Server {
     return result;
   }
 
+  /** Sends `signal` to the running server: `SIGSTOP` freezes it, `SIGCONT` thaws it. */
+  signal(signal: NodeJS.Signals): void {
+    if (!this.child) throw new Error("the server is not running");
+    this.child.kill(signal);
+  }
+
   /** Stops the server and starts it again on the same port; its devices are gone. */
   async restart(signal: "SIGTERM" | "SIGKILL" = "SIGTERM"): Promise<Exit> {
     const exit = await this.stop(signal);

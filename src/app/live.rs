@@ -6,10 +6,26 @@
 //! Reconnection is the browser's own: after a drop it retries and sends
 //! `Last-Event-ID`, and the server replays what was missed. Only when the
 //! browser gives up (the server answered with an error) do we open a new
-//! `EventSource` ourselves, with backoff and `?last_event_id=`.
+//! `EventSource` ourselves, with backoff and `?last_event_id=`; and when a
+//! stream that looks open has said nothing, not even its `ping`, for
+//! [`SILENT_PINGS`] heartbeats (its server froze, or a proxy or the network
+//! holds the connection open with nobody behind it), since the browser
+//! would wait for it for ever, showing frozen values as live.
 
 use crate::model::{DeviceId, EventId, Snapshot, StatusEvent};
 use leptos::prelude::*;
+
+/// Heartbeats a stream may miss before the page gives up on it.
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+const SILENT_PINGS: f64 = 3.0;
+
+/// Whether a stream that was last heard of at `heard_ms` (the page's
+/// monotonic clock), its server pinging every `every_ms`, is silent at
+/// `now_ms`. Before its first ping the interval is unknown: never.
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+fn silent(heard_ms: f64, every_ms: Option<u64>, now_ms: f64) -> bool {
+    every_ms.is_some_and(|every| now_ms - heard_ms > SILENT_PINGS * every as f64)
+}
 
 /// The state of the page's event stream, in the words the page shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,7 +152,11 @@ pub fn connect<F: Follower>(
                 rendered_at,
                 follower.clone(),
             ));
-            let tick = move || feed.now_ms.set(feed.now());
+            let watched = std::rc::Rc::clone(&live);
+            let tick = move || {
+                watched.watch();
+                feed.now_ms.set(feed.now());
+            };
             tick();
             let clock = set_interval_with_handle(tick, Duration::from_secs(1)).ok();
             on_cleanup(move || {
@@ -162,9 +182,9 @@ fn url(device: Option<&DeviceId>, last_id: EventId) -> String {
 
 #[cfg(feature = "hydrate")]
 mod browser {
-    use super::{Connection, Feed, Follower, url};
-    use crate::model::{DeviceId, EventId, Health, Snapshot, StatusEvent};
-    use leptos::prelude::{Set, set_timeout};
+    use super::{Connection, Feed, Follower, silent, url};
+    use crate::model::{DeviceId, EventId, Health, Ping, Snapshot, StatusEvent};
+    use leptos::prelude::{GetUntracked, Set, set_timeout};
     use std::cell::{Cell, RefCell};
     use std::rc::Rc;
     use std::time::Duration;
@@ -182,6 +202,10 @@ mod browser {
         backoff_ms: Cell<f64>,
         closed: Cell<bool>,
         source: RefCell<Option<Source>>,
+        /// When the stream last said anything (monotonic ms), and how
+        /// often its server pings, once a ping told.
+        heard_ms: Cell<f64>,
+        ping_every_ms: Cell<Option<u64>>,
     }
 
     /// An open `EventSource` and the callbacks it holds.
@@ -192,6 +216,7 @@ mod browser {
         _on_snapshot: Closure<dyn FnMut(MessageEvent)>,
         _on_status: Closure<dyn FnMut(MessageEvent)>,
         _on_health: Closure<dyn FnMut(MessageEvent)>,
+        _on_ping: Closure<dyn FnMut(MessageEvent)>,
     }
 
     impl<F: Follower> Live<F> {
@@ -209,6 +234,8 @@ mod browser {
                 backoff_ms: Cell::new(1_000.0),
                 closed: Cell::new(false),
                 source: RefCell::new(None),
+                heard_ms: Cell::new(monotonic_ms()),
+                ping_every_ms: Cell::new(None),
             });
             live.open();
             live
@@ -221,10 +248,36 @@ mod browser {
             }
         }
 
+        /// Called every second: a stream silent for too long is given up
+        /// and opened again, resuming after the last event it brought.
+        pub fn watch(self: &Rc<Self>) {
+            let live = self.feed.connection.get_untracked() == Connection::Live;
+            if live
+                && silent(
+                    self.heard_ms.get(),
+                    self.ping_every_ms.get(),
+                    monotonic_ms(),
+                )
+            {
+                web_sys::console::warn_1(
+                    &"Telltale: the event stream went silent; opening another".into(),
+                );
+                self.feed.connection.set(Connection::Reconnecting);
+                self.open();
+            }
+        }
+
+        /// The stream said something: it is alive.
+        fn heard(&self) {
+            self.heard_ms.set(monotonic_ms());
+        }
+
         fn open(self: &Rc<Self>) {
             if self.closed.get() {
                 return;
             }
+            self.heard();
+            self.ping_every_ms.set(None);
             let events = match EventSource::new(&url(self.device.as_ref(), self.last_id.get())) {
                 Ok(events) => events,
                 Err(e) => {
@@ -236,13 +289,23 @@ mod browser {
 
             let live = self.clone();
             let on_open = Closure::<dyn FnMut(Event)>::new(move |_| {
+                live.heard();
                 live.backoff_ms.set(1_000.0);
                 live.feed.connection.set(Connection::Live);
                 // A server says so first thing when it is degraded.
                 live.feed.degraded.set(None);
             });
             let live = self.clone();
+            let on_ping = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| {
+                live.heard();
+                if let Some(ping) = parse::<Ping>(&e) {
+                    live.ping_every_ms.set(Some(ping.every));
+                    live.feed.saw(ping.now);
+                }
+            });
+            let live = self.clone();
             let on_health = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| {
+                live.heard();
                 if let Some(health) = parse::<Health>(&e) {
                     live.feed.degraded.set(health.degraded);
                 }
@@ -251,6 +314,7 @@ mod browser {
             let on_error = Closure::<dyn FnMut(Event)>::new(move |_| live.on_error());
             let live = self.clone();
             let on_snapshot = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| {
+                live.heard();
                 if let Some(snapshot) = parse::<Snapshot>(&e) {
                     if let Some(latest) = snapshot.devices.iter().map(|d| d.updated_at).max() {
                         live.feed.saw(latest.timestamp_millis());
@@ -261,6 +325,7 @@ mod browser {
             });
             let live = self.clone();
             let on_status = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| {
+                live.heard();
                 if let Some(status) = parse::<StatusEvent>(&e) {
                     if let Ok(id) = e.last_event_id().parse() {
                         live.last_id.set(id);
@@ -277,6 +342,8 @@ mod browser {
                 .add_event_listener_with_callback("status", on_status.as_ref().unchecked_ref());
             let _ = events
                 .add_event_listener_with_callback("health", on_health.as_ref().unchecked_ref());
+            let _ =
+                events.add_event_listener_with_callback("ping", on_ping.as_ref().unchecked_ref());
 
             let old = self.source.borrow_mut().replace(Source {
                 events,
@@ -285,6 +352,7 @@ mod browser {
                 _on_snapshot: on_snapshot,
                 _on_status: on_status,
                 _on_health: on_health,
+                _on_ping: on_ping,
             });
             if let Some(old) = old {
                 old.events.close();
@@ -349,6 +417,17 @@ mod tests {
         assert_eq!(clock.at(1_800.0), 11_400);
         // Before any bound, the local clock is all there is.
         assert_eq!(Clock::default().at(5.4), 5);
+    }
+
+    #[test]
+    fn a_stream_is_silent_after_missing_three_pings_once_it_said_how_often() {
+        assert!(
+            !silent(1_000.0, None, 1_000_000.0),
+            "interval not yet known"
+        );
+        assert!(!silent(1_000.0, Some(15_000), 46_000.0));
+        assert!(silent(1_000.0, Some(15_000), 46_001.0));
+        assert!(silent(0.0, Some(1_000), 3_500.0));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use super::AppState;
 use super::error::ApiError;
 use super::hub::{Filter, Hub, Start, Subscription};
-use crate::model::{DeviceId, EventId, Health, Snapshot};
+use crate::model::{DeviceId, EventId, Health, Ping, Snapshot};
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
@@ -28,8 +28,6 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 /// How long a browser waits before reconnecting a dropped stream (1 s).
 const RETRY: &[u8] = b"retry: 1000\n\n";
-/// A comment: keeps proxies from closing a quiet stream.
-const HEARTBEAT: &[u8] = b":\n\n";
 
 /// One SSE frame: `event: kind`, `id: id` when given, and `data` (one line
 /// of JSON: serde_json writes no raw newline).
@@ -128,6 +126,8 @@ fn stream(
                     }
                 }
             }
+            // The page learns the interval, and the server's time, at once.
+            yield Ok(ping_event(heartbeat));
             // Live events until this client lags behind or the hub goes away.
             loop {
                 let received = tokio::select! {
@@ -138,7 +138,7 @@ fn stream(
                         continue;
                     }
                     _ = beat.tick() => {
-                        yield Ok(Bytes::from_static(HEARTBEAT));
+                        yield Ok(ping_event(heartbeat));
                         continue;
                     }
                 };
@@ -158,6 +158,23 @@ fn stream(
                 tokio::task::block_in_place(|| hub.subscribe(None, &filter));
         }
     }
+}
+
+/// The heartbeat, as an event rather than a comment (which a browser never
+/// hands to the page): keeps proxies from closing a quiet stream, tells the
+/// page the stream is alive (one silent for several heartbeats is not, and
+/// the page opens another), and carries the server's time (milliseconds
+/// since the epoch) and the interval.
+fn ping_event(every: Duration) -> Bytes {
+    let ping = Ping {
+        now: chrono::Utc::now().timestamp_millis(),
+        every: every.as_millis().try_into().unwrap_or(u64::MAX),
+    };
+    frame(
+        "ping",
+        None,
+        &serde_json::to_string(&ping).expect("a ping serializes"),
+    )
 }
 
 fn health_event(degraded: Option<String>) -> Bytes {

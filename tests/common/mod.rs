@@ -799,8 +799,10 @@ pub struct SseParser {
     has_field: bool,
     data_lines: Vec<String>,
     ready: VecDeque<SseRecord>,
-    /// Comment lines seen so far (heartbeats).
-    pub comments: usize,
+    /// Heartbeats (`ping` events, which are not handed out as records)
+    /// seen so far, and the data of the latest.
+    pub pings: usize,
+    pub last_ping: Option<serde_json::Value>,
 }
 
 impl SseParser {
@@ -822,13 +824,17 @@ impl SseParser {
             if self.has_field {
                 let mut record = std::mem::take(&mut self.current);
                 record.data = std::mem::take(&mut self.data_lines).join("\n");
-                self.ready.push_back(record);
+                if record.event.as_deref() == Some("ping") {
+                    self.pings += 1;
+                    self.last_ping = Some(serde_json::from_str(&record.data).expect("a JSON ping"));
+                } else {
+                    self.ready.push_back(record);
+                }
             }
             self.has_field = false;
             return;
         }
         if line.starts_with(':') {
-            self.comments += 1;
             return;
         }
         let (field, value) = match line.split_once(':') {
@@ -906,10 +912,10 @@ impl SseStream {
         }
     }
 
-    /// Reads until `n` comment lines (heartbeats) have arrived in all.
-    pub async fn wait_for_comments(&mut self, n: usize) {
-        within("heartbeat comments", async {
-            while self.parser.comments < n {
+    /// Reads until `n` heartbeats have arrived in all; returns the latest.
+    pub async fn wait_for_pings(&mut self, n: usize) -> serde_json::Value {
+        within("heartbeats", async {
+            while self.parser.pings < n {
                 match self.response.chunk().await {
                     Ok(Some(bytes)) => self.parser.push(&bytes),
                     Ok(None) => panic!("the SSE stream ended"),
@@ -917,7 +923,8 @@ impl SseStream {
                 }
             }
         })
-        .await
+        .await;
+        self.parser.last_ping.clone().expect("a ping")
     }
 
     /// The next record; panics if the stream ends or hangs.
