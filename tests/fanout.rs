@@ -145,7 +145,16 @@ async fn clients_that_never_read_do_not_hold_back_others() {
     const EVENTS: u32 = 2400;
     // The reader may trail the publisher by this many events; well inside the queue.
     const WINDOW: u32 = 4;
-    let server = Server::start_with(&["--client-queue", "16", "--heartbeat", "1h"]).await;
+    // No stale mark after the last post, however long a slow machine takes.
+    let args = [
+        "--client-queue",
+        "16",
+        "--heartbeat",
+        "1h",
+        "--stale-after",
+        "1h",
+    ];
+    let server = Server::start_with(&args).await;
 
     // The largest status an update may carry: 32 metrics with 64-character names.
     let metrics = |i: u32| -> Value {
