@@ -1378,9 +1378,7 @@ impl Hub {
             if events.is_empty() {
                 return Ok(());
             }
-            for event in events {
-                self.apply_remote(state, event)?;
-            }
+            self.apply_remote(state, events)?;
         }
     }
 
@@ -1421,52 +1419,89 @@ impl Hub {
         Ok(())
     }
 
-    /// Applies an event of the cluster's, if it is the next one; one this
-    /// hub already has is skipped.
-    fn apply_remote(&self, state: &mut State, event: StoredEvent) -> Result<(), StoreError> {
-        if event.id <= state.last_id {
-            return Ok(());
+    /// Applies the cluster's events that follow this hub's last one, in
+    /// order; those it has already are skipped. `Behind` when one is
+    /// missing (after applying those before it). They are recorded
+    /// together, one transaction (one fsync) for the lot, not one each:
+    /// an instance keeps up with the others' rate at its own.
+    fn apply_remote(&self, state: &mut State, events: Vec<StoredEvent>) -> Result<(), StoreError> {
+        struct Taken {
+            learn: bool,
+            spoke: bool,
+            unsure: bool,
         }
-        if event.id != state.last_id + 1 {
-            return Err(StoreError::Behind);
+        let mut next = state.last_id;
+        let mut behind = false;
+        let (mut recorded, mut taken) = (Vec::new(), Vec::new());
+        // Each device as of the events taken so far (`None`: removed).
+        let mut latest: HashMap<DeviceId, Option<Device>> = HashMap::new();
+        for event in events {
+            if event.id <= next {
+                continue;
+            }
+            if event.id != next + 1 {
+                behind = true;
+                break;
+            }
+            next = event.id;
+            let status = serde_json::from_str::<StatusEvent>(&event.json)
+                .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?;
+            let removed = status.removed;
+            let device = status.into_device();
+            let previous = match latest.get(&device.id) {
+                Some(latest) => latest.clone(),
+                None => state.devices.get(&device.id).cloned(),
+            };
+            // As in `apply`: a report after a quiet spell teaches nothing.
+            let learn = previous.as_ref().is_some_and(|p| {
+                !p.stale && p.online != Some(false) && p.updated_at != device.updated_at
+            });
+            taken.push(Taken {
+                learn,
+                spoke: !device.stale && !removed,
+                unsure: state.unsure.contains(&event.id),
+            });
+            latest.insert(device.id.clone(), (!removed).then(|| device.clone()));
+            recorded.push(Recorded {
+                id: event.id,
+                device,
+                previous,
+                json: event.json.into(),
+                removed,
+            });
         }
-        let status = serde_json::from_str::<StatusEvent>(&event.json)
-            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", event.id)))?;
-        let removed = status.removed;
-        let device = status.into_device();
-        let previous = state.devices.get(&device.id);
-        // As in `apply`: a report after a quiet spell teaches nothing.
-        let learn = previous.is_some_and(|p| {
-            !p.stale && p.online != Some(false) && p.updated_at != device.updated_at
-        });
-        let (id, spoke) = (device.id.clone(), !device.stale && !removed);
-        // The instance that published an event recorded it, when the store
-        // is the cluster's own (PostgreSQL); this one's own, too, unless
-        // its commit failed. (On the follower's thread, or under
-        // `catch_up`'s `block_in_place`.)
-        let mut recorded = Recorded {
-            id: event.id,
-            device,
-            previous: None,
-            json: event.json.into(),
-            removed,
-        };
-        if let Some(store) = state.store.as_mut() {
-            let unsure = state.unsure.contains(&event.id);
-            if unsure || !store.shared() {
-                recorded.previous = state.devices.get(&id).cloned();
+        while !recorded.is_empty() {
+            // The instance that published an event recorded it, when the
+            // store is the cluster's own (PostgreSQL); this one's own, too,
+            // unless its commit failed: such an event is recorded alone,
+            // unless the store has it already. Each run is applied once
+            // recorded. (On the follower's thread, or under `catch_up`'s
+            // `block_in_place`.)
+            let unsure = taken[0].unsure;
+            let run = match unsure {
+                true => 1,
+                false => taken.iter().take_while(|t| !t.unsure).count(),
+            };
+            if let Some(store) = state.store.as_mut() {
                 match unsure {
-                    true => store.record_missing(&recorded)?,
-                    false => store.record_all(std::slice::from_ref(&recorded))?,
+                    true => store.record_missing(&recorded[0])?,
+                    false if !store.shared() => store.record_all(&recorded[..run])?,
+                    false => {}
+                }
+            }
+            for (event, taken) in recorded.drain(..run).zip(taken.drain(..run)) {
+                state.unsure.remove(&event.id);
+                let id = event.device.id.clone();
+                self.commit(state, event.id, event.device, event.json, event.removed);
+                if taken.spoke {
+                    self.heard(state, &id, taken.learn);
                 }
             }
         }
-        state.unsure.remove(&event.id);
-        self.commit(state, event.id, recorded.device, recorded.json, removed);
-        if spoke {
-            self.heard(state, &id, learn);
+        match behind {
+            true => Err(StoreError::Behind),
+            false => Ok(()),
         }
-        Ok(())
     }
 
     /// Cluster mode: joins the cluster, then applies its events as they
@@ -1524,13 +1559,10 @@ impl Hub {
                 let after = self.lock().last_id;
                 let applied = broker.follow(after, 1024, WAIT).and_then(|events| {
                     let mut state = self.lock();
-                    for event in events {
-                        match self.apply_remote(&mut state, event) {
-                            Err(StoreError::Behind) => return self.sync(&mut state, &mut broker),
-                            other => other?,
-                        }
+                    match self.apply_remote(&mut state, events) {
+                        Err(StoreError::Behind) => self.sync(&mut state, &mut broker),
+                        other => other,
                     }
-                    Ok(())
                 });
                 if let Err(e) = applied {
                     self.set_degraded(Some(why(&e)));
