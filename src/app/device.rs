@@ -341,9 +341,22 @@ impl Page {
             let previous = (!was_removed).then_some(&before);
             self.changes.follow(id, previous, &device, self.feed.now());
         }
+        // Back after a removal, its history gone with it: every value it
+        // shows starts its chart again, changed or not.
+        let blank;
+        let from = match was_removed {
+            true => {
+                blank = Device {
+                    status: Status::default(),
+                    ..before.clone()
+                };
+                &blank
+            }
+            false => &before,
+        };
         let window = self.range.window_ms();
         self.series
-            .update(|series| follow(series, &before, &device, window));
+            .update(|series| follow(series, from, &device, window));
         self.device.set(device);
     }
 }
@@ -595,6 +608,44 @@ mod tests {
         };
         assert_eq!(metrics_of(&status), ["temperature", "alpha", "zeta"]);
         assert!(metrics_of(&Status::default()).is_empty());
+    }
+
+    #[test]
+    fn a_device_back_after_its_removal_charts_every_value_again() {
+        let owner = Owner::new();
+        owner.with(|| {
+            let status = Status {
+                temperature: Some(20.0),
+                humidity: Some(40.0),
+                ..Status::default()
+            };
+            let page = Page {
+                feed: Feed::new(0),
+                device: RwSignal::new(Device::sample(1_000, status.clone())),
+                series: RwSignal::new(Vec::new()),
+                changes: Recent::new(Vec::new(), 10),
+                range: Range::Hour,
+                removed: RwSignal::new(false),
+            };
+            page.removed();
+            // Registered again with the same values, one changed.
+            let back = Status {
+                temperature: Some(21.0),
+                ..status
+            };
+            page.apply(Device::sample(2_000, back), Some(7));
+            let charted: Vec<_> = page.series.with_untracked(|series| {
+                series
+                    .iter()
+                    .map(|s| (s.metric.clone(), s.points.len()))
+                    .collect()
+            });
+            assert_eq!(
+                charted,
+                [("temperature".to_owned(), 1), ("humidity".to_owned(), 1)]
+            );
+            assert!(!page.removed.get_untracked());
+        });
     }
 
     #[test]
