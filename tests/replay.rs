@@ -274,6 +274,9 @@ async fn a_long_absence_is_replayed_whole_in_order_over_sse_and_websocket() {
             json!(n as f64 + 0.5)
         );
     }
+    // A ping after each page read (pages of 1,000), then one after the
+    // replay: a page a filter lets nothing through is no silence.
+    assert!(stream.pings() >= 2, "{} pings", stream.pings());
     expect_nothing_more(&server, &mut stream).await;
 
     let mut viewer = server.viewer().await;

@@ -276,8 +276,9 @@ mod browser {
             if self.closed.get() {
                 return;
             }
+            // The interval a ping told stays: a stream that opens and then
+            // says nothing is watched from the start.
             self.heard();
-            self.ping_every_ms.set(None);
             let events = match EventSource::new(&url(self.device.as_ref(), self.last_id.get())) {
                 Ok(events) => events,
                 Err(e) => {

@@ -117,6 +117,8 @@ fn stream(
                                 yield Ok(frame("status", Some(event.id), &event.json));
                             }
                         }
+                        // Alive, though a filter may let none of a page by.
+                        yield Ok(ping_event(heartbeat));
                     }
                     if after < upto {
                         // The store no longer holds them all: a snapshot.

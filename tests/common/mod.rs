@@ -912,6 +912,11 @@ impl SseStream {
         }
     }
 
+    /// Heartbeats (`ping` events) read so far.
+    pub fn pings(&self) -> usize {
+        self.parser.pings
+    }
+
     /// Reads until `n` heartbeats have arrived in all; returns the latest.
     pub async fn wait_for_pings(&mut self, n: usize) -> serde_json::Value {
         within("heartbeats", async {
