@@ -321,6 +321,9 @@ function request(
   });
 }
 
+/** How long a page may take to hydrate (and open its stream) on a busy machine. */
+const HYDRATED_WITHIN_MS = 20_000;
+
 /** The connection indicator, which reads exactly Live, Reconnecting… or Offline. */
 export function indicator(page: Page) {
   return page.getByTestId("connection");
@@ -339,14 +342,18 @@ export function switches(page: Page) {
 /** Signs the page in as operator through its header form. */
 export async function signIn(page: Page, token: string) {
   await page.getByTestId("operator-token").fill(token);
-  await page.getByRole("button", { name: "Sign in" }).click();
+  const button = page.getByRole("button", { name: "Sign in" });
+  // Enabled once the page is hydrated: a debug build's WebAssembly on a
+  // busy 2-core machine was seen to take over 10 s.
+  await expect(button).toBeEnabled({ timeout: HYDRATED_WITHIN_MS });
+  await button.click();
 }
 
 /**
  * Waits for the page's event stream to be open. Only after this may a test
  * publish and expect to see the event: earlier, it may race the stream.
  */
-export async function waitLive(page: Page, timeout = 10_000) {
+export async function waitLive(page: Page, timeout = HYDRATED_WITHIN_MS) {
   await expect(indicator(page)).toHaveText("Live", { timeout });
 }
 
